@@ -1,0 +1,1 @@
+"""The ``prepdefense`` command line: one module per sub-command."""

@@ -1,0 +1,69 @@
+"""Entry point of the ``prepdefense`` command.
+
+Each sub-command lives in its own module of this package, exposing
+``add_parser(subparsers)`` (which registers the sub-command and sets ``func``) and the
+function it runs. Errors the user can fix (a missing folder, a bad name) are raised as
+:class:`~prepdefense.errors.PrepDefenseError` and printed as one line with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+from .. import __version__
+from ..errors import PrepDefenseError
+
+_SUBCOMMANDS = (
+    "predict",
+    "demo",
+    "randomness",
+    "attack",
+    "learn_table",
+    "reproduce",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prepdefense",
+        description=(
+            "Input-preprocessing defenses against adversarial examples, and the adaptive "
+            "attacks (BPDA, EOT, learned BPDA, projected EOT-PGD) that test them. "
+            "Images are read from a folder with labels.csv, an ImageNet-style folder of "
+            "synset sub-folders, or the built-in scikit-image photos."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"prepdefense {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PrepDefenseError as e:
+        print(f"prepdefense {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Every distance and score the project reports, in one place (PROTOCOL.md, "Conventions").
+
+All functions take NCHW batches and return one value per image (a 1-D tensor of length N)
+unless they are rates over a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "l2_rms",
+    "l2_euclidean_radius",
+    "linf",
+    "ssim",
+    "accuracy",
+    "attack_success_rate",
+    "PAPER_L2_BOUND",
+    "PAPER_LINF_BOUND",
+]
+
+#: The paper's normalised-L2 bound (Section 6.1: "l2 norm smaller than 0.05").
+PAPER_L2_BOUND = 0.05
+#: The paper's Linf bound (Section 3, Table 5: 8/255 ~ 0.031).
+PAPER_LINF_BOUND = 8.0 / 255.0
+
+
+def _flat_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a - b).reshape(a.shape[0], -1)
+
+
+def l2_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Normalised L2 of the paper: ``sqrt(sum((a-b)^2) / (C*H*W))`` per image (RMS difference)."""
+    d = _flat_diff(a, b).double()
+    return d.pow(2).mean(dim=1).sqrt().to(a.dtype)
+
+
+def l2_euclidean_radius(rms: float, shape) -> float:
+    """Euclidean radius equivalent to a normalised-L2 bound for images of ``shape`` (C,H,W)."""
+    c, h, w = shape[-3:]
+    return float(rms) * math.sqrt(c * h * w)
+
+
+def linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``max |a-b|`` per image."""
+    return _flat_diff(a, b).abs().amax(dim=1)
+
+
+def _gaussian_kernel1d(sigma: float, truncate: float, dtype, device) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image, averaged over channels.
+
+    Gaussian window (sigma 1.5, truncated at 3.5 sigma: 11x11), population covariances,
+    K1=0.01, K2=0.03, and the border of half a window left out of the mean: the settings of
+    ``skimage.metrics.structural_similarity(..., channel_axis=-1, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)`` (PROTOCOL.md), computed batched
+    in float64 with a separable "valid" convolution.
+
+    Shape: a, b (N, C, H, W) with H, W >= 11 -> (N,).
+    """
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim expects two NCHW batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    n, c, h, w = a.shape
+    x = a.detach().double().reshape(n * c, 1, h, w)
+    y = b.detach().double().reshape(n * c, 1, h, w)
+    k = _gaussian_kernel1d(sigma, 3.5, torch.float64, x.device)
+    if h < k.numel() or w < k.numel():
+        raise ValueError(f"ssim needs images of at least {k.numel()}x{k.numel()} pixels")
+    kh = k.view(1, 1, -1, 1)
+    kw = k.view(1, 1, 1, -1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh), kw)
+
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=0)
+    mu_x, mu_y, m_xx, m_yy, m_xy = blur(stack).split(n * c, dim=0)
+    vx = m_xx - mu_x * mu_x
+    vy = m_yy - mu_y * mu_y
+    vxy = m_xy - mu_x * mu_y
+    c1 = (k1 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * vxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (vx + vy + c2))
+    return s.reshape(n, c, -1).mean(dim=2).mean(dim=1).to(a.dtype if a.is_floating_point() else torch.float32)
+
+
+def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """ACC: fraction of images whose prediction equals the true label."""
+    pred = logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
+    return float((pred.cpu() == labels.cpu()).float().mean().item()) if labels.numel() else float("nan")
+
+
+def attack_success_rate(logits_or_pred: torch.Tensor, targets: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None) -> float:
+    """ASR: fraction predicted as the attacker's target; for untargeted attacks
+    (``targets`` None) the fraction no longer predicted as the true label."""
+    pred = logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
+    pred = pred.cpu()
+    if targets is not None:
+        return float((pred == targets.cpu()).float().mean().item()) if targets.numel() else float("nan")
+    if labels is None:
+        raise ValueError("untargeted ASR needs the true labels")
+    return float((pred != labels.cpu()).float().mean().item()) if labels.numel() else float("nan")
