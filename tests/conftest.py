@@ -1,0 +1,30 @@
+"""Shared fixtures: the shared ImageNet sample (skipped when absent) and the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample_dir() -> Path:
+    if not (SHARED_SAMPLE / "labels.csv").is_file():
+        pytest.skip(f"shared ImageNet sample not found at {SHARED_SAMPLE} (needs ../shared/data beside the repo)")
+    return SHARED_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def model():
+    from prepdefense import models
+
+    try:
+        return models.create("efficientnet-lite0")
+    except Exception as e:  # weights package missing in an odd environment
+        pytest.skip(f"efficientnet-lite0 unavailable: {e}")
