@@ -1,0 +1,114 @@
+"""``rand``: random resizing and random padding (Xie et al. 2018, "Mitigating adversarial effects
+through randomization"), as used by the paper (Table 1 "Rand", Fig. 4, Table 6).
+
+PROTOCOL.md "Baseline defenses": an S x S image is resized to s x s with ``s`` drawn
+uniformly from the integers in [S, P), P = round(S * 331 / 299) (331 at S = 299, 248 at
+S = 224), then placed at a random offset on a P x P canvas filled with 0.5 (the value of the
+paper's released code); the model sees the padded P x P image (``changes_size``).
+
+Choices, following Xie et al.'s released TensorFlow code: the resize is nearest-neighbour
+(TF1 ``resize_images(..., NEAREST_NEIGHBOR)``: source index ``floor(i * S / s)``), and the top
+and left padding are drawn uniformly from ``0 .. P - s - 1`` (``random_uniform((), 0, rem)``,
+upper bound exclusive). Non-square inputs draw height and width independently.
+
+The whole batch is done with one gather through integer index maps, so every image may have
+its own size and offset and the result is exact (bit for bit the same batched or alone). The
+map is piecewise a pixel copy, so autograd passes gradients through it (``differentiable``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .. import seeding
+from . import register
+from .base import Defense
+
+__all__ = ["RandomResizePad", "padded_side", "resize_pad"]
+
+#: Xie et al.'s sizes: inputs of 299 are resized to [299, 331) and padded to 331.
+REFERENCE_SIDE = 299
+REFERENCE_PADDED = 331
+PAD_VALUE = 0.5
+
+
+def padded_side(side: int) -> int:
+    """Canvas side P for input side S: ``round(S * 331 / 299)`` (331 at 299, 248 at 224)."""
+    return int(round(side * REFERENCE_PADDED / REFERENCE_SIDE))
+
+
+def _axis_map(length: int, padded: int, size: torch.Tensor, offset: torch.Tensor):
+    """Source index (nearest neighbour) and validity of every canvas position along one axis.
+
+    Shape: size, offset (N,) -> (N, padded) int64 index, (N, padded) bool.
+    """
+    pos = torch.arange(padded, device=size.device).view(1, -1) - offset.view(-1, 1)
+    inside = (pos >= 0) & (pos < size.view(-1, 1))
+    src = torch.div(pos.clamp(min=0) * length, size.view(-1, 1), rounding_mode="floor").clamp(max=length - 1)
+    return src, inside
+
+
+def resize_pad(x: torch.Tensor, height: torch.Tensor, width: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+               padded_hw, pad_value: float = PAD_VALUE) -> torch.Tensor:
+    """Nearest-neighbour resize image n to ``height[n] x width[n]`` and paste it at
+    (``top[n]``, ``left[n]``) on a ``padded_hw`` canvas of ``pad_value``.
+
+    Shape: x (N, C, H, W), the four (N,) int64 tensors -> (N, C, PH, PW).
+    """
+    n, c, h, w = x.shape
+    ph, pw = padded_hw
+    dev = x.device
+    src_r, in_r = _axis_map(h, ph, height.to(dev), top.to(dev))
+    src_c, in_c = _axis_map(w, pw, width.to(dev), left.to(dev))
+    index = (src_r.unsqueeze(2) * w + src_c.unsqueeze(1)).view(n, 1, ph * pw).expand(n, c, ph * pw)
+    out = x.reshape(n, c, h * w).gather(2, index).view(n, c, ph, pw)
+    inside = (in_r.unsqueeze(2) & in_c.unsqueeze(1)).unsqueeze(1)
+    return torch.where(inside, out, torch.full((), pad_value, dtype=x.dtype, device=dev))
+
+
+class RandomResizePad(Defense):
+    """Xie et al.'s random resize + random pad (PROTOCOL.md ``rand``).
+
+    Args:
+        pad_value: canvas fill (default 0.5, as the paper's released code).
+
+    ``sample_params`` returns a dict of (N,) int64 tensors ``height``, ``width``, ``top``,
+    ``left`` (resized size and paste offset per image).
+
+    Shape: (N, C, S, S) -> (N, C, P, P), P = round(S * 331 / 299).
+    """
+
+    randomized = True
+    differentiable = True
+    changes_size = True
+
+    def __init__(self, pad_value: float = PAD_VALUE) -> None:
+        super().__init__()
+        self.pad_value = float(pad_value)
+
+    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        n, _, h, w = x.shape
+        ph, pw = padded_side(h), padded_side(w)
+        if ph <= h or pw <= w:
+            raise ValueError(f"input {h}x{w} is too small for random resizing and padding (needs a side >= 10)")
+        height = seeding.randint(h, ph, (n,), generator)
+        width = seeding.randint(w, pw, (n,), generator)
+        # Offsets uniform in [0, P - s): exclusive upper bound as in Xie et al.'s code.
+        top = (seeding.rand((n,), generator, dtype=torch.float64) * (ph - height)).floor().long()
+        left = (seeding.rand((n,), generator, dtype=torch.float64) * (pw - width)).floor().long()
+        return {"height": height, "width": width, "top": top, "left": left}
+
+    def apply(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+        _, _, h, w = x.shape
+        return resize_pad(x, params["height"], params["width"], params["top"], params["left"],
+                          (padded_side(h), padded_side(w)), self.pad_value)
+
+    def extra_repr(self) -> str:
+        return f"size in [S, round(S*331/299)), pad_value={self.pad_value}, nearest"
+
+
+@register("rand", help="Xie et al. 2018: random resize to [S, S*331/299) and random pad (0.5)")
+def rand(pad_value: float = PAD_VALUE) -> RandomResizePad:
+    return RandomResizePad(pad_value=pad_value)
