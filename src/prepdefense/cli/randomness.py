@@ -1,0 +1,99 @@
+"""``prepdefense randomness``: Table 1 of the paper (Section 6.1; PROTOCOL.md Table 1).
+
+For each image two independent outputs of the defense are compared (mean normalised L2 and
+SSIM), and the defended default model's top-1 accuracy on the clean images is measured (see
+:func:`prepdefense.experiments.randomness.measure_randomness`). ``--defense all`` prints one
+row per registered defense. ``--json`` prints one object (``l2``, ``ssim``, ``accuracy``,
+``n``, ``defense``, ``model``, ``seed``, ``device``, ``skipped``, ``data``); for ``all`` the
+rows go in a list under ``"rows"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List
+
+from .. import data, defenses
+from ..seeding import make_generator
+from ..experiments.randomness import measure_randomness
+from .common import UsageError, add_common_data_args, print_json, progress, resolve_device
+from .predict import build_model, one_line_skip_warnings
+
+#: The paper's Table 1 (1000 ImageNet images, Inception V3), printed beside ours for reference.
+PAPER_TABLE1 = {
+    "dct-distort": (0.22, 0.30, 0.95),
+    "rand": (0.21, 0.31, 0.96),
+    "fd": (0.0, 1.0, 0.97),
+    "shield": (0.03, 0.88, 0.94),
+    "tv": (0.02, 0.97, 0.95),
+    "bdr": (0.0, 1.0, 0.92),
+    "pd": (0.02, 0.98, 0.97),
+}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "randomness",
+        help="Table 1: randomness (l2, SSIM between two draws) and accuracy of a defense",
+        description=(
+            "For every image draw two independent outputs of the defense and print the mean "
+            "normalised L2 and SSIM between them, and the top-1 accuracy of the defended model "
+            "on the clean images (paper Table 1). Deterministic defenses give l2 0 and SSIM 1. "
+            "--defense all prints a row for every registered defense."
+        ),
+    )
+    add_common_data_args(p)
+    p.add_argument("--defense", required=True, help="defense name (e.g. dct-distort, rand, fd+rand) or 'all'")
+    p.set_defaults(func=run)
+
+
+def _create_defense(name: str):
+    try:
+        return defenses.create(name)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
+    except ValueError as e:
+        raise UsageError(f"bad --defense {name!r}: {e}") from None
+
+
+def _row_text(row: Dict[str, Any]) -> str:
+    acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+    paper = PAPER_TABLE1.get(row["defense"])
+    ref = f"   (paper: {paper[0]:.2f} {paper[1]:.2f} {paper[2]:.2f})" if paper else ""
+    return f"{row['defense']:<14} {row['l2']:>8.4f} {row['ssim']:>8.4f} {acc:>8} {row['n']:>6}{ref}"
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    device = resolve_device(args.device)
+    name = args.defense.strip().lower()
+    names: List[str] = defenses.names() if name == "all" else [name]
+    built = [(n, _create_defense(n)) for n in names]
+    rows = []
+    with one_line_skip_warnings():
+        model = build_model(args.model, args.weights, device)
+        dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit)
+        total = math.ceil(len(dataset) / args.batch_size)
+        for defense_name, defense in built:
+            defense = defense.to(device)
+            batches = progress(data.iter_batches(dataset, args.batch_size), total=total, desc=defense_name,
+                               unit="batch", enabled=not args.json)
+            result = measure_randomness(defense, model, batches, make_generator(args.seed), device=device)
+            rows.append({"defense": defense_name, **result})
+    common = {"model": args.model, "seed": args.seed, "device": str(device), "skipped": dataset.skipped,
+              "data": str(args.data)}
+    if args.json:
+        if name == "all":
+            print_json({"rows": rows, **common})
+        else:
+            print_json({**rows[0], **common})
+        return 0
+    print(f"{'defense':<14} {'l2':>8} {'SSIM':>8} {'ACC':>8} {'n':>6}")
+    for row in rows:
+        print(_row_text(row))
+    print(f"model {args.model}, seed {args.seed}, device {device}, {dataset.skipped} file(s) skipped; "
+          "paper figures are Inception V3 on 1000 ImageNet images (compare trends, not values)")
+    return 0

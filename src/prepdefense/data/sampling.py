@@ -1,0 +1,132 @@
+"""The protocol sample: N correctly classified images and a target label each, from a seed
+(PROTOCOL.md, "Protocol sample"; paper Section 6.1).
+
+Candidates are visited in an order drawn from the seed and classified in batches by the
+undefended model until ``n`` correctly classified ones are found (so only about
+``n / accuracy`` images are decoded). Each picked image gets a target drawn uniformly
+among the 999 other classes: ``target = (label + U{1..999}) mod 1000``. The visiting order
+and the targets come from two generators derived from the seed, so the same seed and data
+give the same picks, and the i-th target offset depends only on the seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from ..seeding import child_seed, make_generator
+from .loading import NUM_CLASSES, ImageDataset, iter_batches, load_dataset
+
+
+@dataclass
+class ProtocolSample:
+    """``n`` images the model classifies correctly, with their labels, targets and ids.
+
+    Shape: x (n, 3, S, S) float [0,1] on the CPU; labels, targets (n,) long.
+    """
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    ids: List[str]
+    seed: int = 0
+    source: str = ""
+    #: Readable candidates classified to find the sample, and how many of them were correct.
+    tried: int = 0
+    correct: int = 0
+    skipped: int = 0
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def draw_targets(labels: torch.Tensor, generator: torch.Generator, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """A target per label, uniform among the ``num_classes - 1`` other classes."""
+    offsets = torch.randint(1, num_classes, (labels.numel(),), generator=generator)
+    return (labels.cpu().long() + offsets) % num_classes
+
+
+def protocol_sample(
+    model: nn.Module,
+    source_or_dataset: Union[str, os.PathLike, ImageDataset],
+    *,
+    n: int,
+    seed: int,
+    size: Optional[int] = None,
+    batch_size: int = 32,
+    device: Union[str, torch.device] = "cpu",
+    exclude_ids: Iterable[str] = (),
+) -> ProtocolSample:
+    """Pick ``n`` images the undefended ``model`` classifies correctly, and a target each.
+
+    Args:
+        model: classifier taking [0,1] NCHW, already on ``device`` and in eval mode.
+        source_or_dataset: a folder, ``"builtin"``, or an :class:`ImageDataset`.
+        n: how many images to pick (the protocol uses 100).
+        seed: fixes both the visiting order and the targets.
+        size: image side when a source is given (default: ``model.input_size``).
+        batch_size: images classified per forward pass.
+        device: where the model runs.
+        exclude_ids: ids never picked (keeps, e.g., a table-learning set disjoint from
+            the evaluation set).
+
+    Raises:
+        DataError: fewer than ``n`` eligible images are classified correctly.
+    """
+    if n < 1:
+        raise DataError(f"n must be at least 1, got {n}")
+    if isinstance(source_or_dataset, ImageDataset):
+        ds = source_or_dataset
+    else:
+        side = size or getattr(model, "input_size", None)
+        if side is None:
+            raise DataError("protocol_sample needs size= for a model without input_size")
+        ds = load_dataset(source_or_dataset, size=int(side))
+    excluded = set(exclude_ids)
+    candidates = [i for i, e in enumerate(ds.entries) if e.id not in excluded]
+
+    root = make_generator(seed)
+    order_gen = make_generator(child_seed(root))
+    target_gen = make_generator(child_seed(root))
+    order = [candidates[j] for j in torch.randperm(len(candidates), generator=order_gen).tolist()]
+
+    xs: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    ids: List[str] = []
+    tried = 0
+    device = torch.device(device)
+    with torch.no_grad():
+        for x, y, batch_ids in iter_batches(ds, batch_size, indices=order):
+            tried += len(batch_ids)
+            pred = model(x.to(device)).argmax(dim=1).cpu()
+            ok = (pred == y).nonzero().flatten().tolist()
+            for j in ok:
+                xs.append(x[j])
+                labels.append(y[j])
+                ids.append(batch_ids[j])
+            if len(ids) >= n:
+                break
+    correct = len(ids)
+    if correct < n:
+        raise DataError(
+            f"only {correct} of the {tried} readable candidate images in {ds.source} are classified "
+            f"correctly by the model ({len(excluded & set(ds.ids))} excluded); {n} were asked for"
+        )
+    label_t = torch.stack(labels[:n]).long()
+    return ProtocolSample(
+        x=torch.stack(xs[:n]),
+        labels=label_t,
+        targets=draw_targets(label_t, target_gen),
+        ids=ids[:n],
+        seed=int(seed),
+        source=ds.source,
+        tried=tried,
+        correct=correct,
+        skipped=ds.skipped,
+    )
