@@ -1,0 +1,88 @@
+"""``prepdefense learn-table``: learn the defensive quantization table with Algorithm 2 from
+C&W adversarial examples of the default model (paper Section 5.2; issue 4, item 7).
+
+The images are drawn among those the model classifies correctly, disjoint from the
+evaluation protocol sample (``--exclude-sample-seed``/``--exclude-n``); the table is written
+with the model, image ids, attack settings, seed and success rate beside it. Pass the file
+to a defense with ``table=PATH``; the package's own table (``defenses/tables/learned.json``)
+was made by this command.
+"""
+
+from __future__ import annotations
+
+from .common import UsageError, print_json, progress, resolve_device
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "learn-table",
+        help="learn the quantization table (Algorithm 2) from C&W adversarial examples",
+        description=(
+            "Attack N correctly classified images (disjoint from the evaluation protocol sample) "
+            "with targeted C&W L2 on the model, and learn the 8x8 quantization table of Algorithm 2 "
+            "from the (clean, adversarial) pairs. The paper's C&W: 5 binary-search steps, 1000 "
+            "iterations, lr 0.1 (slow on a CPU: about N x 5000 forward+backward passes)."
+        ),
+    )
+    p.add_argument("--data", required=True, help="image folder (labels.csv or synset sub-folders), or 'builtin'")
+    p.add_argument("--out", required=True, help="JSON file to write the table and its metadata to")
+    p.add_argument("--n", type=int, default=100, help="images to attack (default 100)")
+    p.add_argument("--exclude-sample-seed", type=int, default=0, help="seed of the evaluation protocol sample kept out (default 0)")
+    p.add_argument("--exclude-n", type=int, default=100, help="size of that evaluation sample; 0 disables the exclusion (default 100)")
+    p.add_argument("--steps", type=int, default=1000, help="C&W iterations per binary-search step (default 1000)")
+    p.add_argument("--binary-steps", type=int, default=5, help="C&W binary-search steps over c (default 5)")
+    p.add_argument("--lr", type=float, default=0.1, help="C&W Adam learning rate (default 0.1, the paper's)")
+    p.add_argument("--initial-const", type=float, default=1e-2, help="C&W starting c (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=8, help="images attacked together (default 8)")
+    p.add_argument("--model", default="efficientnet-lite0", help="classifier (default: efficientnet-lite0)")
+    p.add_argument("--seed", type=int, default=1, help="seed drawing the images and targets (default 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--note", default="", help="free text stored in the table's metadata")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import models
+    from ..experiments.learn_table import learn_table
+
+    for name in ("n", "steps", "binary_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.exclude_n < 0:
+        raise UsageError("--exclude-n must be >= 0")
+    device = resolve_device(args.device)
+    try:
+        model = models.create(args.model)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown model {args.model!r}") from None
+
+    bar = progress(range(args.n), total=args.n, desc="C&W", unit="img", enabled=not args.json)
+    done = [0]
+
+    def on_batch(n_done: int, total: int) -> None:
+        bar.update(n_done - done[0])
+        done[0] = n_done
+
+    try:
+        summary = learn_table(
+            data=args.data, out=args.out, n=args.n, seed=args.seed,
+            exclude_sample_seed=args.exclude_sample_seed if args.exclude_n > 0 else None,
+            exclude_n=args.exclude_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
+            initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
+            model=model, device=device, on_batch=on_batch, note=args.note,
+        )
+    finally:
+        bar.close()
+    if args.json:
+        out = {k: v for k, v in summary.items() if k != "metadata"}
+        out["image_ids"] = summary["metadata"]["image_ids"]
+        out["attack_settings"] = summary["metadata"]["attack_settings"]
+        print_json(out)
+        return 0
+    print(f"learned table written to {summary['out']}")
+    print(f"C&W success {summary['n_successful']}/{summary['n']} ({summary['success_rate']:.0%}), "
+          f"mean normalised L2 {summary['mean_l2_rms']:.4f}, {summary['seconds']:.0f} s")
+    for row in summary["table"]:
+        print(" ".join(f"{v:6.1f}" for v in row))
+    return 0

@@ -1,0 +1,153 @@
+"""Learn the defensive quantization table from C&W adversarial examples (paper Section 5.2,
+Algorithm 2; PROTOCOL.md "The defense g(x)"; issue 4, item 7).
+
+1. Draw the evaluation protocol sample (``exclude_n`` images, ``exclude_sample_seed``, the
+   sample every table-3 style evaluation uses) and set its images aside, so the table is
+   never learned on images it is later judged on.
+2. Among the remaining images, draw ``n`` that the undefended model classifies correctly,
+   each with a protocol-style random target (uniform over the 999 other classes), with
+   ``seed`` (:func:`prepdefense.data.protocol_sample` with ``exclude_ids``).
+3. Run targeted C&W L2 on the undefended model (:class:`~prepdefense.attacks.carlini_wagner.CarliniWagnerL2`).
+4. Keep the successful (clean, adversarial) pairs -- a failed image comes back unchanged and
+   would only add "no change" blocks -- and learn ``Q`` with
+   :func:`~prepdefense.defenses.quant_tables.learn_quantization_table`.
+5. Save ``Q`` with everything that produced it (model, image ids, targets, attack settings,
+   seed, success rate, distances, counts, date, package versions) via ``save_table``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+
+from .. import data as data_api
+from .. import models
+from ..attacks.carlini_wagner import CarliniWagnerL2
+from ..defenses.quant_tables import learn_quantization_table, save_table
+from ..errors import DataError
+from .metadata import collect_metadata
+
+__all__ = ["learn_table"]
+
+
+def learn_table(
+    *,
+    data: str,
+    out: Union[str, os.PathLike],
+    n: int = 100,
+    seed: int = 1,
+    exclude_sample_seed: Optional[int] = 0,
+    exclude_n: int = 100,
+    steps: int = 1000,
+    binary_steps: int = 5,
+    lr: float = 0.1,
+    initial_const: float = 1e-2,
+    batch_size: int = 8,
+    model_name: str = models.DEFAULT_MODEL,
+    model: Optional[torch.nn.Module] = None,
+    device: Union[str, torch.device] = "cpu",
+    on_batch: Optional[Callable[[int, int], None]] = None,
+    note: str = "",
+) -> Dict[str, Any]:
+    """Run Algorithm 2 end to end and write the table to ``out``.
+
+    Args:
+        data: image folder (labels.csv or synset sub-folders) or ``"builtin"``.
+        out: JSON file to write (``save_table`` format).
+        n: images to attack (correctly classified, disjoint from the evaluation sample).
+        seed: draws the learning images and their targets.
+        exclude_sample_seed: seed of the evaluation protocol sample to keep out; None
+            disables the exclusion.
+        exclude_n: size of that evaluation sample (the protocol's 100).
+        steps, binary_steps, lr, initial_const: C&W settings (paper: 1000, 5, 0.1; c0 0.01).
+        batch_size: images attacked together.
+        model_name: classifier to attack (the default model unless told).
+        model: an already built classifier (then ``model_name`` is only recorded).
+        device: where the model runs.
+        on_batch: called as ``on_batch(done, total)`` after each batch (progress).
+        note: free text stored in the metadata.
+
+    Returns:
+        A summary dict: ``table`` (8x8 list), ``counts``, ``out``, ``n``, ``n_successful``,
+        ``success_rate``, ``mean_l2_rms``, ``seconds`` and the metadata written.
+
+    Raises:
+        DataError: too few correctly classified images, or no C&W attack succeeded.
+    """
+    device = torch.device(device)
+    started = time.time()
+    if model is None:
+        model = models.create(model_name)
+    model = model.to(device).eval()
+    size = int(getattr(model, "input_size", 224))
+    dataset = data_api.load_dataset(data, size=size)
+
+    excluded: List[str] = []
+    if exclude_sample_seed is not None and exclude_n > 0:
+        evaluation = data_api.protocol_sample(model, dataset, n=exclude_n, seed=exclude_sample_seed, device=device)
+        excluded = list(evaluation.ids)
+    sample = data_api.protocol_sample(model, dataset, n=n, seed=seed, device=device, exclude_ids=excluded)
+    if set(sample.ids) & set(excluded):  # protocol_sample guarantees it; a cheap guard
+        raise DataError("learning images overlap the evaluation sample")
+
+    attack = CarliniWagnerL2(binary_search_steps=binary_steps, steps=steps, lr=lr, initial_const=initial_const)
+    adversarial = torch.empty_like(sample.x)
+    success = torch.zeros(n, dtype=torch.bool)
+    l2_rms = torch.full((n,), math.inf)
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(n, start + batch_size))
+        res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
+        adversarial[sl] = res.adversarial.cpu()
+        success[sl] = res.success.cpu()
+        l2_rms[sl] = res.info["l2_rms"].float()
+        if on_batch is not None:
+            on_batch(sl.stop, n)
+
+    n_ok = int(success.sum())
+    if n_ok == 0:
+        raise DataError(f"C&W found no adversarial example on the {n} images; raise --steps or --binary-steps")
+    table, counts = learn_quantization_table(sample.x[success], adversarial[success], return_counts=True)
+    seconds = time.time() - started
+
+    metadata: Dict[str, Any] = {
+        "what": "defensive quantization table learned with Algorithm 2 (paper Section 5.2) from C&W L2 adversarial examples",
+        "algorithm": "Q0[argmax |DCT(clean) - DCT(adv)|] += 1 per 8x8 block per channel (0..255 domain); Q = Q0/max(Q0)*80 + 20",
+        "model": model_name,
+        "attack": "cw",
+        "attack_settings": dict(attack.hyperparameters(), targeted=True, loss="C&W margin, kappa 0"),
+        "data": sample.source,
+        "n_images": n,
+        "n_successful": n_ok,
+        "success_rate": n_ok / n,
+        "mean_l2_rms_successful": float(l2_rms[success].mean()),
+        "image_ids": list(sample.ids),
+        "labels": sample.labels.tolist(),
+        "targets": sample.targets.tolist(),
+        "successful": success.tolist(),
+        "seed": int(seed),
+        "excluded_evaluation_sample": {
+            "seed": exclude_sample_seed,
+            "n": exclude_n if excluded else 0,
+            "ids": excluded,
+        },
+        "counts": counts.tolist(),
+        "seconds": round(seconds, 1),
+        "note": note,
+        "run": collect_metadata(device),
+    }
+    path = save_table(out, table, metadata)
+    return {
+        "table": table.tolist(),
+        "counts": counts.tolist(),
+        "out": str(path),
+        "n": n,
+        "n_successful": n_ok,
+        "success_rate": n_ok / n,
+        "mean_l2_rms": metadata["mean_l2_rms_successful"],
+        "seconds": round(seconds, 1),
+        "metadata": metadata,
+    }

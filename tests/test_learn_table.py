@@ -1,0 +1,105 @@
+"""``prepdefense learn-table`` (Algorithm 2 end to end) on a toy linear model and a tiny
+folder, fast: images disjoint from the evaluation sample, metadata recorded, table shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from prepdefense.defenses.quant_tables import load_table
+from prepdefense.experiments.learn_table import learn_table
+
+SIDE = 32
+
+
+class ToyLinear(nn.Module):
+    """1000-class linear classifier on 32x32 images (with ``input_size`` like the real models)."""
+
+    input_size = SIDE
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc = nn.Linear(3 * SIDE * SIDE, 1000)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(self.fc.weight.shape, generator=g) * 0.03)
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture()
+def toy_folder(tmp_path):
+    """10 random PNGs labelled with the toy model's own prediction (all correctly classified)."""
+    model = ToyLinear().eval()
+    rng = np.random.default_rng(0)
+    rows = ["file,label,wnid,name"]
+    from prepdefense.data import load_dataset
+
+    for i in range(10):
+        arr = (rng.random((SIDE, SIDE, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+    # decode exactly as the data API does, then label by the model's prediction
+    rows_tmp = rows + [f"img{i}.png,0,n00000000,x" for i in range(10)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows_tmp) + "\n")
+    ds = load_dataset(tmp_path, size=SIDE)
+    assert len(ds) == 10
+    with torch.no_grad():
+        preds = [int(model(ds[i][0][None]).argmax()) for i in range(len(ds))]
+    rows += [f"img{i}.png,{preds[i]},n00000000,x" for i in range(10)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path, model
+
+
+def test_learn_table_end_to_end(toy_folder, tmp_path):
+    folder, model = toy_folder
+    out = tmp_path / "table.json"
+    summary = learn_table(data=str(folder), out=out, n=4, seed=1, exclude_sample_seed=0, exclude_n=3,
+                          steps=30, binary_steps=2, initial_const=1.0, batch_size=3, model=model,
+                          model_name="toy-linear")
+    table, meta = load_table(out)
+    assert table.shape == (8, 8)
+    assert table.min() >= 20 - 1e-9 and table.max() == pytest.approx(100.0)
+    assert summary["n_successful"] == meta["n_successful"] >= 1
+    counts = np.array(meta["counts"])
+    # every 8x8 block of every channel of every successful pair is counted once
+    assert counts.sum() == meta["n_successful"] * 3 * (SIDE // 8) ** 2
+    ids = meta["image_ids"]
+    excluded = meta["excluded_evaluation_sample"]["ids"]
+    assert len(ids) == 4 and len(excluded) == 3
+    assert not set(ids) & set(excluded)
+    for key in ("model", "attack_settings", "seed", "success_rate", "targets", "run"):
+        assert key in meta
+    assert meta["model"] == "toy-linear"
+    assert meta["attack_settings"]["steps"] == 30 and meta["attack_settings"]["binary_search_steps"] == 2
+    assert "versions" in meta["run"] and "time" in meta["run"]
+    assert all(t != y for t, y in zip(meta["targets"], meta["labels"]))
+    json.loads(out.read_text())  # valid JSON on disk
+
+
+def test_cli_parser_has_the_documented_options():
+    from prepdefense.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["learn-table", "--data", "d", "--out", "o.json", "--n", "5", "--exclude-sample-seed", "3",
+         "--exclude-n", "10", "--steps", "7", "--binary-steps", "2", "--seed", "4", "--device", "cpu", "--json"])
+    assert (args.n, args.exclude_sample_seed, args.exclude_n, args.steps, args.binary_steps, args.seed) == (5, 3, 10, 7, 2, 4)
+    assert args.json and args.device == "cpu"
+
+
+def test_shipped_table_records_its_provenance():
+    from prepdefense.defenses.quant_tables import LEARNED_TABLE_PATH
+
+    if not LEARNED_TABLE_PATH.is_file():
+        pytest.skip("no learned table shipped")
+    table, meta = load_table(LEARNED_TABLE_PATH)
+    assert table.shape == (8, 8) and float(table.max()) == pytest.approx(100.0)
+    for key in ("model", "image_ids", "attack_settings", "seed", "success_rate", "run"):
+        assert key in meta
+    assert not set(meta["image_ids"]) & set(meta["excluded_evaluation_sample"]["ids"])
