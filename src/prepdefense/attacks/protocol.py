@@ -1,0 +1,278 @@
+"""The paper's protocol attacks: ``bpda`` (Section 6.2, Fig. 4a/b) and ``bpda-eot`` (Section 6.3,
+Fig. 4c/d), as pinned by PROTOCOL.md ("BPDA, paper protocol", "BPDA+EOT, paper protocol").
+
+Per round, for every image still running::
+
+    x <- clip(x - lr * grad_x CE(f(g(x)), target), 0, 1)
+
+with the *raw* gradient (no sign, no normalisation: the paper's "learning rate of BPDA is
+0.1", Section 6.1, applied to the gradient as it is) of the per-image cross-entropy (summed over
+the batch, so batch size never changes a step), ``lr = 0.1``, and the gradient of ``g`` taken
+through BPDA (identity for non-differentiable defenses, see :class:`~.bpda.BPDA`). For
+``bpda-eot`` the gradient is the average of the gradients of 30 independent draws of ``g``
+per round (the mean over draws of the per-draw cross-entropy, differentiated).
+
+An image stops
+
+* at *success*: it is classified as its target with ``l2_rms < l2_bound`` (0.05). Success is
+  judged on one forward pass of the deployed (defended) model with a fresh draw of the defense,
+  a generator not used for the gradient;
+* at the *bound*: the next iterate would have ``l2_rms >= l2_bound``; that iterate is discarded
+  and the image keeps its last iterate inside the bound. The round at which this happens is
+  recorded per image (``info["bound_round"]``), with its mean.
+
+After every round ACC (prediction == label) and ASR (prediction == target) are recorded over
+all images in ``history``; a stopped image keeps its state (its image and its last judged
+prediction), so the curves of Fig. 4 can be drawn. ``until_bound=True`` keeps going after
+``rounds`` until every image has stopped (at most ``max_rounds``), the paper's "we continue
+the attack until the images reach the l2 bound" (231 rounds for its defense).
+
+Where the defense goes: on the model side (STYLE.md). Pass the deployed model
+``Defended(defense, classifier)``; the attack differentiates ``with_bpda(model, approx)``
+(the same model with ``BPDA(defense, approx)`` in place of the defense, values unchanged) and
+judges success on the model as given. A model already holding a ``BPDA`` is used as is.
+Untargeted use (``targets=None``) ascends the cross-entropy of the true label instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..metrics import PAPER_L2_BOUND, l2_rms
+from ..seeding import child_seed, ensure_generator, make_generator
+from . import register
+from .base import AttackResult
+from .bpda import with_bpda
+from .eot import EOT
+
+__all__ = ["ProtocolBPDA", "merge_histories"]
+
+
+def _forward(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if getattr(model, "randomized", False):
+        return model(x, generator=generator)
+    return model(x)
+
+
+class ProtocolBPDA:
+    """BPDA / BPDA+EOT exactly as the paper runs them (see the module docstring).
+
+    Args:
+        rounds: rounds to run (Fig. 4 draws 50).
+        lr: step size on the raw gradient (0.1).
+        eot: draws of the defense averaged per gradient (1: BPDA; 30: BPDA+EOT).
+        l2_bound: normalised-L2 bound (0.05).
+        approx: BPDA approximation (None: identity / real gradient, see ``BPDA``).
+        until_bound: continue past ``rounds`` until every image has stopped.
+        max_rounds: safety cap for ``until_bound``.
+        chunk: EOT draws per classifier call (memory).
+        batch_size: images attacked together (None: all).
+        progress: optional callable ``progress(round, total_rounds, record)`` after each round.
+
+    Shape: x (N, C, H, W) in [0,1]; labels, targets (N,) int64.
+    """
+
+    def __init__(
+        self,
+        *,
+        rounds: int = 50,
+        lr: float = 0.1,
+        eot: int = 1,
+        l2_bound: float = PAPER_L2_BOUND,
+        approx: Any = None,
+        until_bound: bool = False,
+        max_rounds: int = 1000,
+        chunk: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        progress: Optional[Callable[[int, int, Dict[str, Any]], None]] = None,
+    ) -> None:
+        if rounds < 1 or eot < 1 or lr <= 0 or l2_bound <= 0:
+            raise ValueError("rounds and eot must be >= 1, lr and l2_bound > 0")
+        self.rounds = int(rounds)
+        self.lr = float(lr)
+        self.eot = int(eot)
+        self.l2_bound = float(l2_bound)
+        self.approx = approx
+        self.until_bound = bool(until_bound)
+        self.max_rounds = max(int(max_rounds), self.rounds)
+        self.chunk = chunk
+        self.batch_size = batch_size
+        self.progress = progress
+
+    # -- one batch ---------------------------------------------------------------------------
+    def _gradient(self, grad_model: nn.Module, x: torch.Tensor, goal: torch.Tensor, targeted: bool, g: torch.Generator) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if self.eot > 1 and getattr(grad_model, "randomized", False):
+                z = EOT(grad_model, self.eot, chunk=self.chunk, reduce="none")(x, generator=g)  # (n, N, K)
+                n = z.shape[0]
+                ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), goal.repeat(n), reduction="none").view(n, -1).mean(0)
+            else:
+                ce = F.cross_entropy(_forward(grad_model, x, g), goal, reduction="none")
+            (grad,) = torch.autograd.grad(ce.sum(), x)
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        # Targeted: descend CE to the target; untargeted: ascend CE of the label.
+        return grad if targeted else -grad
+
+    def _run_batch(self, model, x, labels, targets, g, total_rounds, on_round):
+        targeted = targets is not None
+        goal = targets if targeted else labels
+        grad_model = with_bpda(model, self.approx)
+        n = x.shape[0]
+        device = x.device
+        x_adv = x.clone()
+        with torch.no_grad():
+            pred = _forward(model, x_adv, make_generator(child_seed(g))).argmax(1)
+        hit0 = pred == targets if targeted else pred != labels
+        active = ~hit0  # an image that already meets the goal is a success at round 0
+        stop_round = torch.full((n,), -1, dtype=torch.long)
+        stop_round[hit0.cpu()] = 0
+        reason = ["success" if bool(h) else "running" for h in hit0.cpu()]
+        bound_round = torch.full((n,), -1, dtype=torch.long)
+        history: List[Dict[str, Any]] = []
+        initial = self._record(0, pred, labels, targets, active)
+        r = 0
+        while r < total_rounds and (r < self.rounds or bool(active.any())):
+            r += 1
+            grad_g = make_generator(child_seed(g))
+            judge_g = make_generator(child_seed(g))
+            idx = active.nonzero(as_tuple=True)[0]
+            if idx.numel():
+                xa = x_adv[idx]
+                grad = self._gradient(grad_model, xa, goal[idx], targeted, grad_g)
+                x_new = (xa - self.lr * grad).clamp(0.0, 1.0)
+                within = l2_rms(x_new, x[idx]) < self.l2_bound
+                over = idx[~within]
+                if over.numel():
+                    active[over] = False
+                    stop_round[over.cpu()] = r
+                    bound_round[over.cpu()] = r
+                    for i in over.tolist():
+                        reason[i] = "bound"
+                keep = idx[within]
+                if keep.numel():
+                    x_adv[keep] = x_new[within]
+                    with torch.no_grad():
+                        p = _forward(model, x_adv[keep], judge_g).argmax(1)
+                    pred[keep] = p
+                    done = keep[(p == targets[keep]) if targeted else (p != labels[keep])]
+                    if done.numel():
+                        active[done] = False
+                        stop_round[done.cpu()] = r
+                        for i in done.tolist():
+                            reason[i] = "success"
+            rec = self._record(r, pred, labels, targets, active)
+            history.append(rec)
+            if on_round is not None:
+                on_round(r, rec)
+        return x_adv, pred, history, initial, stop_round, bound_round, reason
+
+    @staticmethod
+    def _record(r: int, pred, labels, targets, active) -> Dict[str, Any]:
+        n = int(pred.numel())
+        n_correct = int((pred == labels).sum())
+        n_target = int((pred == targets).sum()) if targets is not None else int((pred != labels).sum())
+        return {
+            "round": r,
+            "accuracy": n_correct / n,
+            "asr": n_target / n,
+            "n": n,
+            "n_correct": n_correct,
+            "n_success": n_target,
+            "n_running": int(active.sum()),
+        }
+
+    # -- public call ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        *,
+        labels: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> AttackResult:
+        g = ensure_generator(generator)
+        total = self.max_rounds if self.until_bound else self.rounds
+        bs = self.batch_size or x.shape[0]
+        parts = []
+        batches = list(range(0, x.shape[0], bs))
+        for bi, start in enumerate(batches):
+            sl = slice(start, start + bs)
+            bg = make_generator(child_seed(g))
+
+            def on_round(r, rec, _bi=bi):
+                if self.progress is not None:
+                    self.progress(_bi * total + r, total * len(batches), rec)
+
+            parts.append(self._run_batch(model, x[sl], labels[sl], None if targets is None else targets[sl], bg, total, on_round))
+        x_adv = torch.cat([p[0] for p in parts])
+        pred = torch.cat([p[1] for p in parts])
+        history = merge_histories([p[2] for p in parts])
+        initial = merge_histories([[p[3]] for p in parts])[0]
+        stop_round = torch.cat([p[4] for p in parts])
+        bound_round = torch.cat([p[5] for p in parts])
+        reason = sum((p[6] for p in parts), [])
+        success = (pred == targets) if targets is not None else (pred != labels)
+        reached = bound_round[bound_round >= 0]
+        info = {
+            "rounds_run": len(history),
+            "initial": initial,
+            "stop_round": stop_round.tolist(),
+            "stop_reason": reason,
+            "bound_round": bound_round.tolist(),
+            "mean_bound_round": float(reached.float().mean()) if reached.numel() else None,
+            "n_reached_bound": int(reached.numel()),
+            "rounds_to_all_stopped": int(stop_round.max()) if bool((stop_round >= 0).all()) else None,
+            "l2": l2_rms(x_adv, x).tolist(),
+            "final_prediction": pred.tolist(),
+            "lr": self.lr,
+            "eot": self.eot,
+            "l2_bound": self.l2_bound,
+            "targeted": targets is not None,
+        }
+        return AttackResult(adversarial=x_adv, success=success.cpu(), history=history, info=info)
+
+
+def merge_histories(histories: Sequence[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Merge per-batch round records into records over all images.
+
+    A batch whose run ended earlier (every image stopped) contributes its last record to the
+    later rounds: its images keep their state.
+    """
+    histories = [h for h in histories if h]
+    if not histories:
+        return []
+    length = max(len(h) for h in histories)
+    merged = []
+    for i in range(length):
+        recs = [h[min(i, len(h) - 1)] for h in histories]
+        n = sum(r["n"] for r in recs)
+        c = sum(r["n_correct"] for r in recs)
+        s = sum(r["n_success"] for r in recs)
+        merged.append(
+            {
+                "round": i + 1 if histories[0][0]["round"] == 1 else recs[0]["round"],
+                "accuracy": c / n,
+                "asr": s / n,
+                "n": n,
+                "n_correct": c,
+                "n_success": s,
+                "n_running": sum(r["n_running"] for r in recs),
+            }
+        )
+    return merged
+
+
+@register("bpda", help="BPDA, paper protocol (Section 6.2): raw-gradient steps lr 0.1, stop at success or the l2 bound")
+def bpda(*, rounds: int = 50, lr: float = 0.1, l2_bound: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
+    return ProtocolBPDA(rounds=rounds, lr=lr, eot=1, l2_bound=l2_bound, approx=approx, **kw)
+
+
+@register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, gradient averaged over 30 draws")
+def bpda_eot(*, rounds: int = 50, lr: float = 0.1, eot: int = 30, l2_bound: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
+    return ProtocolBPDA(rounds=rounds, lr=lr, eot=eot, l2_bound=l2_bound, approx=approx, **kw)

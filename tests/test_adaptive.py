@@ -1,0 +1,135 @@
+"""The strong adaptive attack ``adaptive`` (issue 4, item 5; PROTOCOL.md "Strong adaptive attack")
+on tiny models: inside the ball, breaks an undefended model, sees through a shattered
+gradient with BPDA, expected vs worst case over fresh draws, intervals, reproducibility."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prepdefense import attacks, seeding
+from prepdefense.attacks.adaptive import AdaptiveAttack, bootstrap_interval, project, wilson_interval
+from prepdefense.defenses import Defended
+from prepdefense.defenses.base import Defense
+from prepdefense.metrics import l2_rms, linf
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models run faster so, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Quantize(Defense):
+    def apply(self, x, params=None):
+        return torch.round(x * 8) / 8
+
+
+class NoisyQuantize(Defense):
+    randomized = True
+
+    def sample_params(self, x, generator):
+        return seeding.randn(x.shape, generator, device=x.device) * 0.15
+
+    def apply(self, x, params):
+        return (torch.round(x * 8) / 8 + params).clamp(0, 1)
+
+
+def _problem(n=8, seed=0):
+    torch.manual_seed(seed)  # test-only: weights and images of a tiny problem
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.rand(n, 3, 8, 8)
+    labels = clf(x).argmax(1)
+    targets = (labels + 1 + torch.arange(n) % 9) % 10
+    return clf, x, labels, targets
+
+
+def test_defaults_follow_the_protocol():
+    a = attacks.create("adaptive")
+    assert a.steps >= 200 and a.eot >= 30 and a.draws >= 10
+    assert set(a.losses) == {"ce", "margin"} and a.norm == "l2" and a.eps == 0.05
+    assert attacks.create("adaptive", norm="linf").eps == pytest.approx(8 / 255)
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.05), ("linf", 8 / 255)])
+def test_stays_inside_the_ball(norm, eps):
+    clf, x, y, t = _problem()
+    a = AdaptiveAttack(norm=norm, eps=eps, steps=15, eot=2, draws=3)
+    res = a(Defended(NoisyQuantize(), clf), x, labels=y, targets=t, generator=seeding.make_generator(0))
+    d = l2_rms(res.adversarial, x) if norm == "l2" else linf(res.adversarial, x)
+    assert float(d.max()) <= eps * (1 + 1e-4)
+    assert res.adversarial.min() >= 0 and res.adversarial.max() <= 1
+
+
+def test_project():
+    x = torch.rand(2, 3, 4, 4)
+    far = x + 10 * torch.randn(2, 3, 4, 4)
+    p = project(far, x, "l2", 0.5)
+    assert torch.all((p - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5)
+    p = project(far, x, "linf", 0.1)
+    assert float((p - x).abs().max()) <= 0.1 + 1e-6 and p.min() >= 0 and p.max() <= 1
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_breaks_an_undefended_model(targeted):
+    clf, x, y, t = _problem()
+    a = AdaptiveAttack(norm="l2", eps=0.5, steps=30, eot=1, draws=1)
+    res = a(clf, x, labels=y, targets=t if targeted else None, generator=seeding.make_generator(0))
+    assert res.info["asr_expected"] == 1.0
+    pred = clf(res.adversarial).argmax(1)
+    assert torch.all(pred == t) if targeted else torch.all(pred != y)
+
+
+def test_bpda_sees_through_a_shattered_gradient():
+    clf, x, y, t = _problem()
+    model = Defended(Quantize(), clf)
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(model(xr).sum(), xr, allow_unused=True)
+    assert gx is None  # the quantiser runs under no_grad: no gradient reaches the input
+    res = AdaptiveAttack(norm="linf", eps=0.3, steps=30, eot=1, draws=1)(model, x, labels=y, generator=seeding.make_generator(0))
+    assert res.info["robust_accuracy_expected"] <= 0.25
+
+
+def test_expected_vs_worst_case_and_intervals():
+    clf, x, y, t = _problem(n=12)
+    model = Defended(NoisyQuantize(), clf)
+    a = AdaptiveAttack(norm="l2", eps=0.08, steps=10, eot=4, draws=10)
+    info = a(model, x, labels=y, generator=seeding.make_generator(3)).info
+    assert info["draws"] == 10 and info["n"] == 12
+    assert info["robust_accuracy_worst"] <= info["robust_accuracy_expected"] + 1e-12
+    assert info["asr_worst"] >= info["asr_expected"] - 1e-12
+    for k in ("robust_accuracy_expected", "robust_accuracy_worst", "asr_expected", "asr_worst"):
+        lo, hi = info[k + "_ci95"]
+        assert 0 <= lo <= info[k] <= hi <= 1, k
+    # untargeted: accuracy and success are complements draw by draw
+    assert info["robust_accuracy_expected"] + info["asr_expected"] == pytest.approx(1.0)
+    # per-image fractions average to the expected figures
+    assert sum(info["per_image_correct_fraction"]) / 12 == pytest.approx(info["robust_accuracy_expected"])
+
+
+def test_reproducible_from_the_seed():
+    clf, x, y, t = _problem(n=4)
+    model = Defended(NoisyQuantize(), clf)
+    a = AdaptiveAttack(norm="linf", eps=0.05, steps=6, eot=3, draws=4)
+    r1 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(5))
+    r2 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(5))
+    assert torch.equal(r1.adversarial, r2.adversarial)
+    assert r1.info["asr_expected"] == r2.info["asr_expected"]
+    r3 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(6))
+    assert not torch.equal(r1.adversarial, r3.adversarial)
+
+
+def test_wilson_and_bootstrap():
+    lo, hi = wilson_interval(5, 10)
+    assert lo < 0.5 < hi and (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-3)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    v = torch.tensor([0.0, 1.0] * 50)
+    lo, hi = bootstrap_interval(v, generator=seeding.make_generator(0))
+    assert lo < 0.5 < hi and hi - lo < 0.3
+    assert math.isnan(wilson_interval(0, 0)[0])

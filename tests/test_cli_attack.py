@@ -1,0 +1,63 @@
+"""``prepdefense attack`` (issue 4, item 8): tiny runs on the built-in photos with the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prepdefense.cli.main import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny runs are faster so, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(capsys, *argv):
+    rc = main(["attack", "--data", "builtin", "--device", "cpu", "--json", *argv])
+    out = capsys.readouterr().out
+    assert rc == 0
+    return json.loads(out)
+
+
+def test_pgd_undefended_json(model, capsys):
+    r = _run(capsys, "--defense", "none", "--attack", "pgd", "--n", "2", "--steps", "2",
+             "--norm", "linf", "--eps", "0.0314", "--untargeted")
+    for key in ("accuracy", "asr", "n", "history", "model", "defense", "attack", "seed", "device", "versions", "clean_accuracy"):
+        assert key in r, key
+    assert r["n"] == 2 and r["clean_accuracy"] == 1.0 and r["targeted"] is False
+    assert len(r["history"]) == 2 and {"round", "accuracy", "asr"} <= set(r["history"][0])
+    assert r["linf_max"] <= 0.0314 + 1e-6
+    assert r["accuracy"] + r["asr"] == pytest.approx(1.0)  # untargeted, deterministic model
+
+
+def test_bpda_protocol_json(model, capsys):
+    r = _run(capsys, "--defense", "bdr", "--attack", "bpda", "--n", "1", "--steps", "2")
+    assert r["targeted"] is True and r["attack"] == "bpda" and r["defense"] == "bdr"
+    assert [h["round"] for h in r["history"]] == [1, 2]
+    assert r["l2_rms_max"] < 0.05
+    assert "stop_round" in r["info"]
+
+
+def test_adaptive_json_has_intervals_and_diagnostics(model, capsys):
+    r = _run(capsys, "--defense", "none", "--attack", "adaptive", "--n", "1", "--steps", "1", "--eot", "1",
+             "--draws", "2", "--diag-n", "1", "--untargeted", "--norm", "linf")
+    assert 0 <= r["accuracy_worst"] <= r["accuracy"] <= 1
+    lo, hi = r["accuracy_worst_ci95"]
+    assert lo <= r["accuracy_worst"] <= hi
+    d = r["diagnostics"]
+    assert {"steps", "undefended", "unbounded", "gradients", "warnings"} <= set(d)
+
+
+def test_usage_errors(capsys):
+    assert main(["attack", "--defense", "none", "--attack", "no-such-attack", "--n", "1"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["attack", "--help"])
+    assert "NORMALISED" in capsys.readouterr().out
