@@ -1,0 +1,291 @@
+"""``prepdefense reproduce`` (issue 5): report structure, resumption after SIGKILL, same seed ->
+same records, a missing piece -> a recorded "not available" rather than a crash.
+
+A tiny deterministic classifier (48x48 inputs, 1000 logits) stands in for EfficientNet so the
+tests run in seconds; labels of a generated image folder are set to its predictions so the
+protocol sample (images classified correctly) exists. The subprocess tests register the tiny
+model and a slow fake attack inside the child process only (never in the pytest process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prepdefense.experiments import units as U
+from prepdefense.experiments.report import SECTION_HEADINGS
+from prepdefense.experiments.reproduce import ReproduceConfig, reproduce
+from prepdefense.experiments.store import ConfigMismatchError, ResultStore
+
+TINY_MODEL_SRC = textwrap.dedent(
+    '''
+    import torch
+    from torch import nn
+
+    class TinyClassifier(nn.Module):
+        """48x48 [0,1] NCHW -> 1000 logits; weights from a fixed seed (deterministic)."""
+
+        input_size = 48
+
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(1234)
+            self.conv = nn.Conv2d(3, 8, 3, stride=2)
+            self.fc = nn.Linear(8 * 16, 1000)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+        def forward(self, x):
+            z = torch.relu(self.conv(x * 2 - 1))
+            z = nn.functional.adaptive_avg_pool2d(z, 4).flatten(1)
+            return self.fc(z)
+    '''
+)
+
+_ns: dict = {}
+exec(TINY_MODEL_SRC, _ns)  # noqa: S102 - the same source runs in the child processes
+TinyClassifier = _ns["TinyClassifier"]
+
+CHILD_SRC = TINY_MODEL_SRC + textwrap.dedent(
+    '''
+    import sys, time
+    from prepdefense import attacks, models
+    from prepdefense.attacks.base import AttackResult
+    from prepdefense.experiments import units as U
+
+    models.register("h7-tiny")(lambda weights=None: TinyClassifier())
+
+    class SlowStep:
+        """One signed gradient step toward the target, after a pause (so a run can be killed mid-way)."""
+
+        def __init__(self, *, eps=0.03, sleep=0.0):
+            self.eps, self.sleep = eps, sleep
+
+        def __call__(self, model, x, *, labels, targets=None, generator=None):
+            time.sleep(self.sleep)
+            x = x.detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(x), targets, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+            adv = (x - self.eps * g.sign()).clamp(0, 1).detach()
+            with torch.no_grad():
+                success = model(adv).argmax(1) == targets
+            return AttackResult(adversarial=adv, success=success)
+
+    attacks.register("h7-slow-step")(lambda **kw: SlowStep(**kw))
+    U.PRESETS["h7test"] = U.PRESETS["smoke"].with_overrides(
+        name="h7test", n_images=4, shard_size=1, eval_draws=2,
+        table2_attacks=(U.AttackSpec("Slow step", "h7-slow-step", (("eps", 0.03), ("sleep", float(sys.argv[1])))),),
+    )
+    from prepdefense.cli.main import main
+
+    sys.exit(main(sys.argv[2:]))
+    '''
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Six 64x64 images with labels.csv; labels = the tiny model's predictions on them."""
+    from prepdefense.data import load_dataset
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(6):
+        arr = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        arr[: 16 * (i % 4 + 1)] //= 2  # some structure, differing per image
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        names.append(f"img{i}.png")
+    (folder / "labels.csv").write_text("file,label\n" + "".join(f"{n},0\n" for n in names))
+    ds = load_dataset(str(folder), size=TinyClassifier.input_size)
+    model = TinyClassifier().eval()
+    with torch.no_grad():
+        preds = [int(model(ds[i][0][None]).argmax(1)) for i in range(len(ds))]
+    (folder / "labels.csv").write_text("file,label\n" + "".join(f"{n},{p}\n" for n, p in zip(names, preds)))
+    return folder
+
+
+def _run(tmp_out: Path, data: Path, **kw) -> "object":
+    cfg = ReproduceConfig(out=tmp_out, data=str(data), preset=kw.pop("preset", "smoke"), device="cpu", quiet=True, **kw)
+    return reproduce(cfg, classifier=TinyClassifier(), stream=open(os.devnull, "w"))
+
+
+SMALL = {
+    "table2_attacks": tuple(a for a in U.PRESETS["smoke"].table2_attacks if a.name in ("fgsm", "pgd")),
+    "fig4_bpda_defenses": ("fd",),
+    "fig4_eot_defenses": (U.OUR_DEFENSE,),
+    "strong_defenses": ("jpeg",),
+    "strong_norms": ("linf",),
+    "diagnostics_defenses": (),
+}
+
+
+def test_report_has_every_section(tmp_path, image_folder):
+    out = tmp_path / "out"
+    res = _run(out, image_folder, only=["table1", "table2", "fig4"], overrides=SMALL)
+    text = (out / "report.md").read_text()
+    for heading in SECTION_HEADINGS:
+        assert heading in text, heading
+    assert "SMOKE RUN" in text  # shrunk-run banner
+    assert "differ from the paper's" in text
+    assert "not selected" in text  # sections left out with --only say so
+    assert res.planned == res.ran + res.already_done
+    # One record per (unit, image) in the merged views; CSVs and Fig. 4 PNGs written.
+    t2 = [json.loads(l) for l in (out / "results" / "table2.jsonl").read_text().splitlines()]
+    assert len(t2) == len(SMALL["table2_attacks"]) * 2 and len({(r["unit"], r["image_id"]) for r in t2}) == len(t2)
+    assert all({"experiment", "unit", "defense", "attack", "shard", "image_id", "l2", "linf"} <= set(r) for r in t2)
+    for name in ("table1.csv", "table2.csv", "fig4.csv", "strong.csv"):
+        assert (out / "tables" / name).is_file(), name
+    ok_fig4 = [u for u in ResultStore(out).units("fig4") if u["status"] == "ok"]
+    if ok_fig4:  # the protocol attack and the defenses are present
+        assert list((out / "figures").glob("fig4a_*.png"))
+    cfg = json.loads((out / "run.json").read_text())
+    assert cfg["identity"]["seed"] == 0 and cfg["identity"]["preset"] == "smoke"
+    assert cfg["metadata"]["versions"]["torch"] and cfg["metadata"]["git_revision"]
+
+
+def test_missing_piece_is_reported_not_fatal(tmp_path, image_folder):
+    out = tmp_path / "out"
+    ov = {**SMALL, "fig4_bpda_defenses": ("no-such-defense",), "fig4_eot_defenses": ()}
+    res = _run(out, image_folder, only=["fig4"], overrides=ov)
+    assert res.failed == 1
+    (unit,) = ResultStore(out).units("fig4")
+    assert unit["status"] == "error" and "no-such-defense" in unit["error"]
+    assert "not available: KeyError" in (out / "report.md").read_text()
+    # An errored unit is retried by the next run (the piece may exist by then).
+    res2 = _run(out, image_folder, only=["fig4"], overrides=ov)
+    assert res2.ran == 1 and res2.already_done == 0
+
+
+def test_same_seed_same_records(tmp_path, image_folder):
+    def records(out):
+        st = ResultStore(out)
+        return {e: st.records(e) for e in st.experiments()}
+
+    ov = {**SMALL, "fig4_bpda_defenses": (), "fig4_eot_defenses": (U.OUR_DEFENSE,)}
+    _run(tmp_path / "a", image_folder, only=["table2", "table3", "fig4"], overrides=ov)
+    _run(tmp_path / "b", image_folder, only=["table2", "table3", "fig4"], overrides=ov)
+    ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
+    assert ra.keys() == rb.keys() and ra["table2"] and ra["table3"]
+    assert ra == rb
+    _run(tmp_path / "c", image_folder, only=["table2", "table3", "fig4"], overrides=ov, seed=7)
+    rc = records(tmp_path / "c")
+    assert rc["table3"] != ra["table3"] or rc["table2"] != ra["table2"]  # another seed, other targets/draws
+
+
+def test_config_mismatch_refused_then_fresh(tmp_path, image_folder):
+    out = tmp_path / "out"
+    _run(out, image_folder, only=["table2"], overrides=SMALL)
+    with pytest.raises(ConfigMismatchError, match="--fresh"):
+        _run(out, image_folder, only=["table2"], overrides=SMALL, seed=3)
+    res = _run(out, image_folder, only=["table2"], overrides=SMALL, seed=3, fresh=True)
+    assert res.already_done == 0 and res.ran == res.planned
+
+
+def _child(tmp_path: Path, sleep: float, *args: str, **popen) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_SRC)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(script), str(sleep), *args], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_resume_after_sigkill(tmp_path, image_folder):
+    out = tmp_path / "out"
+    args = ["reproduce", "--data", str(image_folder), "--out", str(out), "--preset", "h7test", "--model", "h7-tiny",
+            "--device", "cpu", "--quiet", "--only", "table2,table3"]
+    proc = _child(tmp_path, 0.4, *args)
+    deadline = time.time() + 90
+    units_dir = out / "units"
+    while time.time() < deadline and proc.poll() is None:
+        if units_dir.is_dir() and any(p for p in units_dir.rglob("*.json") if not p.name.startswith(".")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    st = ResultStore(out)
+    done_before = {u["unit_id"] for u in st.units() if u["status"] == "ok"}
+    assert done_before, "at least one unit should have finished before the kill"
+    mtimes = {p: p.stat().st_mtime_ns for p in units_dir.rglob("*.json")}
+
+    proc = _child(tmp_path, 0.4, *args)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log
+    assert "resuming" in log
+    for p, m in mtimes.items():
+        assert p.stat().st_mtime_ns == m, f"{p.name} was recomputed"
+
+    # Every record exactly once: 4 shards x (1 attack) for Table 2, 4 x (clean + attack) for Table 3.
+    expected = {"table2": 4, "table3": 8}
+    for exp, n_units in expected.items():
+        units = st.units(exp)
+        assert len(units) == n_units and all(u["status"] == "ok" for u in units), [u.get("error") for u in units]
+        lines = (out / "results" / f"{exp}.jsonl").read_text().splitlines()
+        keys = [(json.loads(l)["unit"], json.loads(l)["image_id"]) for l in lines]
+        assert len(keys) == n_units and len(set(keys)) == len(keys)
+    assert not list(out.rglob(".*.tmp-*"))
+
+    # A third run has nothing left to do.
+    proc = _child(tmp_path, 0.4, *args)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "0 to run" in log, log
+    # Another seed is refused with a clear message (exit 2, no traceback).
+    proc = _child(tmp_path, 0.0, *args, "--seed", "5")
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--fresh" in log and "Traceback" not in log, log
+
+
+def test_plan_and_presets():
+    for name, preset in U.PRESETS.items():
+        plan = U.plan(preset)
+        ids = [u.id for u in plan]
+        assert len(ids) == len(set(ids)), name
+        assert {u.experiment for u in plan} >= {"table1", "table2", "table3", "table4", "fig4", "table6", "learned", "strong"}
+    paper = U.PRESETS["paper"]
+    assert (paper.n_images, paper.bpda_rounds, paper.eot, paper.adaptive_steps, paper.adaptive_eot, paper.adaptive_draws) == (100, 50, 30, 200, 30, 10)
+    assert paper.attack_spec("PGD-1000").kwargs["steps"] == 1000
+    assert paper.attack_spec("C&W").kwargs == {"binary_search_steps": 5, "steps": 1000, "lr": 0.1}
+    assert U.PRESETS["quick"].shrunk  # the report must say what was shrunk
+    assert U.parse_only("table5") == ("table5",)
+    assert {u.experiment for u in U.plan(paper, U.parse_only("table5"))} == {"strong"}
+    with pytest.raises(ValueError):
+        U.parse_only("tabel1")
+    # Unit seeds depend on the run seed and the unit id only.
+    assert U.unit_seed(0, "a") == U.unit_seed(0, "a") != U.unit_seed(1, "a") != U.unit_seed(0, "b")
+
+
+def test_demo_pipeline_on_given_images(tmp_path):
+    from prepdefense.experiments.reproduce import run_demo_pipeline
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 48, 48, generator=g)
+    model = TinyClassifier().eval()
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    res = run_demo_pipeline(
+        tmp_path / "demo", x=x, labels=labels, ids=["a", "b"], classifier=model, device="cpu",
+        experiments=("fig4",), overrides={"fig4_bpda_defenses": (), "fig4_eot_defenses": ("none",), "bpda_rounds": 2, "bpda_max_rounds": 2},
+        stream=open(os.devnull, "w"),
+    )
+    assert res.planned == 1 and res.failed == 0
+    recs = ResultStore(tmp_path / "demo").records("fig4")
+    assert sorted(r["image_id"] for r in recs) == ["a", "b"]
+    assert "given images" in json.loads((tmp_path / "demo" / "run.json").read_text())["identity"]["data"]
+    assert (tmp_path / "demo" / "report.md").is_file()
