@@ -1,4 +1,5 @@
-"""``prepdefense demo`` (issue 2, item 7; issue 3, item 7): report and images in the output folder."""
+"""``prepdefense demo`` (issue 2 item 7, issue 3 item 7, issue 5 item 6): report, images and the
+short BPDA+EOT section in the output folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from prepdefense.data.builtin import BUILTIN_IMAGES
 def test_demo_writes_report_and_images(tmp_path, capsys):
     name = "dct-distort" if "dct-distort" in defenses.names() else "none"
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--device", "cpu", "--json"])
+    # A 2-round, 2-draw attack keeps the test short; `make demo` runs the default 20 x 8.
+    code = main(["demo", "--out", str(out), "--device", "cpu", "--json", "--rounds", "2", "--eot", "2"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["defense"] == name
@@ -33,6 +35,23 @@ def test_demo_writes_report_and_images(tmp_path, capsys):
         b = Image.open(out / "images" / f"chelsea_{name}_draw2.png").tobytes()
         assert a != b  # two independent draws
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+    # The attack section: per-round history for both models, a verdict on fresh draws, strips.
+    attack = summary["attack"]
+    assert set(attack) == {"bare", name}
+    for verdict in attack.values():
+        assert len(verdict["history"]) == 2
+        assert 0.0 <= verdict["asr_expected"] <= verdict["asr_worst"] <= 1.0
+    assert "## Attack: BPDA+EOT" in report and (out / "attack_rounds.png").is_file()
+    for image_name, _ in BUILTIN_IMAGES:
+        strip = Image.open(out / f"{image_name}_attack.png")
+        assert strip.size[0] > 4 * 224  # clean | defended | adversarial | defended adversarial
+
+
+def test_demo_without_attack(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu", "--defense", "bdr", "--rounds", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "attack" not in summary
+    assert "## Attack" not in (tmp_path / "README.md").read_text()
 
 
 def test_demo_unknown_defense_is_a_one_line_error(tmp_path, capsys):

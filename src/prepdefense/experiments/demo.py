@@ -221,16 +221,33 @@ def run_demo(
     defense_name: Optional[str] = None,
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
-) -> Tuple[Path, List[DemoImage]]:
-    """Classify the built-in images bare and defended, save the images and the report."""
+    attack_rounds: int = 20,
+    attack_eot: int = 8,
+) -> Tuple[Path, List[DemoImage], Optional[Dict]]:
+    """Classify the built-in images bare and defended, attack them with a short BPDA+EOT run
+    (``attack_rounds=0`` skips it), save the images and the report."""
+    from .demo_attack import attack_builtin, attack_section
+
     name = (defense_name or default_defense_name()).strip().lower()
     defense = defenses.create(name).to(device)
     items = classify_builtin(model, defense, seed=seed, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_demo_images(items, out, name)
+    sections: List[str] = []
+    attack_results = None
+    if attack_rounds > 0 and items:
+        x = torch.stack([it.clean for it in items]).to(device)
+        labels = torch.tensor([it.label for it in items])
+        attack_results = attack_builtin(
+            model, defense, name, x, labels, rounds=attack_rounds, eot=attack_eot, seed=seed, device=device
+        )
+        sections.append(
+            attack_section(attack_results, defense, name, x, [it.id for it in items], out,
+                           rounds=attack_rounds, eot=attack_eot, seed=seed)
+        )
     report = write_demo_report(
         items, out, model_name=model_name, defense_name=name, defense_repr=" ".join(repr(defense).split()),
-        seed=seed, device=str(device),
+        seed=seed, device=str(device), extra_sections=sections,
     )
-    return report, items
+    return report, items, attack_results
