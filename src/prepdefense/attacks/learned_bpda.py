@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import seeding
+from ..atomic_io import atomic_write_with
 from ..metrics import l2_rms, ssim
 
 __all__ = [
@@ -252,21 +252,6 @@ def evaluate_approximator(
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_approximator(path: Union[str, os.PathLike], net: DenseAutoEncoder, metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Save the net's weights, architecture and ``metadata`` (JSON-serialisable: the defense,
     training images, steps, seed, figures...) atomically to ``path``, plus a human-readable
@@ -279,9 +264,9 @@ def save_approximator(path: Union[str, os.PathLike], net: DenseAutoEncoder, meta
         "metadata": meta_json,
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
     }
-    _atomic_write(path, lambda fh: torch.save(payload, fh))
+    atomic_write_with(path, lambda fh: torch.save(payload, fh))
     sidecar = json.dumps({"format": _FORMAT, "config": net.config(), "metadata": metadata or {}}, indent=2, sort_keys=True)
-    _atomic_write(path.with_name(path.name + ".json"), lambda fh: fh.write((sidecar + "\n").encode()))
+    atomic_write_with(path.with_name(path.name + ".json"), lambda fh: fh.write((sidecar + "\n").encode()))
     return path
 
 

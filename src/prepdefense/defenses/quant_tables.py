@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import PrepDefenseError
+from ..atomic_io import atomic_write_text
 from .block_dct import BLOCK, block_dct2d, pad_to_blocks, to_blocks
 
 __all__ = [
@@ -146,17 +146,7 @@ def save_table(path: Union[str, os.PathLike], table: Any, metadata: Optional[Dic
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"table": t.tolist(), "metadata": dict(metadata or {})}
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..attacks.adaptive import wilson_interval
 from . import paper_numbers as P
 from .store import ResultStore, atomic_write_text
 from .units import EXPERIMENT_TITLES, OUR_DEFENSE
@@ -47,17 +48,6 @@ BROKEN_BELOW = 0.10  # expected robust accuracy at or under which we call a defe
 # ---------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion k/n."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def bootstrap_mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
     """95% percentile-bootstrap interval of the mean of ``values`` (seeded, so reports repeat)."""
     import numpy as np

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from ..errors import PrepDefenseError
+from ..atomic_io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 __all__ = [
     "ResultStore",
@@ -65,45 +66,18 @@ class StoreLockedError(PrepDefenseError):
     """Another ``reproduce`` process is writing into the same output folder."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The temporary file lives in the destination folder (``os.replace`` is atomic only within
-    one file system) and has a hidden name that no reader takes for a result.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+# Atomic writes live in one place for the whole package; re-exported here for the experiments.
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The records of a JSONL file (none if it is absent); torn or garbled lines are skipped."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -294,16 +268,7 @@ class ResultStore:
         atomic_write_text(path, old + json.dumps(to_jsonable(session), sort_keys=True) + "\n")
 
     def sessions(self) -> List[Dict[str, Any]]:
-        path = self.root / "sessions.jsonl"
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return read_jsonl(self.root / "sessions.jsonl")
 
     # ------------------------------------------------------------------ units
     def unit_path(self, experiment: str, unit_id: str) -> Path:
@@ -418,16 +383,7 @@ class ResultStore:
 
     def read_view(self, experiment: str) -> List[Dict[str, Any]]:
         """Records of ``results/<experiment>.jsonl`` (torn or repeated lines are skipped)."""
-        path = self.results_dir / f"{experiment}.jsonl"
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return dedupe_records(out)
+        return dedupe_records(read_jsonl(self.results_dir / f"{experiment}.jsonl"))
 
     # ------------------------------------------------------------------ tensors
     def cache_path(self, name: str) -> Path:
