@@ -28,3 +28,13 @@ def model():
         return models.create("efficientnet-lite0")
     except Exception as e:  # weights package missing in an odd environment
         pytest.skip(f"efficientnet-lite0 unavailable: {e}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test, restored afterwards. Tiny models and per-image
+    CPU work run faster so: two threads on two cores shared with other work oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,14 +21,8 @@ from prepdefense.defenses.base import Defense
 from prepdefense.metrics import l2_rms, ssim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training small convs with 2 threads on a shared, loaded 2-core machine is ~10x slower than
-    with 1 (thread oversubscription); these tests use 1 and restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one torch thread avoids oversubscription (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Blur(Defense):

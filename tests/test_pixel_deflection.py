@@ -21,13 +21,8 @@ from prepdefense.defenses.pixel_deflection import (
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On the shared, loaded 2-core machine 2 torch threads oversubscribe (~10x slower); use 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one torch thread avoids oversubscription (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photos(n: int, size: int) -> torch.Tensor:

@@ -14,13 +14,8 @@ from prepdefense.defenses.base import Defense
 from prepdefense.metrics import l2_rms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models run faster so, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread avoids oversubscription (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Quantize(Defense):
