@@ -211,3 +211,27 @@ def test_dct_distort_matches_numpy_and_paper_style_references(reference_impls, s
     np.testing.assert_allclose(ref.numpy_dct_quantize(x.numpy(), table.numpy()), dct_quantize(x, table).numpy(), atol=1e-9)
     np.testing.assert_allclose(ref.numpy_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
     np.testing.assert_allclose(ref.paper_style_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
+
+
+def test_single_thread_small_steps_equal_one_step():
+    """With one CPU thread Step 1 runs a few images per step (cache-friendly); with more it runs
+    the batch at once. Both must give the same float32 output, bit for bit."""
+    from prepdefense import defenses
+    from prepdefense.defenses import dct_quant
+    from prepdefense.seeding import make_generator
+
+    x = torch.rand(5, 3, 299, 299, generator=make_generator(3))
+    defense = defenses.create("dct-distort")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert dct_quant.images_per_step(x) < x.shape[0]  # the small-step path is taken
+        one = defense(x, generator=make_generator(7))
+        q_one = dct_quant.dct_quantize(x, dct_quant.resolve_table("fd")[0])
+        torch.set_num_threads(2)
+        assert dct_quant.images_per_step(x) == x.shape[0]
+        two = defense(x, generator=make_generator(7))
+        q_two = dct_quant.dct_quantize(x, dct_quant.resolve_table("fd")[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and torch.equal(q_one, q_two)
