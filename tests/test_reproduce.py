@@ -261,7 +261,9 @@ def test_plan_and_presets():
     paper = U.PRESETS["paper"]
     assert (paper.n_images, paper.bpda_rounds, paper.eot, paper.adaptive_steps, paper.adaptive_eot, paper.adaptive_draws) == (100, 50, 30, 200, 30, 10)
     assert paper.attack_spec("PGD-1000").kwargs["steps"] == 1000
-    assert paper.attack_spec("C&W").kwargs == {"binary_search_steps": 5, "steps": 1000, "lr": 0.1}
+    assert paper.attack_spec("C&W").kwargs == {"binary_search_steps": 5, "steps": 1000, "lr": 0.1, "initial_const": 0.01}
+    # Shortened presets start the binary search higher (0.01 cannot climb in 2 x 25 iterations).
+    assert U.PRESETS["quick"].attack_spec("C&W").kwargs["initial_const"] == 10.0
     assert U.PRESETS["quick"].shrunk  # the report must say what was shrunk
     assert U.parse_only("table5") == ("table5",)
     assert {u.experiment for u in U.plan(paper, U.parse_only("table5"))} == {"strong"}
