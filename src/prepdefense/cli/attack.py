@@ -162,7 +162,7 @@ def _versions() -> Dict[str, str]:
 
 
 def run(args) -> int:
-    from .predict import build_defended, build_model
+    from .common import build_defended, build_model
 
     for flag, v in (("--n", args.n), ("--batch-size", args.batch_size), ("--draws", args.draws), ("--diag-n", args.diag_n)):
         if v is not None and v < 1:

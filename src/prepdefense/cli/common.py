@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any, Iterable, Optional
+import warnings
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
+from torch import nn
+
+from .. import data, defenses, models
+from ..defenses import Defended
+from ..seeding import make_generator
 
 
 from ..errors import PrepDefenseError
@@ -60,3 +67,48 @@ def add_common_data_args(p, *, default_limit: Optional[int] = None) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress bar")
+
+
+@contextlib.contextmanager
+def one_line_skip_warnings() -> Iterator[None]:
+    """Show every skipped-file warning as one ``prepdefense: warning: ...`` line on stderr."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, data.SkippedFileWarning):
+            print(f"prepdefense: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", data.SkippedFileWarning)
+        warnings.showwarning = show
+        yield
+
+
+def build_model(name: str, weights: Optional[str], device: torch.device) -> nn.Module:
+    """``models.create`` with unknown names turned into a one-line usage error."""
+    kwargs = {"weights": weights} if weights else {}
+    try:
+        model = models.create(name, **kwargs)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown model {name!r}") from None
+    except TypeError as e:
+        if "weights" not in str(e):
+            raise
+        raise UsageError(f"model {name!r} takes no --weights") from None
+    return model.to(device).eval()
+
+
+def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
+    """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
+    name = (defense_name or "none").strip().lower()
+    if name == "none":
+        return model
+    try:
+        defense = defenses.create(name)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
+    except ValueError as e:
+        raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
+    return Defended(defense, model, generator=make_generator(seed)).to(device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .. import defenses
 from ..experiments.demo import default_defense_name, run_demo
 from .common import UsageError, print_json, resolve_device
-from .predict import build_model, one_line_skip_warnings
+from .common import build_model, one_line_skip_warnings
 
 
 def add_parser(subparsers) -> None:

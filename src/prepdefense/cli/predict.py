@@ -8,20 +8,25 @@ Prints the top-1 accuracy with the number of images scored and of files skipped;
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
-from .. import data, defenses, models
-from ..defenses import Defended
+from .. import data
 from ..errors import DataError
-from ..seeding import make_generator
-from .common import UsageError, add_common_data_args, print_json, progress, resolve_device
+from .common import (
+    UsageError,
+    add_common_data_args,
+    build_defended,
+    build_model,
+    one_line_skip_warnings,
+    print_json,
+    progress,
+    resolve_device,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -38,51 +43,6 @@ def add_parser(subparsers) -> None:
     add_common_data_args(p)
     p.add_argument("--defense", default="none", help="preprocessing defense in front of the model, e.g. dct-distort or fd+rand (default: none)")
     p.set_defaults(func=run)
-
-
-@contextlib.contextmanager
-def one_line_skip_warnings() -> Iterator[None]:
-    """Show every skipped-file warning as one ``prepdefense: warning: ...`` line on stderr."""
-    original = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, data.SkippedFileWarning):
-            print(f"prepdefense: warning: {message}", file=sys.stderr)
-        else:
-            original(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", data.SkippedFileWarning)
-        warnings.showwarning = show
-        yield
-
-
-def build_model(name: str, weights: Optional[str], device: torch.device) -> nn.Module:
-    """``models.create`` with unknown names turned into a one-line usage error."""
-    kwargs = {"weights": weights} if weights else {}
-    try:
-        model = models.create(name, **kwargs)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown model {name!r}") from None
-    except TypeError as e:
-        if "weights" not in str(e):
-            raise
-        raise UsageError(f"model {name!r} takes no --weights") from None
-    return model.to(device).eval()
-
-
-def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
-    """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
-    name = (defense_name or "none").strip().lower()
-    if name == "none":
-        return model
-    try:
-        defense = defenses.create(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
-    except ValueError as e:
-        raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
-    return Defended(defense, model, generator=make_generator(seed)).to(device)
 
 
 def score(model: nn.Module, dataset: data.ImageDataset, *, batch_size: int, device: torch.device, show_progress: bool) -> Tuple[int, int]:

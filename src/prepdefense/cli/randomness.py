@@ -17,7 +17,7 @@ from .. import data, defenses
 from ..seeding import make_generator
 from ..experiments.randomness import measure_randomness
 from .common import UsageError, add_common_data_args, print_json, progress, resolve_device
-from .predict import build_model, one_line_skip_warnings
+from .common import build_model, one_line_skip_warnings
 
 #: The paper's Table 1 (1000 ImageNet images, Inception V3), printed beside ours for reference.
 PAPER_TABLE1 = {
