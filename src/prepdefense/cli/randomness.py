@@ -15,20 +15,17 @@ from typing import Any, Dict, List
 
 from .. import data, defenses
 from ..seeding import make_generator
+from ..experiments.paper_numbers import TABLE1 as PAPER_TABLE1
 from ..experiments.randomness import measure_randomness
-from .common import UsageError, add_common_data_args, print_json, progress, resolve_device
-from .common import build_model, one_line_skip_warnings
-
-#: The paper's Table 1 (1000 ImageNet images, Inception V3), printed beside ours for reference.
-PAPER_TABLE1 = {
-    "dct-distort": (0.22, 0.30, 0.95),
-    "rand": (0.21, 0.31, 0.96),
-    "fd": (0.0, 1.0, 0.97),
-    "shield": (0.03, 0.88, 0.94),
-    "tv": (0.02, 0.97, 0.95),
-    "bdr": (0.0, 1.0, 0.92),
-    "pd": (0.02, 0.98, 0.97),
-}
+from .common import (
+    UsageError,
+    add_common_data_args,
+    build_model,
+    one_line_skip_warnings,
+    print_json,
+    progress,
+    resolve_device,
+)
 
 
 def add_parser(subparsers) -> None:
