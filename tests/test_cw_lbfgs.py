@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from prepdefense import attacks
 from prepdefense.attacks.carlini_wagner import CarliniWagnerL2
 from prepdefense.attacks.lbfgs import LBFGS, lbfgs_adversarial_loss
 
-C, H, W = 3, 4, 4
-D = C * H * W
-
-
-class Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.weight.t() + self.bias
+from toy_models import C, D, H, W, Linear  # noqa: E402  (tests/ is on sys.path)
 
 
 def setup(n: int = 6, k: int = 4, seed: int = 0):

@@ -9,18 +9,7 @@ from torch import nn
 from prepdefense import attacks
 from prepdefense.attacks.deepfool import DeepFool
 
-C, H, W = 3, 4, 4
-D = C * H * W
-
-
-class Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.weight.t() + self.bias
+from toy_models import C, D, H, W, Linear  # noqa: E402  (tests/ is on sys.path)
 
 
 def test_registered():

@@ -12,20 +12,7 @@ from prepdefense import attacks, seeding
 from prepdefense.attacks.gradient import BIM, FGSM, MIFGSM, PGD
 from prepdefense.attacks.losses import cross_entropy_loss, margin_loss, objective
 
-C, H, W = 3, 4, 4
-D = C * H * W
-
-
-class Linear(nn.Module):
-    """logits = W x + b on the flattened image (float64 for exact comparisons)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.weight.t() + self.bias
+from toy_models import C, D, H, W, Linear  # noqa: E402  (tests/ is on sys.path)
 
 
 def linear_model(k: int = 5, seed: int = 0) -> Linear:
