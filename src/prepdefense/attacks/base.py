@@ -13,11 +13,11 @@ Losses are per sample (``reduction='none'``) and summed, so batch size never cha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["AttackResult"]
+__all__ = ["Attack", "AttackResult"]
 
 
 @dataclass
@@ -37,3 +37,19 @@ class AttackResult:
     success: torch.Tensor
     history: List[Dict[str, Any]] = field(default_factory=list)
     info: Dict[str, Any] = field(default_factory=dict)
+
+
+class Attack:
+    """Base of the attack classes: each names its hyperparameters in ``HYPERPARAMETERS`` (the
+    attributes its constructor sets), which :meth:`hyperparameters` records beside results and
+    ``repr`` shows."""
+
+    HYPERPARAMETERS: Tuple[str, ...] = ()
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        """Every setting, as recorded beside results."""
+        return {k: getattr(self, k) for k in self.HYPERPARAMETERS}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"

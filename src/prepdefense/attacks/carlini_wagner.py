@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import register
-from .base import AttackResult
+from .base import Attack, AttackResult
 from .gradient import check_attack_inputs
 from .losses import is_successful, margin_loss
 
@@ -44,7 +44,7 @@ _TANH_SCALE = 1 - 1e-6  # keeps atanh finite at pixels equal to 0 or 1
 _NO_UPPER = 1e10
 
 
-class CarliniWagnerL2:
+class CarliniWagnerL2(Attack):
     """C&W L2 with per-image binary search over ``c``.
 
     Args (keyword only):
@@ -61,6 +61,8 @@ class CarliniWagnerL2:
     success (N,); ``info['l2']`` Euclidean and ``info['l2_rms']`` normalised L2 per image
     (inf where failed), ``info['const']`` the c at which each best adversarial was found.
     """
+
+    HYPERPARAMETERS = ("binary_search_steps", "steps", "lr", "initial_const", "kappa", "abort_early")
 
     name = "cw"
     supports_targeted = True
@@ -89,13 +91,6 @@ class CarliniWagnerL2:
         self.kappa = float(kappa)
         self.abort_early = bool(abort_early)
         self.record_history = bool(record_history)
-
-    def hyperparameters(self) -> Dict[str, Any]:
-        keys = ("binary_search_steps", "steps", "lr", "initial_const", "kappa", "abort_early")
-        return {k: getattr(self, k) for k in keys}
-
-    def __repr__(self) -> str:
-        return f"CarliniWagnerL2({', '.join(f'{k}={v!r}' for k, v in self.hyperparameters().items())})"
 
     def __call__(
         self,

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from . import register
-from .base import AttackResult
+from .base import Attack, AttackResult
 from .gradient import check_attack_inputs
 
 __all__ = ["DeepFool"]
 
 
-class DeepFool:
+class DeepFool(Attack):
     """Batched untargeted L2 DeepFool.
 
     Args (keyword only):
@@ -50,6 +50,8 @@ class DeepFool:
     Shape: x (N, C, H, W) in [0, 1]; labels (N,) -> adversarial (N, C, H, W), success (N,);
     ``info['iterations']`` per image, ``info['l2']`` / ``info['l2_rms']`` per image.
     """
+
+    HYPERPARAMETERS = ("steps", "overshoot", "candidates")
 
     name = "deepfool"
     supports_targeted = False
@@ -63,12 +65,6 @@ class DeepFool:
         self.overshoot = float(overshoot)
         self.candidates = int(candidates)
         self.record_history = bool(record_history)
-
-    def hyperparameters(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("steps", "overshoot", "candidates")}
-
-    def __repr__(self) -> str:
-        return f"DeepFool({', '.join(f'{k}={v!r}' for k, v in self.hyperparameters().items())})"
 
     def __call__(
         self,

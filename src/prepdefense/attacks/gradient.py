@@ -48,7 +48,7 @@ from torch import nn
 from .. import seeding
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from . import register
-from .base import AttackResult
+from .base import Attack, AttackResult
 from .losses import LOSSES, is_successful, objective
 
 __all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "check_attack_inputs"]
@@ -74,7 +74,7 @@ def _per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-class GradientAttack:
+class GradientAttack(Attack):
     """Base of FGSM, BIM, PGD and MI-FGSM: ``steps`` normalised gradient steps, projected.
 
     Args (keyword only):
@@ -94,6 +94,9 @@ class GradientAttack:
         keep_best: return each image's best successful iterate instead of the final one.
         record_history: record per-step accuracy and attack success rate.
     """
+
+    HYPERPARAMETERS = ("norm", "eps", "rms_eps", "steps", "step_size", "rel_stepsize", "random_start",
+                       "momentum", "loss", "kappa", "keep_best")
 
     name = "gradient"
     #: default Linf radius when ``eps`` is not given (subclasses override).
@@ -157,16 +160,6 @@ class GradientAttack:
     def with_rms_eps(cls, rms_eps: float, **kwargs: Any) -> "GradientAttack":
         """The attack in L2 with the paper's normalised radius (``norm='l2'``, ``rms_eps``)."""
         return cls(norm="l2", rms_eps=rms_eps, **kwargs)
-
-    def hyperparameters(self) -> Dict[str, Any]:
-        """Every setting, as recorded beside results."""
-        keys = ("norm", "eps", "rms_eps", "steps", "step_size", "rel_stepsize", "random_start",
-                "momentum", "loss", "kappa", "keep_best")
-        return {k: getattr(self, k) for k in keys}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({args})"
 
     def radius(self, x: torch.Tensor) -> float:
         """The ball radius in the attack's own norm (Linf, or Euclidean L2) for images like x."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
-from .base import AttackResult
+from .base import Attack, AttackResult
 from .gradient import check_attack_inputs
 from .losses import is_successful
 
@@ -56,7 +56,7 @@ def lbfgs_adversarial_loss(logits: torch.Tensor, labels: torch.Tensor, targets: 
     return torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)
 
 
-class LBFGS:
+class LBFGS(Attack):
     """Szegedy et al.'s L-BFGS attack with per-image binary search over the constant.
 
     Args (keyword only):
@@ -69,6 +69,8 @@ class LBFGS:
     success (N,); ``info['l2']`` / ``info['l2_rms']`` per image (inf where failed),
     ``info['const']`` the constant of each best adversarial.
     """
+
+    HYPERPARAMETERS = ("binary_search_steps", "max_iterations", "initial_const")
 
     name = "lbfgs"
     supports_targeted = True
@@ -91,12 +93,6 @@ class LBFGS:
         self.max_iterations = int(max_iterations)
         self.initial_const = float(initial_const)
         self.record_history = bool(record_history)
-
-    def hyperparameters(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("binary_search_steps", "max_iterations", "initial_const")}
-
-    def __repr__(self) -> str:
-        return f"LBFGS({', '.join(f'{k}={v!r}' for k, v in self.hyperparameters().items())})"
 
     def __call__(
         self,
