@@ -144,8 +144,33 @@ def check_references(threads: int) -> dict:
     return out
 
 
+def time_interleaved(calls: dict, rounds: int, warmup: int = 2) -> dict:
+    """Wall and process-CPU seconds of each call in ``calls`` (name -> function), timed in
+    ``rounds`` rounds that each run every call once, one after the other, after ``warmup``
+    untimed rounds. Interleaving exposes every implementation to the same stretches of a
+    shared machine's load, so ratios are taken per round."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    return {"wall": wall, "cpu": cpu}
+
+
+def _median(values):
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
 def time_references(batch: int, size: int, repeats: int, paper_images: int, threads: int) -> dict:
-    """dct-distort: torch vs (b) vectorised NumPy vs (a) paper style, same process, same data."""
+    """dct-distort: torch vs (b) vectorised NumPy vs (a) paper style, same process, same data,
+    interleaved (:func:`time_interleaved`); each rate is the median over rounds and each
+    ratio the median of the per-round ratios."""
     x = torch.rand(batch, 3, size, size, generator=make_generator(1))
     xn = x.numpy()
     table = defenses.create("dct-distort").quantize.table
@@ -153,25 +178,26 @@ def time_references(batch: int, size: int, repeats: int, paper_images: int, thre
     torch_defense = defenses.create("dct-distort")
     g = make_generator(0)
     rng = np.random.default_rng(0)
-    torch_s, torch_cpu = time_calls(lambda: torch_defense(x, generator=g), repeats, with_cpu_time=True)
-    numpy_s, numpy_cpu = time_calls(
-        lambda: ref.numpy_dct_distort(xn, tn, *ref.draw_params(batch, 0.15, 10, rng), workers=threads), repeats,
-        with_cpu_time=True,
-    )
     xa = xn[:paper_images]
-    paper_s, paper_cpu = time_calls(
-        lambda: ref.paper_style_dct_distort(xa, tn, *ref.draw_params(paper_images, 0.15, 10, rng)), 1, with_cpu_time=True
-    )
-    rates = {"torch": batch / torch_s, "numpy_vectorised_b": batch / numpy_s, "paper_style_a": paper_images / paper_s}
-    cpu_rates = {"torch": batch / torch_cpu, "numpy_vectorised_b": batch / numpy_cpu, "paper_style_a": paper_images / paper_cpu}
-    return {
-        "batch": batch, "paper_style_images": paper_images, "images_per_s": rates,
-        "torch_over_b": rates["torch"] / rates["numpy_vectorised_b"],
-        "torch_over_a": rates["torch"] / rates["paper_style_a"],
-        "images_per_cpu_s": cpu_rates,
-        "torch_over_b_cpu_time": cpu_rates["torch"] / cpu_rates["numpy_vectorised_b"],
-        "torch_over_a_cpu_time": cpu_rates["torch"] / cpu_rates["paper_style_a"],
+    calls = {
+        "torch": lambda: torch_defense(x, generator=g),
+        "numpy_vectorised_b": lambda: ref.numpy_dct_distort(xn, tn, *ref.draw_params(batch, 0.15, 10, rng), workers=threads),
+        "paper_style_a": lambda: ref.paper_style_dct_distort(xa, tn, *ref.draw_params(paper_images, 0.15, 10, rng)),
     }
+    rounds = 2 * max(repeats, 1) + 1
+    times = time_interleaved(calls, rounds, warmup=1 if repeats <= 1 else 2)
+    images = {"torch": batch, "numpy_vectorised_b": batch, "paper_style_a": paper_images}
+    result = {"batch": batch, "paper_style_images": paper_images, "rounds": rounds}
+    for kind, key in (("wall", "images_per_s"), ("cpu", "images_per_cpu_s")):
+        per_round = {name: [images[name] / t for t in times[kind][name]] for name in calls}
+        result[key] = {name: _median(v) for name, v in per_round.items()}
+        suffix = "" if kind == "wall" else "_cpu_time"
+        for other, label in (("numpy_vectorised_b", "b"), ("paper_style_a", "a")):
+            ratios = [t / o for t, o in zip(per_round["torch"], per_round[other])]
+            result[f"torch_over_{label}{suffix}"] = _median(ratios)
+            if kind == "wall":
+                result[f"torch_over_{label}_per_round"] = ratios
+    return result
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -237,14 +263,17 @@ def main(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s['defense']} on {s['device']}: {s['error']}")
     if references:
-        rates = references["images_per_s"]
-        print(f"\ndct-distort on CPU, same run (batch {references['batch']}; (a) timed on {references['paper_style_images']} images):")
-        cpu_rates = references["images_per_cpu_s"]
+        rates, cpu_rates = references["images_per_s"], references["images_per_cpu_s"]
+        print(f"\ndct-distort on CPU, same run, {references['rounds']} interleaved rounds, medians "
+              f"(batch {references['batch']}; (a) timed on {references['paper_style_images']} images):")
         print(f"{'implementation':<34} {'images/s':>10} {'torch / it':>11} {'images/CPU-s':>13} {'torch / it':>11}")
-        for key, label in (("torch", "torch (prepdefense)"), ("numpy_vectorised_b", "(b) vectorised NumPy/SciPy"),
-                           ("paper_style_a", "(a) per-image, paper-code style")):
-            print(f"{label:<34} {rates[key]:>10.2f} {rates['torch'] / rates[key]:>11.1f} "
-                  f"{cpu_rates[key]:>13.2f} {cpu_rates['torch'] / cpu_rates[key]:>11.1f}")
+        print(f"{'torch (prepdefense)':<34} {rates['torch']:>10.2f} {1.0:>11.1f} {cpu_rates['torch']:>13.2f} {1.0:>11.1f}")
+        for key, label, ratio in (("numpy_vectorised_b", "(b) vectorised NumPy/SciPy", "b"),
+                                  ("paper_style_a", "(a) per-image, paper-code style", "a")):
+            print(f"{label:<34} {rates[key]:>10.2f} {references[f'torch_over_{ratio}']:>11.1f} "
+                  f"{cpu_rates[key]:>13.2f} {references[f'torch_over_{ratio}_cpu_time']:>11.1f}")
+        spread = references["torch_over_b_per_round"]
+        print(f"torch / (b) per round: {', '.join(f'{r:.1f}' for r in spread)}")
     for label, c in checks.items():
         print(f"check {label} {tuple(c['shape'])}: maps equal={c['maps_equal']}, float64 max|torch-b|="
               f"{c['float64_max_abs_torch_vs_b']:.1e}, max|torch-a|={c['float64_max_abs_torch_vs_a']:.1e}, "

@@ -213,25 +213,58 @@ def test_dct_distort_matches_numpy_and_paper_style_references(reference_impls, s
     np.testing.assert_allclose(ref.paper_style_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
 
 
-def test_single_thread_small_steps_equal_one_step():
-    """With one CPU thread Step 1 runs a few images per step (cache-friendly); with more it runs
-    the batch at once. Both must give the same float32 output, bit for bit."""
+def test_cpu_steps_workers_and_batched_path_agree(monkeypatch):
+    """Step 1 (and the whole defense) computed three ways give the same float32 output, bit
+    for bit: on one thread in small steps, over two single-threaded CPU workers, and as the
+    batched path that runs off the CPU (one step, one gather)."""
+    import functools
+
     from prepdefense import defenses
-    from prepdefense.defenses import dct_quant
+    from prepdefense.defenses import block_dct, dct_distort, dct_quant
     from prepdefense.seeding import make_generator
 
     x = torch.rand(5, 3, 299, 299, generator=make_generator(3))
     defense = defenses.create("dct-distort")
+    table = dct_quant.resolve_table("fd")[0]
+
+    def run():
+        return defense(x, generator=make_generator(7)), dct_quant.dct_quantize(x, table)
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert dct_quant.images_per_step(x) < x.shape[0]  # the small-step path is taken
-        one = defense(x, generator=make_generator(7))
-        q_one = dct_quant.dct_quantize(x, dct_quant.resolve_table("fd")[0])
+        one = run()
         torch.set_num_threads(2)
-        assert dct_quant.images_per_step(x) == x.shape[0]
-        two = defense(x, generator=make_generator(7))
-        q_two = dct_quant.dct_quantize(x, dct_quant.resolve_table("fd")[0])
+        two = run()
+        assert torch.get_num_threads() == 2  # the worker pool leaves this thread's count alone
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two) and torch.equal(q_one, q_two)
+    monkeypatch.setattr(dct_quant, "images_per_step", lambda work: work.shape[0])
+    batched = functools.partial(block_dct.pixels_from_blocks, per_image=False)
+    monkeypatch.setattr(dct_quant, "pixels_from_blocks", batched)
+    monkeypatch.setattr(dct_distort, "pixels_from_blocks", batched)
+    whole = run()
+    for a, b, c in zip(one, two, whole):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 299, 299), (2, 1, 17, 40), (1, 3, 8, 8)])
+def test_pixels_from_blocks_per_image_equals_batched_and_reference(shape):
+    """Both ways of reading pixels out of the block layout (per image: row runs, then
+    columns; batched: one gather) equal indexing the padded image, for arbitrary (not only
+    monotone) row and column maps and for the crop."""
+    from prepdefense.defenses.block_dct import pad_to_blocks, pixels_from_blocks, to_blocks
+
+    g = torch.Generator().manual_seed(5)
+    n, c, h, w = shape
+    image, _ = pad_to_blocks(torch.rand(*shape, generator=g))
+    blocks = to_blocks(image).contiguous()
+    rows = torch.randint(0, h, (n, h), generator=g)
+    cols = torch.randint(0, w, (n, w), generator=g)
+    expected = torch.stack([image[i][:, rows[i]][:, :, cols[i]] for i in range(n)])
+    for per_image in (True, False):
+        out = torch.empty(shape)
+        assert torch.equal(pixels_from_blocks(blocks, rows, cols, out, per_image=per_image), expected)
+        crop = pixels_from_blocks(blocks, None, None, torch.empty(shape), per_image=per_image)
+        assert torch.equal(crop, image[..., :h, :w])

@@ -10,18 +10,19 @@ Registers ``dct-quant`` (``table='default'``: the shipped learned table, else FD
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
+from .. import cpu_workers
 from . import register
 from .base import Defense
-from .block_dct import BLOCK, dct_matrix, from_blocks
+from .block_dct import BLOCK, dct_matrix, pixels_from_blocks
 from .quant_tables import TableSpec, resolve_table
 
 __all__ = [
     "dct_quantize",
-    "dct_quantize_blocks",
+    "quantize_in_steps",
     "quantize_into",
     "block_gather_index",
     "images_per_step",
@@ -55,26 +56,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-#: On CPU, Step 1 runs a few images at a time, at most about this many float32 values
+#: On the CPU, Step 1 runs a few images per step, at most about this many float32 values
 #: (3 MB: two 299x299 RGB images) per step: the pad-and-block copy, forward GEMM, round,
-#: inverse GEMM, clip (and in ``dct-distort`` the gather) then work on data that stays in
-#: cache instead of making passes over the whole batch in memory (about 1.4x faster on an
-#: idle 2-core machine). Images are independent and, in float32, every step computes each
-#: image bit for bit as the whole batch would (MKL's float64 GEMM can differ in the last
-#: bit with the number of rows, as it does between a batch and its images). Each step is a handful of
-#: short parallel regions: with several threads on cores that other processes keep busy,
-#: waiting for descheduled threads makes small steps slow; a larger value (fewer, longer
-#: steps) is more robust there.
+#: inverse GEMM, clip and the copy out (in ``dct-distort`` the remap) then work on data that
+#: stays in one core's cache instead of streaming the whole batch through memory at every
+#: pass. With several torch threads the steps are spread over single-threaded workers
+#: (:mod:`prepdefense.cpu_workers`). Images are independent and, in float32, every step
+#: computes each image bit for bit as a whole-batch step would (tested); MKL's float64 GEMM
+#: can differ in the last bit with the number of rows, so steps start at multiples of the
+#: step size whatever the number of workers.
 CPU_STEP_ELEMENTS = 3 << 18
 
 
 def images_per_step(x: torch.Tensor) -> int:
-    """Images per step of Step 1: a few at a time on a single-threaded CPU, where keeping a
-    step in cache measured 1.5x faster; all of them with several CPU threads (small parallel
-    steps lose to thread wake-ups, badly when other processes share the cores) and off the CPU
-    (one launch per operation)."""
+    """Images per step of Step 1: a few at a time on the CPU (a step's data fits in a core's
+    cache), all of them elsewhere (one launch per operation)."""
     n, c, h, w = x.shape
-    if x.device.type != "cpu" or torch.get_num_threads() > 1:
+    if x.device.type != "cpu":
         return max(n, 1)
     padded = c * (-(-h // BLOCK) * BLOCK) * (-(-w // BLOCK) * BLOCK)
     return max(1, CPU_STEP_ELEMENTS // max(padded, 1))
@@ -114,17 +112,27 @@ def block_gather_index(h: int, w: int, device=None) -> torch.Tensor:
 
 
 def quantize_into(
-    work: torch.Tensor, blocks: torch.Tensor, forward: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor
+    work: torch.Tensor,
+    blocks: torch.Tensor,
+    forward: torch.Tensor,
+    inverse: torch.Tensor,
+    index: torch.Tensor,
+    levels: Optional[torch.Tensor] = None,
 ) -> None:
     """Step 1 of ``work`` (N, C, H, W) into ``blocks`` (N * C, Hb * Wb * 64), block layout.
 
-    Pad and block in one ``index_select`` (:func:`block_gather_index`), GEMM, round (in
-    place), GEMM (into ``blocks``), clip (in place).
+    Pad and block in one ``index_select`` (:func:`block_gather_index`), GEMM (into
+    ``levels``, a scratch buffer shaped like ``blocks``, when given), round (in place), GEMM
+    (into ``blocks``), clip (in place).
     """
     n, c, h, w = work.shape
     torch.index_select(work.reshape(n * c, h * w), 1, index, out=blocks)
     flat = blocks.view(-1, BLOCK * BLOCK)
-    levels = torch.mm(flat, forward).round_()  # round(DCT(255 x) / Q)
+    if levels is None:
+        levels = torch.mm(flat, forward)
+    else:
+        levels = torch.mm(flat, forward, out=levels.view(-1, BLOCK * BLOCK))
+    levels.round_()  # round(DCT(255 x) / Q)
     torch.mm(levels, inverse, out=flat)  # IDCT(levels * Q) / 255, into the block buffer
     flat.clamp_(0.0, 1.0)
 
@@ -139,39 +147,49 @@ def prepare(x: torch.Tensor, table: torch.Tensor, operators: Optional[Operators]
     return work, forward, inverse, block_gather_index(work.shape[-2], work.shape[-1], work.device)
 
 
-def dct_quantize_blocks(
-    x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None
-) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """Step 1 up to (not including) the final crop, in the 8x8 block layout.
+def quantize_in_steps(
+    work: torch.Tensor,
+    forward: torch.Tensor,
+    inverse: torch.Tensor,
+    index: torch.Tensor,
+    emit: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Step 1 of every image of ``work`` (N, C, H, W), handed out step by step.
 
-    Returns ``(blocks, (H, W))``: ``blocks`` is the quantized, clipped image of the
-    reflection-padded batch as ``block_dct.to_blocks`` lays it out, (N, C, H/8, W/8, 8, 8),
-    contiguous; ``block_dct.from_blocks(blocks)[..., :H, :W]`` is the output.
-
-    The 2-D DCT of every block is one GEMM with a 64x64 matrix (see
-    :func:`quantization_operators`): the same map as ``block_dct.block_dct2d`` but with
-    the 255 scale and the division by ``Q`` folded in, so the pipeline is pad and block
-    (one ``index_select``), GEMM, round (in place), GEMM (into the block buffer), clip (in
-    place) (:func:`quantize_into`), on CPU a few images at a time (:func:`images_per_step`).
-    Rounding is ``torch.round``: half to even, as ``numpy.round``. Runs under ``no_grad``:
-    rounding has zero gradient almost everywhere, so attacks need BPDA or a surrogate.
-
-    Shape:
-        x: (N, C, H, W); blocks: (N, C, ceil(H/8), ceil(W/8), 8, 8).
+    ``emit(i, blocks)`` receives images ``i .. i + m - 1`` quantized and clipped, in the
+    ``block_dct.to_blocks`` layout of the padded images, (m, C, Hb, Wb, 8, 8), in a buffer
+    that the next step reuses: it must copy out what it needs. On the CPU the steps hold
+    :func:`images_per_step` images and run on :func:`prepdefense.cpu_workers.map_image_ranges`
+    workers (``emit`` is then called from several threads, for disjoint images); elsewhere
+    there is one step.
     """
-    with torch.no_grad():
-        work, forward, inverse, index = prepare(x, table, operators)
-        n, c, h, w = work.shape
-        hb, wb = -(-h // BLOCK), -(-w // BLOCK)
-        blocks = work.new_empty(n, c, index.numel())  # a new buffer: never aliases x
-        step = images_per_step(work)
-        for i in range(0, n, step):
-            quantize_into(work[i : i + step], blocks[i : i + step].view(-1, index.numel()), forward, inverse, index)
-        return blocks.view(n, c, hb, wb, BLOCK, BLOCK).to(x.dtype), (h, w)
+    n, c, h, w = work.shape
+    hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+    step = images_per_step(work)
+
+    def run(lo: int, hi: int) -> None:
+        buffer, levels = work.new_empty(2, min(step, hi - lo) * c, index.numel()).unbind(0)
+        for i in range(lo, hi, step):
+            part = work[i : min(i + step, hi)]
+            blocks = buffer[: part.shape[0] * c]
+            quantize_into(part, blocks, forward, inverse, index, levels[: part.shape[0] * c])
+            emit(i, blocks.view(part.shape[0], c, hb, wb, BLOCK, BLOCK))
+
+    cpu_workers.map_image_ranges(run, n, work.device, multiple=step)
 
 
 def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None) -> torch.Tensor:
     """Step 1 of the defense (paper Section 5.2; PROTOCOL.md "The defense g(x)").
+
+    The 2-D DCT of every block is one GEMM with a 64x64 matrix (see
+    :func:`quantization_operators`): the same map as ``block_dct.block_dct2d`` but with the
+    255 scale and the division by ``Q`` folded in, so the pipeline is pad and block (one
+    ``index_select``), GEMM, round (in place), GEMM (into the block buffer), clip (in place)
+    (:func:`quantize_into`), then the crop back to the image layout
+    (``block_dct.pixels_from_blocks``); on the CPU a few images per step, over the
+    :mod:`~prepdefense.cpu_workers` (:func:`quantize_in_steps`). Rounding is ``torch.round``:
+    half to even, as ``numpy.round``. Runs under ``no_grad``: rounding has zero gradient
+    almost everywhere, so attacks need BPDA or a surrogate.
 
     Args:
         x: images in [0,1].
@@ -185,11 +203,15 @@ def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Op
     Shape:
         x: (N, C, H, W), any H, W >= 1 (reflection-padded to multiples of 8, then cropped).
     """
-    blocks, (h, w) = dct_quantize_blocks(x, table, operators=operators)
-    image = from_blocks(blocks)
-    if image.shape[-2:] != (h, w):
-        image = image[..., :h, :w].contiguous()
-    return image
+    with torch.no_grad():
+        work, forward, inverse, index = prepare(x, table, operators)
+        out = work.new_empty(work.shape)  # a new buffer: never aliases x
+
+        def emit(i: int, blocks: torch.Tensor) -> None:
+            pixels_from_blocks(blocks, None, None, out[i : i + blocks.shape[0]])
+
+        quantize_in_steps(work, forward, inverse, index, emit)
+        return out.to(x.dtype)
 
 
 class DCTQuantize(Defense):

@@ -1,0 +1,120 @@
+"""Data parallelism over the images of a batch on the CPU: one single-threaded worker thread
+per torch CPU thread.
+
+Step 1 of the paper's defense (8x8 block-DCT quantization, Section 5.2) is a short chain of
+torch calls per image: a pad-and-block copy, two GEMMs, a rounding, a clip and a remap. When
+every call splits a whole 64-image batch across the intra-op threads, each one streams the
+batch through memory (about 70 MB per pass at 299x299) and the threads meet at a barrier
+after every call. Giving each of ``torch.get_num_threads()`` worker threads its own share of
+the images, one image at a time and with a single intra-op thread, keeps an image's data in
+that core's cache from the first copy to the last write and needs no barrier at all. torch
+releases the GIL inside its operators, so the workers run in parallel. Every image goes
+through the same single-threaded calls whatever the number of workers, so results do not
+depend on it.
+
+:func:`map_image_ranges` is the one entry point. The pool is made on first use, re-made
+when the thread count changes or after a ``fork``, and shared by every caller. A call from
+a worker thread (or with one torch thread, or ``PREPDEFENSE_CPU_WORKERS=1``) runs inline.
+
+Worker threads get their single intra-op thread from ``torch.set_num_threads(1)``, called in
+each worker as it starts (OpenMP's and MKL's thread counts are per thread). That call also
+sets the default that threads read when they first run parallel work, so each worker reads
+it at once, and the pool's creator sets the default back once every worker has started.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+__all__ = ["worker_count", "map_image_ranges", "ENV_WORKERS"]
+
+#: Environment variable capping the number of workers (``1`` turns the pool off).
+ENV_WORKERS = "PREPDEFENSE_CPU_WORKERS"
+
+_LOCK = threading.Lock()
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_KEY: Optional[Tuple[int, int]] = None  # (pid, workers)
+_WORKER = threading.local()
+
+
+def _env_cap() -> Optional[int]:
+    value = os.environ.get(ENV_WORKERS, "").strip()
+    if not value:
+        return None
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"{ENV_WORKERS} must be a positive integer, got {value!r}") from None
+
+
+def worker_count(device: torch.device, units: int) -> int:
+    """Workers to use for ``units`` independent pieces of work on ``device``: 1 off the CPU,
+    inside a worker, or with one torch thread; else ``min(torch threads, units, cap)``."""
+    if torch.device(device).type != "cpu" or units < 2 or getattr(_WORKER, "active", False):
+        return 1
+    workers = min(torch.get_num_threads(), units)
+    cap = _env_cap()
+    return max(1, min(workers, cap) if cap is not None else workers)
+
+
+def _start_worker(barrier: threading.Barrier) -> None:
+    torch.set_num_threads(1)
+    # torch reads the default into a thread on its first parallel call; make that happen
+    # now, while the default is 1, or the worker would take the creator's count later.
+    torch.get_num_threads()
+    _WORKER.active = True
+    barrier.wait()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_KEY
+    key = (os.getpid(), workers)
+    with _LOCK:
+        if _POOL_KEY != key:
+            if _POOL is not None and _POOL_KEY[0] == key[0]:
+                _POOL.shutdown(wait=False)
+            threads = torch.get_num_threads()
+            barrier = threading.Barrier(workers + 1)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="prepdefense-cpu")
+            for _ in range(workers):  # start every thread now, each with one intra-op thread
+                pool.submit(_start_worker, barrier)
+            barrier.wait()
+            torch.set_num_threads(threads)  # the creator's count, and the default for new threads
+            _POOL, _POOL_KEY = pool, key
+        return _POOL
+
+
+def split_ranges(n: int, parts: int, multiple: int = 1) -> List[Tuple[int, int]]:
+    """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, boundaries at multiples
+    of ``multiple`` (so that steps of ``multiple`` images fall alike however ``n`` is split)."""
+    steps = -(-n // multiple)
+    bounds = [min(n, (steps * k // parts) * multiple) for k in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def map_image_ranges(fn: Callable[[int, int], None], n: int, device, *, multiple: int = 1) -> None:
+    """Run ``fn(lo, hi)`` over contiguous ranges covering images ``0..n-1``.
+
+    On the CPU with several torch threads the ranges go to the worker pool, one range per
+    worker, each worker with a single intra-op thread; otherwise ``fn(0, n)`` runs here. ``fn``
+    must only write its own images' outputs. Waits for every range; the first exception
+    raised by ``fn`` is re-raised.
+    """
+    workers = worker_count(device, -(-n // max(multiple, 1)))
+    if workers <= 1:
+        fn(0, n)
+        return
+    futures = [_pool(workers).submit(fn, lo, hi) for lo, hi in split_ranges(n, workers, multiple)]
+    error = None
+    for future in futures:  # wait for all, even after a failure: they write into shared outputs
+        try:
+            future.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error = error or exc
+    if error is not None:
+        raise error
