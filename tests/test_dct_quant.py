@@ -51,13 +51,21 @@ def test_block_dct_matches_scipy():
     np.testing.assert_allclose(block_idct2d(torch.from_numpy(ref)).numpy(), blocks.numpy(), atol=1e-9)
 
 
-def test_quantization_operators_are_the_block_dct():
-    """With Q = 255 the forward operator is the plain DCT of row-major flattened blocks."""
-    forward, inverse = quantization_operators(torch.full((8, 8), 255.0, dtype=torch.float64), torch.float64)
-    blocks = torch.rand(7, 8, 8, dtype=torch.float64, generator=make_generator(1))
-    ref = scipy.fft.dctn(blocks.numpy(), axes=(-2, -1), norm="ortho").reshape(7, 64)
-    np.testing.assert_allclose((blocks.reshape(7, 64) @ forward).numpy(), ref, atol=1e-12)
-    np.testing.assert_allclose((torch.from_numpy(ref) @ inverse).numpy(), blocks.reshape(7, 64).numpy(), atol=1e-12)
+def test_quantization_operators_are_the_block_dct_with_the_table_folded_in():
+    """Applied as in ``quantize_into`` (along i, then j; then l, then k), the four operators
+    give ``DCT(255 x) / Q`` and ``IDCT(L * Q) / 255`` of every block, checked against SciPy
+    with a table of distinct entries (so a transposed table would fail)."""
+    table = 10.0 + torch.arange(64, dtype=torch.float64).reshape(8, 8)
+    rows_f, cols_f, cols_i, rows_i = quantization_operators(table, torch.float64)
+    blocks = torch.rand(7, 8, 8, dtype=torch.float64, generator=make_generator(1))  # (m, i, j)
+    planes = blocks.permute(1, 2, 0)  # (i, j, m): the plane layout of 7 blocks
+    coefs = torch.matmul(cols_f, torch.matmul(rows_f, planes.reshape(8, -1)).view(8, 8, 7))  # (k, l, m)
+    ref = scipy.fft.dctn(255.0 * blocks.numpy(), axes=(-2, -1), norm="ortho") / table.numpy()
+    np.testing.assert_allclose(coefs.permute(2, 0, 1).numpy(), ref, atol=1e-9)
+    levels = torch.rand(7, 8, 8, dtype=torch.float64, generator=make_generator(2)) * 20 - 10
+    pixels = torch.matmul(rows_i, torch.matmul(cols_i, levels.permute(1, 2, 0)).reshape(8, -1)).view(8, 8, 7)
+    ref = scipy.fft.idctn(levels.numpy() * table.numpy(), axes=(-2, -1), norm="ortho") / 255.0
+    np.testing.assert_allclose(pixels.permute(2, 0, 1).numpy(), ref, atol=1e-12)
 
 
 def test_padding_is_reflection():
@@ -241,30 +249,31 @@ def test_cpu_steps_workers_and_batched_path_agree(monkeypatch):
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(dct_quant, "images_per_step", lambda work: work.shape[0])
-    batched = functools.partial(block_dct.pixels_from_blocks, per_image=False)
-    monkeypatch.setattr(dct_quant, "pixels_from_blocks", batched)
-    monkeypatch.setattr(dct_distort, "pixels_from_blocks", batched)
+    batched = functools.partial(block_dct.pixels_from_planes, per_image=False)
+    monkeypatch.setattr(dct_quant, "pixels_from_planes", batched)
+    monkeypatch.setattr(dct_distort, "pixels_from_planes", batched)
     whole = run()
     for a, b, c in zip(one, two, whole):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 299, 299), (2, 1, 17, 40), (1, 3, 8, 8)])
-def test_pixels_from_blocks_per_image_equals_batched_and_reference(shape):
-    """Both ways of reading pixels out of the block layout (per image: row runs, then
+def test_pixels_from_planes_per_image_equals_batched_and_reference(shape):
+    """Both ways of reading pixels out of the plane layout (per image: row runs, then
     columns; batched: one gather) equal indexing the padded image, for arbitrary (not only
     monotone) row and column maps and for the crop."""
-    from prepdefense.defenses.block_dct import pad_to_blocks, pixels_from_blocks, to_blocks
+    from prepdefense.defenses.block_dct import from_planes, pad_to_blocks, pixels_from_planes, to_planes
 
     g = torch.Generator().manual_seed(5)
     n, c, h, w = shape
     image, _ = pad_to_blocks(torch.rand(*shape, generator=g))
-    blocks = to_blocks(image).contiguous()
+    planes = to_planes(image).contiguous()
+    assert torch.equal(from_planes(planes), image)
     rows = torch.randint(0, h, (n, h), generator=g)
     cols = torch.randint(0, w, (n, w), generator=g)
     expected = torch.stack([image[i][:, rows[i]][:, :, cols[i]] for i in range(n)])
     for per_image in (True, False):
         out = torch.empty(shape)
-        assert torch.equal(pixels_from_blocks(blocks, rows, cols, out, per_image=per_image), expected)
-        crop = pixels_from_blocks(blocks, None, None, torch.empty(shape), per_image=per_image)
+        assert torch.equal(pixels_from_planes(planes, rows, cols, out, per_image=per_image), expected)
+        crop = pixels_from_planes(planes, None, None, torch.empty(shape), per_image=per_image)
         assert torch.equal(crop, image[..., :h, :w])

@@ -59,24 +59,36 @@ def block_idct2d(coefs: torch.Tensor) -> torch.Tensor:
     return d.transpose(0, 1) @ coefs @ d
 
 
-def block_row_segments(rows: torch.Tensor, blocks_per_row: int, block: int = BLOCK) -> torch.Tensor:
-    """Where the pixels of image rows ``rows`` sit in the :func:`to_blocks` layout of one plane,
-    counted in runs of ``block`` values.
+def to_planes(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """(N, C, H, W) with H, W multiples of ``block`` -> (N, C, b, b, H/b, W/b) (a view).
 
-    Viewed as ``(Hb * Wb * block, block)`` (one ``block``-long run per block row), a plane in
-    block layout holds row ``r`` of the image in the runs ``((r // block) * Wb + j) * block +
-    r % block`` for ``j = 0..Wb-1``: gathering those runs, in that order, rebuilds the row.
-
-    Shape:
-        rows: (..., H) int64; output: (..., H * Wb) int64.
+    The *plane layout* of Step 1: entry ``[n, c, i, j, bh, bw]`` is pixel ``(i, j)`` of block
+    ``(bh, bw)``, so each of the 64 positions of a block has a contiguous ``Hb x Wb`` plane
+    once the view is made contiguous. The 1-D DCTs of Step 1 are then 8x8 matrices applied
+    along the ``i`` or ``j`` axis over long contiguous rows (``dct_quant.quantize_into``).
     """
-    base = (rows // block) * (blocks_per_row * block) + rows % block
-    step = torch.arange(blocks_per_row, device=rows.device, dtype=rows.dtype) * block
-    return (base.unsqueeze(-1) + step).flatten(-2)
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // block, block, w // block, block).permute(0, 1, 3, 5, 2, 4)
 
 
-def pixels_from_blocks(
-    blocks: torch.Tensor,
+def from_planes(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_planes`."""
+    n, c, k, _, hb, wb = p.shape
+    return p.permute(0, 1, 4, 2, 5, 3).reshape(n, c, hb * k, wb * k)
+
+
+def plane_offsets(rows: torch.Tensor, cols: torch.Tensor, hb: int, wb: int, block: int = BLOCK):
+    """Flat offsets, within one plane-layout image channel (``block * block * Hb * Wb``
+    values), of pixel rows ``rows`` and columns ``cols``: pixel ``(r, s)`` sits at
+    ``row[r] + col[s]``, with ``row = (r % b) * b * Hb * Wb + (r // b) * Wb`` and
+    ``col = (s % b) * Hb * Wb + s // b``."""
+    row = (rows % block) * (block * hb * wb) + (rows // block) * wb
+    col = (cols % block) * (hb * wb) + cols // block
+    return row, col
+
+
+def pixels_from_planes(
+    planes: torch.Tensor,
     rows: Optional[torch.Tensor],
     cols: Optional[torch.Tensor],
     out: torch.Tensor,
@@ -84,47 +96,42 @@ def pixels_from_blocks(
     per_image: Optional[bool] = None,
 ) -> torch.Tensor:
     """``out[n, c, p, q] = image[n, c, rows[n, p], cols[n, q]]``, ``image`` being the (padded)
-    picture that ``blocks`` holds in the :func:`to_blocks` layout. ``rows`` / ``cols`` ``None``
+    picture that ``planes`` holds in the :func:`to_planes` layout. ``rows`` / ``cols`` ``None``
     mean the first ``out.shape[-2]`` rows / ``out.shape[-1]`` columns (a crop).
 
     Used for the output of Step 1 (a crop) and of the whole defense (Algorithm 3's separable
-    remap, read straight from Step 1's blocks). Two ways, with the same result:
+    remap, read straight from Step 1's planes). Two ways, with the same result:
 
-    - per image (the default on the CPU): the rows, as runs of 8 values
-      (:func:`block_row_segments`), with one ``index_select``, then the columns with a second
-      one (or a plain copy for a crop). Both copy through a small per-image buffer that stays
-      in cache;
-    - batched (elsewhere): one ``gather`` over flat offsets, pixel ``(r, s)`` sitting at
-      ``((r // 8) * Wb + s // 8) * 64 + (r % 8) * 8 + s % 8`` (a row part plus a column
-      part), from a view of each plane repeated for every output row (stride 0).
+    - per image (the default on the CPU), through a per-image buffer that stays in cache:
+      the rows first, with one ``index_select`` of ``Wb``-long runs (row ``r`` of the image
+      is, for each ``j``, the run ``[r % 8, j, r // 8, :]``), then the columns, with a second
+      ``index_select`` within those rebuilt rows;
+    - batched (elsewhere): one ``gather`` over flat offsets (:func:`plane_offsets`), from a
+      view of each channel repeated, with stride 0, for every output row.
 
     Shape:
-        blocks: (N, C, Hb, Wb, 8, 8); rows: (N, H) or None; cols: (N, W) or None;
+        planes: (N, C, 8, 8, Hb, Wb); rows: (N, H) or None; cols: (N, W) or None;
         out: (N, C, H, W) with H <= 8 Hb, W <= 8 Wb.
     """
-    n, c, hb, wb, block, _ = blocks.shape
+    n, c, block, _, hb, wb = planes.shape
     h, w = out.shape[-2:]
-    width = wb * block
     if per_image is None:
-        per_image = blocks.device.type == "cpu"
+        per_image = planes.device.type == "cpu"
+    arange = torch.arange(max(h, w), device=planes.device)
     if per_image:
-        identity_rows = block_row_segments(torch.arange(h, device=blocks.device), wb, block) if rows is None else None
-        line = blocks.new_empty(c, h * wb, block)
+        line = planes.new_empty(c, h * block, wb)  # rebuilt rows: (row, j, bw)
+        runs = (torch.arange(block, device=planes.device) * hb).view(1, block)
         for i in range(n):
-            segments = identity_rows if rows is None else block_row_segments(rows[i], wb, block)
-            torch.index_select(blocks[i].reshape(c, -1, block), 1, segments, out=line)
-            lines, target = line.view(c * h, width), out[i].view(c * h, w)
-            if cols is None:
-                target.copy_(lines[:, :w])
-            else:
-                torch.index_select(lines, 1, cols[i], out=target)
+            r = arange[:h] if rows is None else rows[i]
+            s = arange[:w] if cols is None else cols[i]
+            first = ((r % block) * (block * hb) + r // block).view(h, 1)
+            torch.index_select(planes[i].reshape(c, block * block * hb, wb), 1, (first + runs).view(-1), out=line)
+            torch.index_select(line.view(c * h, block * wb), 1, (s % block) * wb + s // block, out=out[i].view(c * h, w))
         return out
-    arange = torch.arange(max(h, w), device=blocks.device)
     rows = arange[:h].expand(n, h) if rows is None else rows
     cols = arange[:w].expand(n, w) if cols is None else cols
-    row_offset = (rows // block) * (wb * block * block) + (rows % block) * block
-    col_offset = (cols // block) * (block * block) + cols % block
-    flat = (row_offset.unsqueeze(2) + col_offset.unsqueeze(1)).view(n, 1, h, w)
-    source = blocks.reshape(n, c, 1, -1)
+    row, col = plane_offsets(rows, cols, hb, wb, block)
+    flat = (row.unsqueeze(2) + col.unsqueeze(1)).view(n, 1, h, w)
+    source = planes.reshape(n, c, 1, -1)
     source = source.expand(n, c, h, source.shape[-1])
     return torch.gather(source, 3, flat.expand(n, c, h, w), out=out)

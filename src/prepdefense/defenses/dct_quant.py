@@ -6,6 +6,15 @@ and W up to multiples of 8 by reflection, orthonormal 2-D DCT-II of every 8x8 bl
 
 Registers ``dct-quant`` (``table='default'``: the shipped learned table, else FD) and
 ``fd`` (Feature Distillation of the paper's released code: Step 1 with the FD table).
+
+How it is computed: the padded images are copied into the *plane layout*
+(``block_dct.to_planes``: position ``(i, j)`` of every block in one contiguous ``Hb x Wb``
+plane), in one ``index_select`` that also does the padding (:func:`pad_plane_index`). The
+2-D DCT is then two 1-D transforms, each a batched product with 8x8 matrices over long
+contiguous rows, with the 255 scale and the table ``Q`` folded into the matrices
+(:func:`quantization_operators`); then rounding, the two inverse 1-D transforms and the clip.
+That is 32 multiply-adds per pixel where one 64x64 matrix per block takes 128. On the CPU a
+few images at a time, spread over single-threaded workers (:func:`quantize_in_steps`).
 """
 
 from __future__ import annotations
@@ -17,39 +26,48 @@ import torch
 from .. import cpu_workers
 from . import register
 from .base import Defense
-from .block_dct import BLOCK, dct_matrix, pixels_from_blocks
+from .block_dct import BLOCK, dct_matrix, pixels_from_planes
 from .quant_tables import TableSpec, resolve_table
 
 __all__ = [
     "dct_quantize",
     "quantize_in_steps",
     "quantize_into",
-    "block_gather_index",
+    "pad_plane_index",
     "images_per_step",
     "quantization_operators",
     "DCTQuantize",
 ]
 
-Operators = Tuple[torch.Tensor, torch.Tensor]
+#: ``(rows_forward, cols_forward, cols_inverse, rows_inverse)``, see :func:`quantization_operators`.
+Operators = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def quantization_operators(table: torch.Tensor, dtype: torch.dtype = torch.float32, device=None) -> Operators:
-    """The two 64x64 matrices of Step 1 acting on row-major flattened 8x8 blocks.
+    """The four matrices of Step 1 in the plane layout, the table folded in.
 
-    With ``K = kron(D, D)`` (``D`` the orthonormal DCT-II matrix), ``vec(D B D.T) = K vec(B)``
-    is ``block_dct.block_dct2d``. Folding the 0..255 scaling and the table in:
+    With ``D`` the orthonormal DCT-II matrix and ``x[i, j]`` a block (0..1 values),
+    ``DCT(255 x)[k, l] / Q[k, l] = sum_j D[l, j] / Q[k, l] * sum_i 255 D[k, i] x[i, j]`` and
+    ``IDCT(L * Q)[i, j] / 255 = sum_k D[k, i] / 255 * sum_l D[l, j] Q[k, l] L[k, l]``:
 
-    - ``forward = (diag(255 / Q) K).T``: ``blocks @ forward = DCT(255 B) / Q``;
-    - ``inverse = diag(Q / 255) K``: ``round(.) @ inverse = IDCT(round(.) * Q) / 255``.
+    - ``rows_forward = 255 D`` (8k x 8i): ``t[k, j] = sum_i rows_forward[k, i] x[i, j]``;
+    - ``cols_forward[k] = D / Q[k, :, None]`` (8k x 8l x 8j): the second transform, one
+      matrix per vertical frequency ``k``, giving ``DCT(255 x) / Q``;
+    - ``cols_inverse[k] = (D * Q[k, :, None]).T`` (8k x 8j x 8l): ``u[k, j] = sum_l
+      cols_inverse[k, j, l] L[k, l]``, the levels times ``Q`` transformed along ``l``;
+    - ``rows_inverse = D.T / 255`` (8i x 8k): ``x[i, j] = sum_k rows_inverse[i, k] u[k, j]``.
 
     Built in float64, then cast to ``dtype`` on ``device``.
     """
     d = dct_matrix(BLOCK, dtype=torch.float64)
-    k = torch.kron(d, d)
-    q = table.detach().to(device="cpu", dtype=torch.float64).reshape(BLOCK * BLOCK)
-    forward = (k * (255.0 / q)[:, None]).t()
-    inverse = k * (q / 255.0)[:, None]
-    return tuple(m.to(dtype=dtype, device=device).contiguous() for m in (forward, inverse))
+    q = table.detach().to(device="cpu", dtype=torch.float64).reshape(BLOCK, BLOCK)
+    rows_forward = 255.0 * d
+    cols_forward = d.unsqueeze(0) / q.unsqueeze(2)
+    cols_inverse = (d.unsqueeze(0) * q.unsqueeze(2)).transpose(1, 2)
+    rows_inverse = d.t() / 255.0
+    return tuple(
+        m.to(dtype=dtype, device=device).contiguous() for m in (rows_forward, cols_forward, cols_inverse, rows_inverse)
+    )
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,14 +75,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 #: On the CPU, Step 1 runs a few images per step, at most about this many float32 values
-#: (3 MB: two 299x299 RGB images) per step: the pad-and-block copy, forward GEMM, round,
-#: inverse GEMM, clip and the copy out (in ``dct-distort`` the remap) then work on data that
+#: (3 MB: two 299x299 RGB images) per step: the padding copy, the four transforms, the
+#: rounding, the clip and the copy out (in ``dct-distort`` the remap) then work on data that
 #: stays in one core's cache instead of streaming the whole batch through memory at every
 #: pass. With several torch threads the steps are spread over single-threaded workers
-#: (:mod:`prepdefense.cpu_workers`). Images are independent and, in float32, every step
-#: computes each image bit for bit as a whole-batch step would (tested); MKL's float64 GEMM
-#: can differ in the last bit with the number of rows, so steps start at multiples of the
-#: step size whatever the number of workers.
+#: (:mod:`prepdefense.cpu_workers`), each step starting at a multiple of the step size, so
+#: every image is computed by the same calls whatever the batch and the number of workers.
 CPU_STEP_ELEMENTS = 3 << 18
 
 
@@ -78,7 +94,7 @@ def images_per_step(x: torch.Tensor) -> int:
     return max(1, CPU_STEP_ELEMENTS // max(padded, 1))
 
 
-_BLOCK_INDEX_CACHE: dict = {}
+_INDEX_CACHE: dict = {}
 
 
 def _axis_pad_index(size: int, padded: int, reflect: bool) -> torch.Tensor:
@@ -88,76 +104,71 @@ def _axis_pad_index(size: int, padded: int, reflect: bool) -> torch.Tensor:
     return torch.where(i < size, i, mirrored)
 
 
-def block_gather_index(h: int, w: int, device=None) -> torch.Tensor:
-    """Flat source offsets (in an ``h x w`` image) of the padded image in block layout.
+def pad_plane_index(h: int, w: int, device=None) -> torch.Tensor:
+    """Flat source offsets (in an ``h x w`` image) of the padded image in the plane layout.
 
     ``image.reshape(-1, h * w).index_select(1, index)`` is
-    ``to_blocks(pad_to_blocks(image)[0])`` flattened per image: padding and blocking in one
-    copy. Reflection, or replication when a pad is not smaller than its side, as
-    ``block_dct.pad_to_blocks``. Cached per size and device.
+    ``to_planes(pad_to_blocks(image)[0])`` flattened per channel: padding and the change of
+    layout in one copy. Reflection, or replication when a pad is not smaller than its side,
+    as ``block_dct.pad_to_blocks``. Cached per size and device.
     """
     key = (h, w, str(torch.device(device) if device is not None else "cpu"))
-    index = _BLOCK_INDEX_CACHE.get(key)
+    index = _INDEX_CACHE.get(key)
     if index is None:
         ph, pw = (-h) % BLOCK, (-w) % BLOCK
         reflect = ph < h and pw < w
-        rows = _axis_pad_index(h, h + ph, reflect).view(-1, BLOCK)  # (Hb, 8)
-        cols = _axis_pad_index(w, w + pw, reflect).view(-1, BLOCK)  # (Wb, 8)
-        flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (Hb, Wb, 8, 8)
+        rows = _axis_pad_index(h, h + ph, reflect).view(-1, BLOCK).t()  # (8 i, Hb)
+        cols = _axis_pad_index(w, w + pw, reflect).view(-1, BLOCK).t()  # (8 j, Wb)
+        flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (8 i, 8 j, Hb, Wb)
         index = flat.reshape(-1).to(device)
-        if len(_BLOCK_INDEX_CACHE) > 32:
-            _BLOCK_INDEX_CACHE.clear()
-        _BLOCK_INDEX_CACHE[key] = index
+        if len(_INDEX_CACHE) > 32:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = index
     return index
 
 
 def quantize_into(
-    work: torch.Tensor,
-    blocks: torch.Tensor,
-    forward: torch.Tensor,
-    inverse: torch.Tensor,
-    index: torch.Tensor,
-    levels: Optional[torch.Tensor] = None,
+    work: torch.Tensor, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor
 ) -> None:
-    """Step 1 of ``work`` (N, C, H, W) into ``blocks`` (N * C, Hb * Wb * 64), block layout.
+    """Step 1 of ``work`` (N, C, H, W) into ``planes`` (N * C, 64 * Hb * Wb), plane layout.
 
-    Pad and block in one ``index_select`` (:func:`block_gather_index`), GEMM (into
-    ``levels``, a scratch buffer shaped like ``blocks``, when given), round (in place), GEMM
-    (into ``blocks``), clip (in place).
+    Pad and change layout in one ``index_select`` (:func:`pad_plane_index`); the two forward
+    1-D transforms (along ``i``, then along ``j`` with ``1/Q``); round (in place); the two
+    inverse ones (along ``l`` with ``Q``, then along ``k``); clip (in place). ``scratch`` is
+    a buffer shaped like ``planes``. Rounding is ``torch.round``: half to even, as
+    ``numpy.round``.
     """
     n, c, h, w = work.shape
-    torch.index_select(work.reshape(n * c, h * w), 1, index, out=blocks)
-    flat = blocks.view(-1, BLOCK * BLOCK)
-    if levels is None:
-        levels = torch.mm(flat, forward)
-    else:
-        levels = torch.mm(flat, forward, out=levels.view(-1, BLOCK * BLOCK))
-    levels.round_()  # round(DCT(255 x) / Q)
-    torch.mm(levels, inverse, out=flat)  # IDCT(levels * Q) / 255, into the block buffer
-    flat.clamp_(0.0, 1.0)
+    rows_forward, cols_forward, cols_inverse, rows_inverse = operators
+    m = planes.shape[0]
+    torch.index_select(work.reshape(n * c, h * w), 1, index, out=planes)
+    by_row = (m, BLOCK, -1)  # (plane, i or k, rest)
+    by_freq = (m, BLOCK, BLOCK, planes.shape[1] // (BLOCK * BLOCK))  # (plane, k, j or l, Hb * Wb)
+    torch.matmul(rows_forward, planes.view(by_row), out=scratch.view(by_row))
+    torch.matmul(cols_forward, scratch.view(by_freq), out=planes.view(by_freq))
+    planes.round_()  # round(DCT(255 x) / Q)
+    torch.matmul(cols_inverse, planes.view(by_freq), out=scratch.view(by_freq))
+    torch.matmul(rows_inverse, scratch.view(by_row), out=planes.view(by_row))  # IDCT(levels * Q) / 255
+    planes.clamp_(0.0, 1.0)
 
 
 def prepare(x: torch.Tensor, table: torch.Tensor, operators: Optional[Operators]):
-    """``(work, forward, inverse, index)``: the input in the compute dtype, the two
-    operators on its device and the :func:`block_gather_index` of its size."""
+    """``(work, operators, index)``: the input in the compute dtype, the operators on its
+    device and the :func:`pad_plane_index` of its size."""
     work = x.to(compute_dtype(x))
     if operators is None:
         operators = quantization_operators(table, work.dtype, work.device)
-    forward, inverse = (m.to(dtype=work.dtype, device=work.device) for m in operators)
-    return work, forward, inverse, block_gather_index(work.shape[-2], work.shape[-1], work.device)
+    operators = tuple(m.to(dtype=work.dtype, device=work.device) for m in operators)
+    return work, operators, pad_plane_index(work.shape[-2], work.shape[-1], work.device)
 
 
 def quantize_in_steps(
-    work: torch.Tensor,
-    forward: torch.Tensor,
-    inverse: torch.Tensor,
-    index: torch.Tensor,
-    emit: Callable[[int, torch.Tensor], None],
+    work: torch.Tensor, operators: Operators, index: torch.Tensor, emit: Callable[[int, torch.Tensor], None]
 ) -> None:
     """Step 1 of every image of ``work`` (N, C, H, W), handed out step by step.
 
-    ``emit(i, blocks)`` receives images ``i .. i + m - 1`` quantized and clipped, in the
-    ``block_dct.to_blocks`` layout of the padded images, (m, C, Hb, Wb, 8, 8), in a buffer
+    ``emit(i, planes)`` receives images ``i .. i + m - 1`` quantized and clipped, in the
+    ``block_dct.to_planes`` layout of the padded images, (m, C, 8, 8, Hb, Wb), in a buffer
     that the next step reuses: it must copy out what it needs. On the CPU the steps hold
     :func:`images_per_step` images and run on :func:`prepdefense.cpu_workers.map_image_ranges`
     workers (``emit`` is then called from several threads, for disjoint images); elsewhere
@@ -168,12 +179,12 @@ def quantize_in_steps(
     step = images_per_step(work)
 
     def run(lo: int, hi: int) -> None:
-        buffer, levels = work.new_empty(2, min(step, hi - lo) * c, index.numel()).unbind(0)
+        planes, scratch = work.new_empty(2, min(step, hi - lo) * c, index.numel()).unbind(0)
         for i in range(lo, hi, step):
             part = work[i : min(i + step, hi)]
-            blocks = buffer[: part.shape[0] * c]
-            quantize_into(part, blocks, forward, inverse, index, levels[: part.shape[0] * c])
-            emit(i, blocks.view(part.shape[0], c, hb, wb, BLOCK, BLOCK))
+            size = part.shape[0] * c
+            quantize_into(part, planes[:size], scratch[:size], operators, index)
+            emit(i, planes[:size].view(part.shape[0], c, BLOCK, BLOCK, hb, wb))
 
     cpu_workers.map_image_ranges(run, n, work.device, multiple=step)
 
@@ -181,15 +192,11 @@ def quantize_in_steps(
 def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None) -> torch.Tensor:
     """Step 1 of the defense (paper Section 5.2; PROTOCOL.md "The defense g(x)").
 
-    The 2-D DCT of every block is one GEMM with a 64x64 matrix (see
-    :func:`quantization_operators`): the same map as ``block_dct.block_dct2d`` but with the
-    255 scale and the division by ``Q`` folded in, so the pipeline is pad and block (one
-    ``index_select``), GEMM, round (in place), GEMM (into the block buffer), clip (in place)
+    Pad and change layout, two 1-D transforms, round, two inverse transforms, clip
     (:func:`quantize_into`), then the crop back to the image layout
-    (``block_dct.pixels_from_blocks``); on the CPU a few images per step, over the
-    :mod:`~prepdefense.cpu_workers` (:func:`quantize_in_steps`). Rounding is ``torch.round``:
-    half to even, as ``numpy.round``. Runs under ``no_grad``: rounding has zero gradient
-    almost everywhere, so attacks need BPDA or a surrogate.
+    (``block_dct.pixels_from_planes``); on the CPU a few images per step, over the
+    :mod:`~prepdefense.cpu_workers` (:func:`quantize_in_steps`). Runs under ``no_grad``:
+    rounding has zero gradient almost everywhere, so attacks need BPDA or a surrogate.
 
     Args:
         x: images in [0,1].
@@ -204,13 +211,13 @@ def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Op
         x: (N, C, H, W), any H, W >= 1 (reflection-padded to multiples of 8, then cropped).
     """
     with torch.no_grad():
-        work, forward, inverse, index = prepare(x, table, operators)
+        work, operators, index = prepare(x, table, operators)
         out = work.new_empty(work.shape)  # a new buffer: never aliases x
 
-        def emit(i: int, blocks: torch.Tensor) -> None:
-            pixels_from_blocks(blocks, None, None, out[i : i + blocks.shape[0]])
+        def emit(i: int, planes: torch.Tensor) -> None:
+            pixels_from_planes(planes, None, None, out[i : i + planes.shape[0]])
 
-        quantize_in_steps(work, forward, inverse, index, emit)
+        quantize_in_steps(work, operators, index, emit)
         return out.to(x.dtype)
 
 
