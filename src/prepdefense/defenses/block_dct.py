@@ -119,14 +119,16 @@ def pixels_from_planes(
         per_image = planes.device.type == "cpu"
     arange = torch.arange(max(h, w), device=planes.device)
     if per_image:
+        # Index arithmetic for all n images at once; then two copies per image.
+        r = arange[:h].expand(n, h) if rows is None else rows
+        s = arange[:w].expand(n, w) if cols is None else cols
+        first = (r % block) * (block * hb) + r // block  # run of (r % 8, j = 0, r // 8)
+        runs = (first.unsqueeze(2) + torch.arange(block, device=planes.device) * hb).view(n, h * block)
+        columns = (s % block) * wb + s // block  # column s within a rebuilt row (j, bw)
         line = planes.new_empty(c, h * block, wb)  # rebuilt rows: (row, j, bw)
-        runs = (torch.arange(block, device=planes.device) * hb).view(1, block)
         for i in range(n):
-            r = arange[:h] if rows is None else rows[i]
-            s = arange[:w] if cols is None else cols[i]
-            first = ((r % block) * (block * hb) + r // block).view(h, 1)
-            torch.index_select(planes[i].reshape(c, block * block * hb, wb), 1, (first + runs).view(-1), out=line)
-            torch.index_select(line.view(c * h, block * wb), 1, (s % block) * wb + s // block, out=out[i].view(c * h, w))
+            torch.index_select(planes[i].reshape(c, block * block * hb, wb), 1, runs[i], out=line)
+            torch.index_select(line.view(c * h, block * wb), 1, columns[i], out=out[i].view(c * h, w))
         return out
     rows = arange[:h].expand(n, h) if rows is None else rows
     cols = arange[:w].expand(n, w) if cols is None else cols

@@ -33,6 +33,7 @@ __all__ = [
     "dct_quantize",
     "quantize_in_steps",
     "quantize_into",
+    "batch_operators",
     "pad_plane_index",
     "images_per_step",
     "quantization_operators",
@@ -127,6 +128,16 @@ def pad_plane_index(h: int, w: int, device=None) -> torch.Tensor:
     return index
 
 
+def batch_operators(operators: Operators, planes: int) -> Operators:
+    """:func:`quantization_operators` repeated for ``planes`` image channels, contiguous, as
+    ``torch.bmm`` takes them: (planes, 8, 8) for the transforms along rows and
+    (planes * 8, 8, 8) for the per-frequency ones. The first ``m`` (``8 m``) entries serve
+    any ``m <= planes``."""
+    rows_forward, cols_forward, cols_inverse, rows_inverse = operators
+    per_plane = lambda op: op.expand(planes, *op.shape).reshape(-1, BLOCK, BLOCK).contiguous()  # noqa: E731
+    return per_plane(rows_forward), per_plane(cols_forward), per_plane(cols_inverse), per_plane(rows_inverse)
+
+
 def quantize_into(
     work: torch.Tensor, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor
 ) -> None:
@@ -135,20 +146,22 @@ def quantize_into(
     Pad and change layout in one ``index_select`` (:func:`pad_plane_index`); the two forward
     1-D transforms (along ``i``, then along ``j`` with ``1/Q``); round (in place); the two
     inverse ones (along ``l`` with ``Q``, then along ``k``); clip (in place). ``scratch`` is
-    a buffer shaped like ``planes``. Rounding is ``torch.round``: half to even, as
-    ``numpy.round``.
+    a buffer shaped like ``planes``; ``operators`` come from :func:`batch_operators` for at
+    least ``N * C`` planes. Rounding is ``torch.round``: half to even, as ``numpy.round``.
     """
     n, c, h, w = work.shape
-    rows_forward, cols_forward, cols_inverse, rows_inverse = operators
     m = planes.shape[0]
+    rows_forward, cols_forward, cols_inverse, rows_inverse = operators
+    rows_forward, rows_inverse = rows_forward[:m], rows_inverse[:m]
+    cols_forward, cols_inverse = cols_forward[: m * BLOCK], cols_inverse[: m * BLOCK]
     torch.index_select(work.reshape(n * c, h * w), 1, index, out=planes)
-    by_row = (m, BLOCK, -1)  # (plane, i or k, rest)
-    by_freq = (m, BLOCK, BLOCK, planes.shape[1] // (BLOCK * BLOCK))  # (plane, k, j or l, Hb * Wb)
-    torch.matmul(rows_forward, planes.view(by_row), out=scratch.view(by_row))
-    torch.matmul(cols_forward, scratch.view(by_freq), out=planes.view(by_freq))
+    by_row = (m, BLOCK, -1)  # (plane, i or k, 8 * Hb * Wb)
+    by_freq = (m * BLOCK, BLOCK, -1)  # (plane and k, j or l, Hb * Wb)
+    torch.bmm(rows_forward, planes.view(by_row), out=scratch.view(by_row))
+    torch.bmm(cols_forward, scratch.view(by_freq), out=planes.view(by_freq))
     planes.round_()  # round(DCT(255 x) / Q)
-    torch.matmul(cols_inverse, planes.view(by_freq), out=scratch.view(by_freq))
-    torch.matmul(rows_inverse, scratch.view(by_row), out=planes.view(by_row))  # IDCT(levels * Q) / 255
+    torch.bmm(cols_inverse, planes.view(by_freq), out=scratch.view(by_freq))
+    torch.bmm(rows_inverse, scratch.view(by_row), out=planes.view(by_row))  # IDCT(levels * Q) / 255
     planes.clamp_(0.0, 1.0)
 
 
@@ -180,10 +193,11 @@ def quantize_in_steps(
 
     def run(lo: int, hi: int) -> None:
         planes, scratch = work.new_empty(2, min(step, hi - lo) * c, index.numel()).unbind(0)
+        batched = batch_operators(operators, planes.shape[0])
         for i in range(lo, hi, step):
             part = work[i : min(i + step, hi)]
             size = part.shape[0] * c
-            quantize_into(part, planes[:size], scratch[:size], operators, index)
+            quantize_into(part, planes[:size], scratch[:size], batched, index)
             emit(i, planes[:size].view(part.shape[0], c, BLOCK, BLOCK, hb, wb))
 
     cpu_workers.map_image_ranges(run, n, work.device, multiple=step)
