@@ -221,38 +221,38 @@ def test_dct_distort_matches_numpy_and_paper_style_references(reference_impls, s
     np.testing.assert_allclose(ref.paper_style_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
 
 
-def test_cpu_steps_workers_and_batched_path_agree(monkeypatch):
+@pytest.mark.parametrize("shape", [(5, 3, 299, 299), (3, 1, 21, 50)])
+def test_cpu_steps_workers_and_batched_path_agree(shape):
     """Step 1 (and the whole defense) computed three ways give the same float32 output, bit
     for bit: on one thread in small steps, over two single-threaded CPU workers, and as the
     batched path that runs off the CPU (one step, one gather)."""
-    import functools
-
-    from prepdefense import defenses
-    from prepdefense.defenses import block_dct, dct_distort, dct_quant
+    from prepdefense.defenses import dct_quant
+    from prepdefense.defenses.grid_distort import index_maps
     from prepdefense.seeding import make_generator
 
-    x = torch.rand(5, 3, 299, 299, generator=make_generator(3))
+    x = torch.rand(*shape, generator=make_generator(3))
     defense = defenses.create("dct-distort")
+    params = defense.sample_params(x, make_generator(7))
     table = dct_quant.resolve_table("fd")[0]
 
     def run():
-        return defense(x, generator=make_generator(7)), dct_quant.dct_quantize(x, table)
+        return defense.apply(x, params), dct_quant.dct_quantize(x, table)
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert dct_quant.images_per_step(x) < x.shape[0]  # the small-step path is taken
+        assert dct_quant.images_per_step(x) < x.shape[0] or shape[-1] < 299  # the small-step path
         one = run()
         torch.set_num_threads(2)
         two = run()
         assert torch.get_num_threads() == 2  # the worker pool leaves this thread's count alone
     finally:
         torch.set_num_threads(before)
-    monkeypatch.setattr(dct_quant, "images_per_step", lambda work: work.shape[0])
-    batched = functools.partial(block_dct.pixels_from_planes, per_image=False)
-    monkeypatch.setattr(dct_quant, "pixels_from_planes", batched)
-    monkeypatch.setattr(dct_distort, "pixels_from_planes", batched)
-    whole = run()
+    rows, cols = index_maps(params, shape[2], shape[3])
+    whole = []
+    for q, maps in ((defense.quantize, (rows, cols)), (dct_quant.DCTQuantize("fd"), (None, None))):
+        work, operators, index = dct_quant.prepare(x, q.table, None)
+        whole.append(dct_quant.quantize_and_read(work, operators, index, *maps, per_image=False))
     for a, b, c in zip(one, two, whole):
         assert torch.equal(a, b) and torch.equal(a, c)
 

@@ -87,6 +87,40 @@ def plane_offsets(rows: torch.Tensor, cols: torch.Tensor, hb: int, wb: int, bloc
     return row, col
 
 
+def row_then_column_indices(
+    rows: torch.Tensor, cols: torch.Tensor, hb: int, wb: int, block: int = BLOCK
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices for reading pixels out of one plane-layout image in two copies (see
+    :func:`read_rows_then_columns`).
+
+    ``runs[n]`` picks, from the image's planes viewed as ``(C, 64 * Hb, Wb)``, the ``Wb``-long
+    runs that make up the output rows: row ``r`` is, for ``j = 0..7``, the run
+    ``(r % 8, j, r // 8)``, that is ``((r % 8) * 8 + j) * Hb + r // 8``. ``columns[n]`` picks
+    column ``s`` within such a rebuilt row, laid out ``(j, bw)``: ``(s % 8) * Wb + s // 8``.
+
+    Shape:
+        rows: (N, H); cols: (N, W); runs: (N, H * 8); columns: (N, W).
+    """
+    first = (rows % block) * (block * hb) + rows // block
+    runs = (first.unsqueeze(2) + torch.arange(block, device=rows.device) * hb).flatten(1)
+    columns = (cols % block) * wb + cols // block
+    return runs, columns
+
+
+def read_rows_then_columns(
+    image_planes: torch.Tensor, runs: torch.Tensor, columns: torch.Tensor, line: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out`` = one image's pixels at the rows and columns that ``runs`` / ``columns``
+    (:func:`row_then_column_indices`) encode: the rows into ``line``, then the columns.
+
+    Shape:
+        image_planes: (C, 64 * Hb, Wb); runs: (H * 8,); columns: (W,); line: (C, H * 8, Wb);
+        out: (C * H, W).
+    """
+    torch.index_select(image_planes, 1, runs, out=line)
+    torch.index_select(line.view(out.shape[0], -1), 1, columns, out=out)
+
+
 def pixels_from_planes(
     planes: torch.Tensor,
     rows: Optional[torch.Tensor],
@@ -103,9 +137,8 @@ def pixels_from_planes(
     remap, read straight from Step 1's planes). Two ways, with the same result:
 
     - per image (the default on the CPU), through a per-image buffer that stays in cache:
-      the rows first, with one ``index_select`` of ``Wb``-long runs (row ``r`` of the image
-      is, for each ``j``, the run ``[r % 8, j, r // 8, :]``), then the columns, with a second
-      ``index_select`` within those rebuilt rows;
+      the rows first, with one ``index_select`` of ``Wb``-long runs, then the columns, with a
+      second ``index_select`` within those rebuilt rows (:func:`read_rows_then_columns`);
     - batched (elsewhere): one ``gather`` over flat offsets (:func:`plane_offsets`), from a
       view of each channel repeated, with stride 0, for every output row.
 
@@ -118,20 +151,14 @@ def pixels_from_planes(
     if per_image is None:
         per_image = planes.device.type == "cpu"
     arange = torch.arange(max(h, w), device=planes.device)
-    if per_image:
-        # Index arithmetic for all n images at once; then two copies per image.
-        r = arange[:h].expand(n, h) if rows is None else rows
-        s = arange[:w].expand(n, w) if cols is None else cols
-        first = (r % block) * (block * hb) + r // block  # run of (r % 8, j = 0, r // 8)
-        runs = (first.unsqueeze(2) + torch.arange(block, device=planes.device) * hb).view(n, h * block)
-        columns = (s % block) * wb + s // block  # column s within a rebuilt row (j, bw)
-        line = planes.new_empty(c, h * block, wb)  # rebuilt rows: (row, j, bw)
-        for i in range(n):
-            torch.index_select(planes[i].reshape(c, block * block * hb, wb), 1, runs[i], out=line)
-            torch.index_select(line.view(c * h, block * wb), 1, columns[i], out=out[i].view(c * h, w))
-        return out
     rows = arange[:h].expand(n, h) if rows is None else rows
     cols = arange[:w].expand(n, w) if cols is None else cols
+    if per_image:
+        runs, columns = row_then_column_indices(rows, cols, hb, wb, block)
+        line = planes.new_empty(c, h * block, wb)
+        for i in range(n):
+            read_rows_then_columns(planes[i].reshape(c, -1, wb), runs[i], columns[i], line, out[i].view(c * h, w))
+        return out
     row, col = plane_offsets(rows, cols, hb, wb, block)
     flat = (row.unsqueeze(2) + col.unsqueeze(1)).view(n, 1, h, w)
     source = planes.reshape(n, c, 1, -1)

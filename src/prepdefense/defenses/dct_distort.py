@@ -13,8 +13,7 @@ import torch
 
 from . import register
 from .base import Defense
-from .block_dct import pixels_from_planes
-from .dct_quant import DCTQuantize, compute_dtype, prepare, quantize_in_steps
+from .dct_quant import DCTQuantize, compute_dtype, prepare, quantize_and_read
 from .grid_distort import GridDistort, GridDistortParams, index_maps
 from .quant_tables import TableSpec
 
@@ -52,21 +51,14 @@ class DCTDistort(Defense):
 
     def apply(self, x: torch.Tensor, params: GridDistortParams) -> torch.Tensor:
         # Same as self.distort.apply(self.quantize.apply(x), params), bit for bit; the remap
-        # reads straight from Step 1's plane layout (block_dct.pixels_from_planes), which
-        # saves the crop and a copy, and on the CPU each step's images stay in cache from the
-        # padding copy to the remap (dct_quant.quantize_in_steps).
+        # reads straight from Step 1's plane layout, which saves the crop and a copy, and on
+        # the CPU each step's images stay in cache from the padding copy to the remap
+        # (dct_quant.quantize_and_read).
         with torch.no_grad():
             operators = self.quantize.operators(compute_dtype(x), x.device)
             work, operators, index = prepare(x, self.quantize.table, operators)
             rows, cols = index_maps(params, work.shape[-2], work.shape[-1], device=x.device)
-            out = work.new_empty(work.shape)
-
-            def emit(i: int, planes: torch.Tensor) -> None:
-                j = i + planes.shape[0]
-                pixels_from_planes(planes, rows[i:j], cols[i:j], out[i:j])
-
-            quantize_in_steps(work, operators, index, emit)
-            return out.to(x.dtype)
+            return quantize_and_read(work, operators, index, rows, cols).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}, delta={self.distort.delta}, cells={self.distort.cells}"

@@ -14,7 +14,7 @@ plane), in one ``index_select`` that also does the padding (:func:`pad_plane_ind
 contiguous rows, with the 255 scale and the table ``Q`` folded into the matrices
 (:func:`quantization_operators`); then rounding, the two inverse 1-D transforms and the clip.
 That is 32 multiply-adds per pixel where one 64x64 matrix per block takes 128. On the CPU a
-few images at a time, spread over single-threaded workers (:func:`quantize_in_steps`).
+few images at a time, spread over single-threaded workers (:func:`quantize_and_read`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 from .. import cpu_workers
 from . import register
 from .base import Defense
-from .block_dct import BLOCK, dct_matrix, pixels_from_planes
+from .block_dct import BLOCK, dct_matrix, pixels_from_planes, read_rows_then_columns, row_then_column_indices
 from .quant_tables import TableSpec, resolve_table
 
 __all__ = [
     "dct_quantize",
-    "quantize_in_steps",
+    "quantize_and_read",
     "quantize_into",
     "batch_operators",
     "pad_plane_index",
@@ -138,6 +138,32 @@ def batch_operators(operators: Operators, planes: int) -> Operators:
     return per_plane(rows_forward), per_plane(cols_forward), per_plane(cols_inverse), per_plane(rows_inverse)
 
 
+class _Step:
+    """Step 1 for ``m`` image channels (planes) at a time: the buffers' views and the
+    operators sliced to ``m`` made once, so that running a step is seven torch calls.
+    ``operators`` come from :func:`batch_operators` for at least ``m`` planes."""
+
+    def __init__(self, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor) -> None:
+        m = planes.shape[0]
+        rows_forward, cols_forward, cols_inverse, rows_inverse = operators
+        self.rows_forward, self.rows_inverse = rows_forward[:m], rows_inverse[:m]
+        self.cols_forward, self.cols_inverse = cols_forward[: m * BLOCK], cols_inverse[: m * BLOCK]
+        by_row, by_freq = (m, BLOCK, -1), (m * BLOCK, BLOCK, -1)  # (plane, i or k, rest), (plane and k, j or l, Hb * Wb)
+        self.planes, self.index = planes, index
+        self.planes_by_row, self.planes_by_freq = planes.view(by_row), planes.view(by_freq)
+        self.scratch_by_row, self.scratch_by_freq = scratch.view(by_row), scratch.view(by_freq)
+
+    def __call__(self, channels: torch.Tensor) -> None:
+        """``channels``: (m, H * W), the input's channels flattened."""
+        torch.index_select(channels, 1, self.index, out=self.planes)
+        torch.bmm(self.rows_forward, self.planes_by_row, out=self.scratch_by_row)
+        torch.bmm(self.cols_forward, self.scratch_by_freq, out=self.planes_by_freq)
+        self.planes.round_()  # round(DCT(255 x) / Q)
+        torch.bmm(self.cols_inverse, self.planes_by_freq, out=self.scratch_by_freq)
+        torch.bmm(self.rows_inverse, self.scratch_by_row, out=self.planes_by_row)  # IDCT(levels * Q) / 255
+        self.planes.clamp_(0.0, 1.0)
+
+
 def quantize_into(
     work: torch.Tensor, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor
 ) -> None:
@@ -150,19 +176,7 @@ def quantize_into(
     least ``N * C`` planes. Rounding is ``torch.round``: half to even, as ``numpy.round``.
     """
     n, c, h, w = work.shape
-    m = planes.shape[0]
-    rows_forward, cols_forward, cols_inverse, rows_inverse = operators
-    rows_forward, rows_inverse = rows_forward[:m], rows_inverse[:m]
-    cols_forward, cols_inverse = cols_forward[: m * BLOCK], cols_inverse[: m * BLOCK]
-    torch.index_select(work.reshape(n * c, h * w), 1, index, out=planes)
-    by_row = (m, BLOCK, -1)  # (plane, i or k, 8 * Hb * Wb)
-    by_freq = (m * BLOCK, BLOCK, -1)  # (plane and k, j or l, Hb * Wb)
-    torch.bmm(rows_forward, planes.view(by_row), out=scratch.view(by_row))
-    torch.bmm(cols_forward, scratch.view(by_freq), out=planes.view(by_freq))
-    planes.round_()  # round(DCT(255 x) / Q)
-    torch.bmm(cols_inverse, planes.view(by_freq), out=scratch.view(by_freq))
-    torch.bmm(rows_inverse, scratch.view(by_row), out=planes.view(by_row))  # IDCT(levels * Q) / 255
-    planes.clamp_(0.0, 1.0)
+    _Step(planes, scratch, operators, index)(work.reshape(n * c, h * w))
 
 
 def prepare(x: torch.Tensor, table: torch.Tensor, operators: Optional[Operators]):
@@ -175,42 +189,76 @@ def prepare(x: torch.Tensor, table: torch.Tensor, operators: Optional[Operators]
     return work, operators, pad_plane_index(work.shape[-2], work.shape[-1], work.device)
 
 
-def quantize_in_steps(
-    work: torch.Tensor, operators: Operators, index: torch.Tensor, emit: Callable[[int, torch.Tensor], None]
-) -> None:
-    """Step 1 of every image of ``work`` (N, C, H, W), handed out step by step.
+def quantize_and_read(
+    work: torch.Tensor,
+    operators: Operators,
+    index: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    cols: Optional[torch.Tensor] = None,
+    *,
+    per_image: Optional[bool] = None,
+) -> torch.Tensor:
+    """Step 1 of every image of ``work``, read back as ``out[n, c, p, q] =
+    quantized[n, c, rows[n, p], cols[n, q]]`` (``None``: the crop to the input's size;
+    ``dct-distort`` passes Algorithm 3's maps, so the remap reads straight from Step 1's
+    planes).
 
-    ``emit(i, planes)`` receives images ``i .. i + m - 1`` quantized and clipped, in the
-    ``block_dct.to_planes`` layout of the padded images, (m, C, 8, 8, Hb, Wb), in a buffer
-    that the next step reuses: it must copy out what it needs. On the CPU the steps hold
-    :func:`images_per_step` images and run on :func:`prepdefense.cpu_workers.map_image_ranges`
-    workers (``emit`` is then called from several threads, for disjoint images); elsewhere
-    there is one step.
+    On the CPU (``per_image``, the default there) the images go a few at a time
+    (:func:`images_per_step`) through :func:`quantize_into` and, image by image,
+    ``block_dct.read_rows_then_columns``, on :func:`prepdefense.cpu_workers.map_image_ranges`
+    workers: a step's data stays in one core's cache from the padding copy to the output.
+    Every view and index a step needs is made before the loop, so that a step is the copies
+    and products alone: each torch call lets go of Python's lock and takes it back,
+    and two workers wait for each other at every one of them. Elsewhere: one step and one
+    batched gather (``block_dct.pixels_from_planes``).
+
+    Shape:
+        work: (N, C, H, W); rows: (N, H) or None; cols: (N, W) or None; output like ``work``.
     """
     n, c, h, w = work.shape
     hb, wb = -(-h // BLOCK), -(-w // BLOCK)
+    out = work.new_empty(work.shape)  # a new buffer: never aliases the input
+    if per_image is None:
+        per_image = work.device.type == "cpu"
+    if not per_image:
+        planes, scratch = work.new_empty(2, n * c, index.numel()).unbind(0)
+        quantize_into(work, planes, scratch, batch_operators(operators, n * c), index)
+        return pixels_from_planes(planes.view(n, c, BLOCK, BLOCK, hb, wb), rows, cols, out, per_image=False)
+    arange = torch.arange(max(h, w), device=work.device)
+    rows = arange[:h].expand(n, h) if rows is None else rows
+    cols = arange[:w].expand(n, w) if cols is None else cols
+    runs, columns = (t.unbind(0) for t in row_then_column_indices(rows, cols, hb, wb))
+    outputs = out.view(n, c * h, w).unbind(0)
     step = images_per_step(work)
 
+    channels = work.reshape(n * c, h * w).split(step * c)  # one entry per step
+
     def run(lo: int, hi: int) -> None:
-        planes, scratch = work.new_empty(2, min(step, hi - lo) * c, index.numel()).unbind(0)
-        batched = batch_operators(operators, planes.shape[0])
+        images = min(step, hi - lo)
+        planes, scratch = work.new_empty(2, images * c, index.numel()).unbind(0)
+        line = work.new_empty(c, h * BLOCK, wb)
+        batched = batch_operators(operators, images * c)
+        full = _Step(planes, scratch, batched, index)
+        per_image_planes = [p.view(c, -1, wb) for p in planes.view(images, -1).unbind(0)]
         for i in range(lo, hi, step):
-            part = work[i : min(i + step, hi)]
-            size = part.shape[0] * c
-            quantize_into(part, planes[:size], scratch[:size], batched, index)
-            emit(i, planes[:size].view(part.shape[0], c, BLOCK, BLOCK, hb, wb))
+            part = channels[i // step]
+            m = part.shape[0] // c
+            (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index))(part)
+            for k in range(m):
+                read_rows_then_columns(per_image_planes[k], runs[i + k], columns[i + k], line, outputs[i + k])
 
     cpu_workers.map_image_ranges(run, n, work.device, multiple=step)
+    return out
 
 
 def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None) -> torch.Tensor:
     """Step 1 of the defense (paper Section 5.2; PROTOCOL.md "The defense g(x)").
 
     Pad and change layout, two 1-D transforms, round, two inverse transforms, clip
-    (:func:`quantize_into`), then the crop back to the image layout
-    (``block_dct.pixels_from_planes``); on the CPU a few images per step, over the
-    :mod:`~prepdefense.cpu_workers` (:func:`quantize_in_steps`). Runs under ``no_grad``:
-    rounding has zero gradient almost everywhere, so attacks need BPDA or a surrogate.
+    (:func:`quantize_into`), then the crop back to the image layout; on the CPU a few
+    images per step, over the :mod:`~prepdefense.cpu_workers` (:func:`quantize_and_read`).
+    Runs under ``no_grad``: rounding has zero gradient almost everywhere, so attacks need
+    BPDA or a surrogate.
 
     Args:
         x: images in [0,1].
@@ -226,13 +274,7 @@ def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Op
     """
     with torch.no_grad():
         work, operators, index = prepare(x, table, operators)
-        out = work.new_empty(work.shape)  # a new buffer: never aliases x
-
-        def emit(i: int, planes: torch.Tensor) -> None:
-            pixels_from_planes(planes, None, None, out[i : i + planes.shape[0]])
-
-        quantize_in_steps(work, operators, index, emit)
-        return out.to(x.dtype)
+        return quantize_and_read(work, operators, index).to(x.dtype)
 
 
 class DCTQuantize(Defense):
