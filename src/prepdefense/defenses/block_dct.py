@@ -107,18 +107,26 @@ def row_then_column_indices(
     return runs, columns
 
 
+def row_buffer(like: torch.Tensor, channels: int, height: int, wb: int, block: int = BLOCK):
+    """A buffer for :func:`read_rows_then_columns`, as the pair of views it takes:
+    (C, H * 8, Wb) for the rows and (C * H, 8 * Wb) for the columns."""
+    line = like.new_empty(channels * height, block * wb)
+    return line.view(channels, height * block, wb), line
+
+
 def read_rows_then_columns(
-    image_planes: torch.Tensor, runs: torch.Tensor, columns: torch.Tensor, line: torch.Tensor, out: torch.Tensor
+    image_planes: torch.Tensor, runs: torch.Tensor, columns: torch.Tensor, line, out: torch.Tensor
 ) -> None:
     """``out`` = one image's pixels at the rows and columns that ``runs`` / ``columns``
-    (:func:`row_then_column_indices`) encode: the rows into ``line``, then the columns.
+    (:func:`row_then_column_indices`) encode: the rows into the buffer ``line``
+    (:func:`row_buffer`), then the columns from it. Two torch calls, nothing else: this runs
+    once per image on the CPU workers, where every call costs a turn at Python's lock.
 
     Shape:
-        image_planes: (C, 64 * Hb, Wb); runs: (H * 8,); columns: (W,); line: (C, H * 8, Wb);
-        out: (C * H, W).
+        image_planes: (C, 64 * Hb, Wb); runs: (H * 8,); columns: (W,); out: (C * H, W).
     """
-    torch.index_select(image_planes, 1, runs, out=line)
-    torch.index_select(line.view(out.shape[0], -1), 1, columns, out=out)
+    torch.index_select(image_planes, 1, runs, out=line[0])
+    torch.index_select(line[1], 1, columns, out=out)
 
 
 def pixels_from_planes(
@@ -155,7 +163,7 @@ def pixels_from_planes(
     cols = arange[:w].expand(n, w) if cols is None else cols
     if per_image:
         runs, columns = row_then_column_indices(rows, cols, hb, wb, block)
-        line = planes.new_empty(c, h * block, wb)
+        line = row_buffer(planes, c, h, wb, block)
         for i in range(n):
             read_rows_then_columns(planes[i].reshape(c, -1, wb), runs[i], columns[i], line, out[i].view(c * h, w))
         return out

@@ -26,7 +26,14 @@ import torch
 from .. import cpu_workers
 from . import register
 from .base import Defense
-from .block_dct import BLOCK, dct_matrix, pixels_from_planes, read_rows_then_columns, row_then_column_indices
+from .block_dct import (
+    BLOCK,
+    dct_matrix,
+    pixels_from_planes,
+    read_rows_then_columns,
+    row_buffer,
+    row_then_column_indices,
+)
 from .quant_tables import TableSpec, resolve_table
 
 __all__ = [
@@ -236,7 +243,7 @@ def quantize_and_read(
     def run(lo: int, hi: int) -> None:
         images = min(step, hi - lo)
         planes, scratch = work.new_empty(2, images * c, index.numel()).unbind(0)
-        line = work.new_empty(c, h * BLOCK, wb)
+        line = row_buffer(work, c, h, wb)
         batched = batch_operators(operators, images * c)
         full = _Step(planes, scratch, batched, index)
         per_image_planes = [p.view(c, -1, wb) for p in planes.view(images, -1).unbind(0)]
