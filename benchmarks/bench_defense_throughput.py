@@ -6,7 +6,9 @@ implementation in the style of the paper's released code (8x8 block loops with S
 DCT, ``cv2.remap``) and (b) a vectorised NumPy/SciPy implementation
 (``benchmarks/reference_impls.py``). Before timing, the three implementations are checked
 to agree on one shared random draw (float64: to 1e-9; float32: the fraction of pixels
-that differ, which only rounding ties at ``.5`` can cause).
+that differ, which only rounding ties at ``.5`` can cause). torch and (b) are then timed
+in alternating rounds (:func:`time_interleaved`), and the ratio reported is the median of
+the per-round ratios, so that a stretch of load from other jobs hits both alike.
 
 Usage::
 
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=299)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (and SciPy FFT workers for (b))")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per defense (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per defense (after one warm-up); torch vs (b): 2 * REPEATS + 1 rounds")
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="all = CPU, and CUDA if present")
     p.add_argument("--cuda-batches", default="64,512", help="batch sizes timed on CUDA")
     p.add_argument("--paper-images", type=int, default=8, help="images timed for the per-image reference (a)")

@@ -85,3 +85,11 @@ def test_nested_calls_run_inline_in_the_worker(two_threads):
 
     cpu_workers.map_image_ranges(job, 4, "cpu")
     assert len(inner) == 2 and all(name.startswith("prepdefense-cpu") for name in inner)
+
+
+def test_one_pool_serves_calls_of_any_size(two_threads):
+    cpu_workers.map_image_ranges(lambda lo, hi: None, 8, "cpu")
+    pool = cpu_workers._POOL
+    for n in (2, 3, 64):
+        cpu_workers.map_image_ranges(lambda lo, hi: None, n, "cpu")
+        assert cpu_workers._POOL is pool

@@ -2,18 +2,19 @@
 per torch CPU thread.
 
 Step 1 of the paper's defense (8x8 block-DCT quantization, Section 5.2) is a short chain of
-torch calls per image: a pad-and-block copy, two GEMMs, a rounding, a clip and a remap. When
-every call splits a whole 64-image batch across the intra-op threads, each one streams the
-batch through memory (about 70 MB per pass at 299x299) and the threads meet at a barrier
-after every call. Giving each of ``torch.get_num_threads()`` worker threads its own share of
-the images, one image at a time and with a single intra-op thread, keeps an image's data in
-that core's cache from the first copy to the last write and needs no barrier at all. torch
-releases the GIL inside its operators, so the workers run in parallel. Every image goes
-through the same single-threaded calls whatever the number of workers, so results do not
-depend on it.
+torch calls per image: a padding copy, four small matrix products, a rounding, a clip and a
+remap. When every call splits a whole 64-image batch across the intra-op threads, each one
+streams the batch through memory (about 70 MB per pass at 299x299) and the threads meet at a
+barrier after every call. Giving each of ``torch.get_num_threads()`` worker threads its own
+share of the images, a step of one or two images at a time and with a single intra-op
+thread, keeps a step's data in that core's cache from the first copy to the last write and
+needs no barrier. torch lets go of Python's lock inside every call, so the workers run in
+parallel; they still take turns at the lock between calls, so the callers keep the Python
+work per step small (``dct_quant.quantize_and_read``). Every image goes through the same
+single-threaded calls whatever the number of workers, so results do not depend on it.
 
 :func:`map_image_ranges` is the one entry point. The pool is made on first use, re-made
-when the thread count changes or after a ``fork``, and shared by every caller. A call from
+when the torch thread count (or the cap) changes or after a ``fork``, and shared by every caller. A call from
 a worker thread (or with one torch thread, or ``PREPDEFENSE_CPU_WORKERS=1``) runs inline.
 
 Worker threads get their single intra-op thread from ``torch.set_num_threads(1)``, called in
@@ -109,7 +110,8 @@ def map_image_ranges(fn: Callable[[int, int], None], n: int, device, *, multiple
     if workers <= 1:
         fn(0, n)
         return
-    futures = [_pool(workers).submit(fn, lo, hi) for lo, hi in split_ranges(n, workers, multiple)]
+    pool = _pool(max(workers, worker_count(device, torch.get_num_threads())))  # sized for the thread count
+    futures = [pool.submit(fn, lo, hi) for lo, hi in split_ranges(n, workers, multiple)]
     error = None
     for future in futures:  # wait for all, even after a failure: they write into shared outputs
         try:
