@@ -93,3 +93,15 @@ def test_one_pool_serves_calls_of_any_size(two_threads):
     for n in (2, 3, 64):
         cpu_workers.map_image_ranges(lambda lo, hi: None, n, "cpu")
         assert cpu_workers._POOL is pool
+
+
+def test_runs_inline_where_workers_cannot_be_single_threaded(two_threads, monkeypatch):
+    """torch's native thread pool has one count per process: then nothing goes to workers."""
+    monkeypatch.setattr(cpu_workers, "_POOL", None)
+    monkeypatch.setattr(cpu_workers, "_POOL_KEY", None)
+    monkeypatch.setattr(cpu_workers, "_UNAVAILABLE", False)
+    monkeypatch.setattr(cpu_workers, "_start_worker", lambda barrier: (barrier.wait(), 2)[1])
+    calls = []
+    cpu_workers.map_image_ranges(lambda lo, hi: calls.append((threading.current_thread().name, lo, hi)), 4, "cpu")
+    assert calls == [(threading.current_thread().name, 0, 4)]
+    assert cpu_workers.worker_count(torch.device("cpu"), 4) == 1

@@ -41,6 +41,9 @@ _LOCK = threading.Lock()
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Optional[Tuple[int, int]] = None  # (pid, workers)
 _WORKER = threading.local()
+#: Set when workers could not be made single-threaded (torch's native, non-OpenMP thread
+#: pool has one thread count for the whole process): everything then runs inline.
+_UNAVAILABLE = False
 
 
 def _env_cap() -> Optional[int]:
@@ -56,37 +59,44 @@ def _env_cap() -> Optional[int]:
 def worker_count(device: torch.device, units: int) -> int:
     """Workers to use for ``units`` independent pieces of work on ``device``: 1 off the CPU,
     inside a worker, or with one torch thread; else ``min(torch threads, units, cap)``."""
-    if torch.device(device).type != "cpu" or units < 2 or getattr(_WORKER, "active", False):
+    if torch.device(device).type != "cpu" or units < 2 or _UNAVAILABLE or getattr(_WORKER, "active", False):
         return 1
     workers = min(torch.get_num_threads(), units)
     cap = _env_cap()
     return max(1, min(workers, cap) if cap is not None else workers)
 
 
-def _start_worker(barrier: threading.Barrier) -> None:
+def _start_worker(barrier: threading.Barrier) -> int:
     torch.set_num_threads(1)
     # torch reads the default into a thread on its first parallel call; make that happen
     # now, while the default is 1, or the worker would take the creator's count later.
-    torch.get_num_threads()
+    threads = torch.get_num_threads()
     _WORKER.active = True
     barrier.wait()
+    return threads
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_KEY
+def _pool(workers: int) -> Optional[ThreadPoolExecutor]:
+    """The shared pool of ``workers`` threads, or ``None`` if workers cannot be made
+    single-threaded here."""
+    global _POOL, _POOL_KEY, _UNAVAILABLE
     key = (os.getpid(), workers)
     with _LOCK:
-        if _POOL_KEY != key:
+        if _POOL_KEY != key and not _UNAVAILABLE:
             if _POOL is not None and _POOL_KEY[0] == key[0]:
                 _POOL.shutdown(wait=False)
             threads = torch.get_num_threads()
             barrier = threading.Barrier(workers + 1)
             pool = ThreadPoolExecutor(workers, thread_name_prefix="prepdefense-cpu")
-            for _ in range(workers):  # start every thread now, each with one intra-op thread
-                pool.submit(_start_worker, barrier)
+            # start every thread now, each with one intra-op thread
+            started = [pool.submit(_start_worker, barrier) for _ in range(workers)]
             barrier.wait()
             torch.set_num_threads(threads)  # the creator's count, and the default for new threads
-            _POOL, _POOL_KEY = pool, key
+            if any(f.result() != 1 for f in started):
+                pool.shutdown(wait=False)
+                _POOL, _POOL_KEY, _UNAVAILABLE = None, None, True
+            else:
+                _POOL, _POOL_KEY = pool, key
         return _POOL
 
 
@@ -111,6 +121,9 @@ def map_image_ranges(fn: Callable[[int, int], None], n: int, device, *, multiple
         fn(0, n)
         return
     pool = _pool(max(workers, worker_count(device, torch.get_num_threads())))  # sized for the thread count
+    if pool is None:
+        fn(0, n)
+        return
     futures = [pool.submit(fn, lo, hi) for lo, hi in split_ranges(n, workers, multiple)]
     error = None
     for future in futures:  # wait for all, even after a failure: they write into shared outputs
