@@ -5,15 +5,15 @@ Step 1 of the paper's defense (8x8 block-DCT quantization, Section 5.2) is a sho
 torch calls per image: a padding copy, four small matrix products, a rounding, a clip and a
 remap. When every call splits a whole 64-image batch across the intra-op threads, each one
 streams the batch through memory (about 70 MB per pass at 299x299) and the threads meet at a
-barrier after every call. Giving each of ``torch.get_num_threads()`` worker threads its own
-share of the images, a step of one or two images at a time and with a single intra-op
-thread, keeps a step's data in that core's cache from the first copy to the last write and
+barrier after every call. Letting each of ``torch.get_num_threads()`` worker threads take
+steps of one or two images, one after another, each worker with a single intra-op thread,
+keeps a step's data in that core's cache from the first copy to the last write and
 needs no barrier. torch lets go of Python's lock inside every call, so the workers run in
 parallel; they still take turns at the lock between calls, so the callers keep the Python
 work per step small (``dct_quant.quantize_and_read``). Every image goes through the same
 single-threaded calls whatever the number of workers, so results do not depend on it.
 
-:func:`map_image_ranges` is the one entry point. The pool is made on first use, re-made
+:func:`map_steps` is the one entry point. The pool is made on first use, re-made
 when the torch thread count (or the cap) changes or after a ``fork``, and shared by every caller. A call from
 a worker thread (or with one torch thread, or ``PREPDEFENSE_CPU_WORKERS=1``) runs inline.
 
@@ -25,6 +25,7 @@ it at once, and the pool's creator sets the default back once every worker has s
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["worker_count", "map_image_ranges", "ENV_WORKERS"]
+__all__ = ["worker_count", "map_steps", "step_ranges", "ENV_WORKERS"]
 
 #: Environment variable capping the number of workers (``1`` turns the pool off).
 ENV_WORKERS = "PREPDEFENSE_CPU_WORKERS"
@@ -100,31 +101,50 @@ def _pool(workers: int) -> Optional[ThreadPoolExecutor]:
         return _POOL
 
 
-def split_ranges(n: int, parts: int, multiple: int = 1) -> List[Tuple[int, int]]:
-    """``parts`` contiguous ``(lo, hi)`` ranges covering ``range(n)``, boundaries at multiples
-    of ``multiple`` (so that steps of ``multiple`` images fall alike however ``n`` is split)."""
-    steps = -(-n // multiple)
-    bounds = [min(n, (steps * k // parts) * multiple) for k in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+def step_ranges(n: int, step: int) -> List[Tuple[int, int]]:
+    """``(lo, hi)`` of the steps of ``step`` images that cover images ``0..n-1``."""
+    step = max(int(step), 1)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def map_image_ranges(fn: Callable[[int, int], None], n: int, device, *, multiple: int = 1) -> None:
-    """Run ``fn(lo, hi)`` over contiguous ranges covering images ``0..n-1``.
+def map_steps(make_runner: Callable[[], Callable[[int, int], None]], n: int, device, *, step: int = 1) -> None:
+    """Run every step of :func:`step_ranges` ``(n, step)``.
 
-    On the CPU with several torch threads the ranges go to the worker pool, one range per
-    worker, each worker with a single intra-op thread; otherwise ``fn(0, n)`` runs here. ``fn``
-    must only write its own images' outputs. Waits for every range; the first exception
-    raised by ``fn`` is re-raised.
+    ``make_runner()`` is called once per worker, in that worker, and returns the function
+    that runs one step ``(lo, hi)`` (so each worker can make its own buffers once). On the
+    CPU with several torch threads the steps go to the worker pool, each worker with a
+    single intra-op thread, taking the next step whenever it finishes one: a core slowed
+    down by other load simply runs fewer steps. Otherwise they all run here. A step must
+    only write its own images' outputs, and computes them the same way whichever worker
+    runs it. Waits for every worker; the first exception raised is re-raised, and no
+    further steps start after it.
     """
-    workers = worker_count(device, -(-n // max(multiple, 1)))
-    if workers <= 1:
-        fn(0, n)
-        return
-    pool = _pool(max(workers, worker_count(device, torch.get_num_threads())))  # sized for the thread count
+    ranges = step_ranges(n, step)
+    workers = worker_count(device, len(ranges))
+    pool = None
+    if workers > 1:
+        pool = _pool(max(workers, worker_count(device, torch.get_num_threads())))  # sized for the thread count
     if pool is None:
-        fn(0, n)
+        run = make_runner()
+        for lo, hi in ranges:
+            run(lo, hi)
         return
-    futures = [pool.submit(fn, lo, hi) for lo, hi in split_ranges(n, workers, multiple)]
+    taken = itertools.count()  # next() on it is atomic under the GIL
+    failed = threading.Event()
+
+    def work() -> None:
+        run = make_runner()
+        while True:
+            k = next(taken)
+            if k >= len(ranges) or failed.is_set():
+                return
+            try:
+                run(*ranges[k])
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [pool.submit(work) for _ in range(workers)]
     error = None
     for future in futures:  # wait for all, even after a failure: they write into shared outputs
         try:

@@ -212,7 +212,7 @@ def quantize_and_read(
 
     On the CPU (``per_image``, the default there) the images go a few at a time
     (:func:`images_per_step`) through :func:`quantize_into` and, image by image,
-    ``block_dct.read_rows_then_columns``, on :func:`prepdefense.cpu_workers.map_image_ranges`
+    ``block_dct.read_rows_then_columns``, on :func:`prepdefense.cpu_workers.map_steps`
     workers: a step's data stays in one core's cache from the padding copy to the output.
     Every view and index a step needs is made before the loop, so that a step is the copies
     and products alone: each torch call lets go of Python's lock and takes it back,
@@ -240,21 +240,24 @@ def quantize_and_read(
 
     channels = work.reshape(n * c, h * w).split(step * c)  # one entry per step
 
-    def run(lo: int, hi: int) -> None:
-        images = min(step, hi - lo)
+    def make_runner():
+        images = min(step, n)
         planes, scratch = work.new_empty(2, images * c, index.numel()).unbind(0)
         line = row_buffer(work, c, h, wb)
         batched = batch_operators(operators, images * c)
         full = _Step(planes, scratch, batched, index)
         per_image_planes = [p.view(c, -1, wb) for p in planes.view(images, -1).unbind(0)]
-        for i in range(lo, hi, step):
-            part = channels[i // step]
-            m = part.shape[0] // c
+
+        def run(lo: int, hi: int) -> None:
+            part = channels[lo // step]
+            m = hi - lo
             (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index))(part)
             for k in range(m):
-                read_rows_then_columns(per_image_planes[k], runs[i + k], columns[i + k], line, outputs[i + k])
+                read_rows_then_columns(per_image_planes[k], runs[lo + k], columns[lo + k], line, outputs[lo + k])
 
-    cpu_workers.map_image_ranges(run, n, work.device, multiple=step)
+        return run
+
+    cpu_workers.map_steps(make_runner, n, work.device, step=step)
     return out
 
 
