@@ -87,6 +87,13 @@ def test_float64_input(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_empty_batch_gives_an_empty_batch(name):
+    d = defenses.create(name)
+    out = d(torch.rand(0, 3, 32, 40), generator=make_generator(1))
+    assert out.shape[:2] == (0, 3) and (name == "rand" or out.shape[2:] == (32, 40))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_batch_equals_one_image_at_a_time(name):
     d = defenses.create(name)
     shape = (3, 3, 48, 56) if name in SLOW else (3, 3, 224, 224)

@@ -225,6 +225,8 @@ def quantize_and_read(
     n, c, h, w = work.shape
     hb, wb = -(-h // BLOCK), -(-w // BLOCK)
     out = work.new_empty(work.shape)  # a new buffer: never aliases the input
+    if out.numel() == 0:
+        return out
     if per_image is None:
         per_image = work.device.type == "cpu"
     if not per_image:

@@ -286,6 +286,8 @@ class TotalVariation(Defense):
         return TVParams(mask=keep)
 
     def apply(self, x: torch.Tensor, params: TVParams) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.clone()
         mask = params.mask.to(x.device)
         init = _fill_dropped(x, mask) if not bool(mask.all()) else None
         data = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
