@@ -260,20 +260,32 @@ def test_cpu_steps_workers_and_batched_path_agree(shape):
 @pytest.mark.parametrize("shape", [(3, 2, 299, 299), (2, 1, 17, 40), (1, 3, 8, 8)])
 def test_pixels_from_planes_per_image_equals_batched_and_reference(shape):
     """Both ways of reading pixels out of the plane layout (per image: row runs, then
-    columns; batched: one gather) equal indexing the padded image, for arbitrary (not only
-    monotone) row and column maps and for the crop."""
-    from prepdefense.defenses.block_dct import from_planes, pad_to_blocks, pixels_from_planes, to_planes
+    columns, ``read_rows_then_columns``; batched: one gather, ``pixels_from_planes``) equal
+    indexing the padded image, for arbitrary (not only monotone) row and column maps and for
+    the crop."""
+    from prepdefense.defenses.block_dct import (
+        from_planes,
+        pad_to_blocks,
+        pixels_from_planes,
+        read_rows_then_columns,
+        row_buffer,
+        row_then_column_indices,
+        to_planes,
+    )
 
     g = torch.Generator().manual_seed(5)
     n, c, h, w = shape
     image, _ = pad_to_blocks(torch.rand(*shape, generator=g))
     planes = to_planes(image).contiguous()
     assert torch.equal(from_planes(planes), image)
-    rows = torch.randint(0, h, (n, h), generator=g)
-    cols = torch.randint(0, w, (n, w), generator=g)
-    expected = torch.stack([image[i][:, rows[i]][:, :, cols[i]] for i in range(n)])
-    for per_image in (True, False):
-        out = torch.empty(shape)
-        assert torch.equal(pixels_from_planes(planes, rows, cols, out, per_image=per_image), expected)
-        crop = pixels_from_planes(planes, None, None, torch.empty(shape), per_image=per_image)
-        assert torch.equal(crop, image[..., :h, :w])
+    hb, wb = planes.shape[-2:]
+    random_maps = (torch.randint(0, h, (n, h), generator=g), torch.randint(0, w, (n, w), generator=g))
+    crop = (torch.arange(h).expand(n, h), torch.arange(w).expand(n, w))
+    for rows, cols in (random_maps, crop):
+        expected = torch.stack([image[i][:, rows[i]][:, :, cols[i]] for i in range(n)])
+        assert torch.equal(pixels_from_planes(planes, rows, cols, torch.empty(shape)), expected)
+        runs, columns = row_then_column_indices(rows, cols, hb, wb)
+        line, out = row_buffer(planes, c, h, wb), torch.empty(shape)
+        for i in range(n):
+            read_rows_then_columns(planes[i].reshape(c, -1, wb), runs[i], columns[i], line, out[i].view(c * h, w))
+        assert torch.equal(out, expected)

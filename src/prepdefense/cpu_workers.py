@@ -123,7 +123,7 @@ def map_steps(make_runner: Callable[[], Callable[[int, int], None]], n: int, dev
     workers = worker_count(device, len(ranges))
     pool = None
     if workers > 1:
-        pool = _pool(max(workers, worker_count(device, torch.get_num_threads())))  # sized for the thread count
+        pool = _pool(worker_count(device, torch.get_num_threads()))  # sized for the thread count, >= workers
     if pool is None:
         run = make_runner()
         for lo, hi in ranges:

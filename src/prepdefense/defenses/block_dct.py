@@ -7,7 +7,7 @@ equal to ``scipy.fft.dctn(block, norm="ortho")``; done for all blocks of a batch
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,44 +129,20 @@ def read_rows_then_columns(
     torch.index_select(line[1], 1, columns, out=out)
 
 
-def pixels_from_planes(
-    planes: torch.Tensor,
-    rows: Optional[torch.Tensor],
-    cols: Optional[torch.Tensor],
-    out: torch.Tensor,
-    *,
-    per_image: Optional[bool] = None,
-) -> torch.Tensor:
+def pixels_from_planes(planes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[n, c, p, q] = image[n, c, rows[n, p], cols[n, q]]``, ``image`` being the (padded)
-    picture that ``planes`` holds in the :func:`to_planes` layout. ``rows`` / ``cols`` ``None``
-    mean the first ``out.shape[-2]`` rows / ``out.shape[-1]`` columns (a crop).
-
-    Used for the output of Step 1 (a crop) and of the whole defense (Algorithm 3's separable
-    remap, read straight from Step 1's planes). Two ways, with the same result:
-
-    - per image (the default on the CPU), through a per-image buffer that stays in cache:
-      the rows first, with one ``index_select`` of ``Wb``-long runs, then the columns, with a
-      second ``index_select`` within those rebuilt rows (:func:`read_rows_then_columns`);
-    - batched (elsewhere): one ``gather`` over flat offsets (:func:`plane_offsets`), from a
-      view of each channel repeated, with stride 0, for every output row.
+    picture that ``planes`` holds in the :func:`to_planes` layout, for a whole batch at once:
+    one ``gather`` over flat offsets (:func:`plane_offsets`), from a view of each channel
+    repeated, with stride 0, for every output row. This is the batched path off the CPU; on
+    the CPU, ``dct_quant.quantize_and_read`` reads image by image with
+    :func:`read_rows_then_columns` instead (the same result, tested).
 
     Shape:
-        planes: (N, C, 8, 8, Hb, Wb); rows: (N, H) or None; cols: (N, W) or None;
-        out: (N, C, H, W) with H <= 8 Hb, W <= 8 Wb.
+        planes: (N, C, 8, 8, Hb, Wb); rows: (N, H); cols: (N, W); out: (N, C, H, W) with
+        H <= 8 Hb, W <= 8 Wb.
     """
     n, c, block, _, hb, wb = planes.shape
     h, w = out.shape[-2:]
-    if per_image is None:
-        per_image = planes.device.type == "cpu"
-    arange = torch.arange(max(h, w), device=planes.device)
-    rows = arange[:h].expand(n, h) if rows is None else rows
-    cols = arange[:w].expand(n, w) if cols is None else cols
-    if per_image:
-        runs, columns = row_then_column_indices(rows, cols, hb, wb, block)
-        line = row_buffer(planes, c, h, wb, block)
-        for i in range(n):
-            read_rows_then_columns(planes[i].reshape(c, -1, wb), runs[i], columns[i], line, out[i].view(c * h, w))
-        return out
     row, col = plane_offsets(rows, cols, hb, wb, block)
     flat = (row.unsqueeze(2) + col.unsqueeze(1)).view(n, 1, h, w)
     source = planes.reshape(n, c, 1, -1)

@@ -227,15 +227,15 @@ def quantize_and_read(
     out = work.new_empty(work.shape)  # a new buffer: never aliases the input
     if out.numel() == 0:
         return out
+    arange = torch.arange(max(h, w), device=work.device)
+    rows = arange[:h].expand(n, h) if rows is None else rows
+    cols = arange[:w].expand(n, w) if cols is None else cols
     if per_image is None:
         per_image = work.device.type == "cpu"
     if not per_image:
         planes, scratch = work.new_empty(2, n * c, index.numel()).unbind(0)
         quantize_into(work, planes, scratch, batch_operators(operators, n * c), index)
-        return pixels_from_planes(planes.view(n, c, BLOCK, BLOCK, hb, wb), rows, cols, out, per_image=False)
-    arange = torch.arange(max(h, w), device=work.device)
-    rows = arange[:h].expand(n, h) if rows is None else rows
-    cols = arange[:w].expand(n, w) if cols is None else cols
+        return pixels_from_planes(planes.view(n, c, BLOCK, BLOCK, hb, wb), rows, cols, out)
     runs, columns = (t.unbind(0) for t in row_then_column_indices(rows, cols, hb, wb))
     outputs = out.view(n, c * h, w).unbind(0)
     step = images_per_step(work)
