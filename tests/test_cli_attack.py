@@ -56,3 +56,28 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit):
         main(["attack", "--help"])
     assert "NORMALISED" in capsys.readouterr().out
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_adaptive_on_the_papers_defense_at_n10(model, imagenet_sample_dir, capsys, two_threads):
+    """Issue 14: the README's headline attack at a size a user runs. Ten 224x224 images are
+    two Step 1 steps, so with two torch threads Step 1 runs on the worker threads while the
+    attack differentiates through BPDA (it crashed there)."""
+    rc = main(["attack", "--data", str(imagenet_sample_dir), "--device", "cpu", "--json",
+               "--defense", "dct-distort", "--attack", "adaptive", "--norm", "l2", "--eps", "0.05",
+               "--steps", "1", "--eot", "2", "--draws", "2", "--diag-n", "1", "--untargeted",
+               "--n", "10", "--seed", "1"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert r["n"] == 10 and r["defense"] == "dct-distort" and r["attack"] == "adaptive"
+    assert r["l2_rms_max"] <= 0.05 + 1e-6
+    assert r["info"]["gradient_stats"]["zero_gradients"] == 0
+    assert r["info"]["gradient_stats"]["nonfinite_gradients"] == 0
+    assert 0 <= r["accuracy_worst"] <= r["accuracy"] <= 1

@@ -131,8 +131,13 @@ def map_steps(make_runner: Callable[[], Callable[[int, int], None]], n: int, dev
         return
     taken = itertools.count()  # next() on it is atomic under the GIL
     failed = threading.Event()
+    grad_mode = torch.is_grad_enabled()  # per thread in torch: hand the caller's to the workers
 
     def work() -> None:
+        with torch.set_grad_enabled(grad_mode):
+            steps()
+
+    def steps() -> None:
         run = make_runner()
         while True:
             k = next(taken)

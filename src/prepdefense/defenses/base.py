@@ -57,5 +57,5 @@ class Defense(nn.Module):
         params = self.sample_params(x, ensure_generator(generator)) if self.randomized else None
         if self.differentiable:
             return self.apply(x, params)
-        with torch.no_grad():
-            return self.apply(x, params)
+        with torch.no_grad():  # not on the autograd graph: BPDA supplies the gradient
+            return self.apply(x.detach(), params)

@@ -189,7 +189,11 @@ def quantize_into(
 def prepare(x: torch.Tensor, table: torch.Tensor, operators: Optional[Operators]):
     """``(work, operators, index)``: the input in the compute dtype, the operators on its
     device and the :func:`pad_plane_index` of its size."""
-    work = x.to(compute_dtype(x))
+    # Step 1 is never on the autograd graph (rounding has no useful gradient; BPDA supplies
+    # one): a detached input keeps every in-place and ``out=`` call below legal whichever
+    # thread runs it (grad mode is per thread, so a caller's ``no_grad`` does not reach the
+    # cpu_workers threads).
+    work = x.detach().to(compute_dtype(x))
     if operators is None:
         operators = quantization_operators(table, work.dtype, work.device)
     operators = tuple(m.to(dtype=work.dtype, device=work.device) for m in operators)
