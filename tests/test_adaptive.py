@@ -12,6 +12,7 @@ from torch import nn
 
 from prepdefense import attacks, seeding
 from prepdefense.attacks.adaptive import AdaptiveAttack, bootstrap_interval, project, wilson_interval
+from prepdefense.draws import DrawKey, Params
 from prepdefense.defenses import Defended
 from prepdefense.defenses.base import Defense
 from prepdefense.metrics import l2_rms, linf
@@ -29,11 +30,11 @@ class Quantize(Defense):
 class NoisyQuantize(Defense):
     randomized = True
 
-    def sample_params(self, x, generator):
-        return seeding.randn(x.shape, generator, device=x.device) * 0.15
+    def draw(self, x, generator):
+        return Params(offset=seeding.randn(x.shape, generator, device=x.device) * 0.15)
 
     def apply(self, x, params):
-        return (torch.round(x * 8) / 8 + params).clamp(0, 1)
+        return (torch.round(x * 8) / 8 + params["offset"]).clamp(0, 1)
 
 
 def _problem(n=8, seed=0):

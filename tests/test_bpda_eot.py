@@ -11,6 +11,7 @@ from torch import nn
 from prepdefense import seeding
 from prepdefense.attacks.bpda import BPDA, bpda_model, with_bpda
 from prepdefense.attacks.eot import EOT
+from prepdefense.draws import DrawKey, Params
 from prepdefense.defenses import Compose, Defended
 from prepdefense.defenses.base import Defense
 
@@ -31,11 +32,11 @@ class NoisyQuantize(Defense):
 
     randomized = True
 
-    def sample_params(self, x, generator):
-        return seeding.rand((x.shape[0], 1, 1, 1), generator, device=x.device) * 0.2 - 0.1
+    def draw(self, x, generator):
+        return Params(offset=seeding.rand((x.shape[0], 1, 1, 1), generator, device=x.device) * 0.2 - 0.1)
 
     def apply(self, x, params):
-        return (torch.round(x * 4) / 4 + params).clamp(0, 1)
+        return (torch.round(x * 4) / 4 + params["offset"]).clamp(0, 1)
 
 
 class Shift(Defense):
@@ -44,11 +45,11 @@ class Shift(Defense):
     randomized = True
     differentiable = True
 
-    def sample_params(self, x, generator):
-        return seeding.rand((x.shape[0], 1, 1, 1), generator, device=x.device) * 0.2 - 0.1
+    def draw(self, x, generator):
+        return Params(offset=seeding.rand((x.shape[0], 1, 1, 1), generator, device=x.device) * 0.2 - 0.1)
 
     def apply(self, x, params):
-        return x * 0.9 + params
+        return x * 0.9 + params["offset"]
 
 
 class Pad(Defense):
@@ -145,9 +146,9 @@ def test_eot_over_deterministic_model_changes_nothing():
 
 
 def _manual_mean(model, x, n, seed):
-    g = seeding.make_generator(seed)
-    gens = [seeding.make_generator(seeding.child_seed(g)) for _ in range(n)]
-    return torch.stack([model(x, generator=gi) for gi in gens]).mean(0)
+    """The mean of n manual calls, draw i under the run key's sub-stream ("eot", i)."""
+    key = DrawKey(seeding.child_seed(seeding.make_generator(seed)), n=x.shape[0])
+    return torch.stack([model(x, generator=key.child("eot", i)) for i in range(n)]).mean(0)
 
 
 def test_eot_equals_mean_of_manual_draws_and_chunking_is_invisible():
@@ -180,7 +181,10 @@ def test_eot_generic_model_without_defended_structure():
 
     m = RandomModel()
     x = torch.rand(2, 3, 8, 8)
-    ref = _manual_mean(m, x, 5, 4)
+    # one generator per draw for the whole batch: reproducible, and chunking is invisible
+    ref = EOT(m, 5)(x, generator=seeding.make_generator(4))
     assert torch.allclose(EOT(m, 5, chunk=2)(x, generator=seeding.make_generator(4)), ref, atol=1e-6)
+    per = EOT(m, 5, reduce="none")(x, generator=seeding.make_generator(4))
+    assert not torch.allclose(per[0], per[1])  # draws differ
     p = EOT(m, 5, reduce="prob")(x, generator=seeding.make_generator(4))
     assert torch.allclose(p.exp().sum(1), torch.ones(2), atol=1e-5)

@@ -21,6 +21,7 @@ from prepdefense.defenses.block_dct import block_dct2d, block_idct2d, from_block
 from prepdefense.defenses.dct_distort import DCTDistort
 from prepdefense.defenses.dct_quant import DCTQuantize, dct_quantize, quantization_operators
 from prepdefense.defenses.grid_distort import index_maps, sample_grid_params
+from prepdefense.draws import Params
 from prepdefense.defenses.quant_tables import FD_TABLE, JPEG_LUMA_Q50
 from prepdefense.seeding import make_generator
 
@@ -179,7 +180,8 @@ def test_dct_distort_is_distortion_of_quantization():
     x = torch.rand(3, 3, 299, 299, generator=make_generator(10))
     params = d.sample_params(x, make_generator(11))
     fused = d.apply(x, params)
-    assert torch.equal(fused, d.distort.apply(d.quantize.apply(x), params))
+    assert torch.equal(fused, d.distort.apply(d.quantize.apply(x), params["distort"]))
+    assert torch.equal(fused, d.apply_stages(x, params))
     assert torch.equal(d(x, generator=make_generator(11)), fused)
 
 
@@ -208,14 +210,14 @@ def test_dct_distort_matches_numpy_and_paper_style_references(reference_impls, s
     g = make_generator(13)
     x = torch.rand(*shape, dtype=torch.float64, generator=g)
     params = sample_grid_params(shape[0], 0.15, 10, g)
-    rf, cf, corner = params.row_factors.numpy(), params.col_factors.numpy(), params.corner.numpy()
+    rf, cf, corner = params["row_factors"].numpy(), params["col_factors"].numpy(), params["corner"].numpy()
     rows, cols = index_maps(params, shape[2], shape[3])
     np.testing.assert_array_equal(ref.numpy_axis_maps(rf, corner >= 2, shape[2]), rows.numpy())
     np.testing.assert_array_equal(ref.numpy_axis_maps(cf, corner % 2 == 1, shape[3]), cols.numpy())
     for i in range(shape[0]):
         np.testing.assert_array_equal(ref.paper_style_axis_map(rf[i], corner[i] >= 2, shape[2]), rows[i].numpy())
     table = FD_TABLE
-    ours = DCTDistort(table=table).apply(x, params).numpy()
+    ours = DCTDistort(table=table).apply(x, Params(distort=params)).numpy()
     np.testing.assert_allclose(ref.numpy_dct_quantize(x.numpy(), table.numpy()), dct_quantize(x, table).numpy(), atol=1e-9)
     np.testing.assert_allclose(ref.numpy_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
     np.testing.assert_allclose(ref.paper_style_dct_distort(x.numpy(), table.numpy(), rf, cf, corner), ours, atol=1e-9)
@@ -248,7 +250,7 @@ def test_cpu_steps_workers_and_batched_path_agree(shape):
         assert torch.get_num_threads() == 2  # the worker pool leaves this thread's count alone
     finally:
         torch.set_num_threads(before)
-    rows, cols = index_maps(params, shape[2], shape[3])
+    rows, cols = index_maps(params["distort"], shape[2], shape[3])
     whole = []
     for q, maps in ((defense.quantize, (rows, cols)), (dct_quant.DCTQuantize("fd"), (None, None))):
         work, operators, index = dct_quant.prepare(x, q.table, None)

@@ -9,6 +9,7 @@ from torch import nn
 from prepdefense import seeding
 from prepdefense.attacks.adaptive import AdaptiveAttack
 from prepdefense.attacks.diagnostics import format_diagnostics, gradient_agreement, run_diagnostics
+from prepdefense.draws import DrawKey, Params
 from prepdefense.defenses import Defended
 from prepdefense.defenses.base import Defense
 
@@ -20,11 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class NoisyQuantize(Defense):
     randomized = True
 
-    def sample_params(self, x, generator):
-        return seeding.randn(x.shape, generator, device=x.device) * 0.1
+    def draw(self, x, generator):
+        return Params(offset=seeding.randn(x.shape, generator, device=x.device) * 0.1)
 
     def apply(self, x, params):
-        return (torch.round(x * 8) / 8 + params).clamp(0, 1)
+        return (torch.round(x * 8) / 8 + params["offset"]).clamp(0, 1)
 
 
 class Staircase(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from prepdefense import defenses
 from prepdefense.defenses.grid_distort import (
     GridDistort,
-    GridDistortParams,
+    grid_params,
     index_maps,
     pixel_statistics,
     sample_grid_params,
@@ -77,7 +77,7 @@ def test_batch_equals_one_by_one_with_same_params():
     x = torch.rand(5, 3, 120, 90, generator=make_generator(3))
     params = d.sample_params(x, make_generator(4))
     batch = d.apply(x, params)
-    single = torch.cat([d.apply(x[i : i + 1], params[i : i + 1]) for i in range(5)])
+    single = torch.cat([d.apply(x[i : i + 1], params.select(slice(i, i + 1))) for i in range(5)])
     assert torch.equal(batch, single)
 
 
@@ -85,7 +85,7 @@ def test_delta_zero_is_identity_for_every_corner():
     d = GridDistort(delta=0.0)
     x = torch.rand(8, 3, 299, 299, generator=make_generator(5))
     params = d.sample_params(x, make_generator(6))
-    params.corner = torch.arange(8) % 4
+    params["corner"] = torch.arange(8) % 4
     assert torch.equal(d.apply(x, params), x)
     dropped, moved = pixel_statistics(params, 299, 299)
     assert torch.all(dropped == 0) and torch.all(moved == 0)
@@ -93,25 +93,25 @@ def test_delta_zero_is_identity_for_every_corner():
 
 def test_sampling_distribution_of_parameters():
     params = sample_grid_params(4000, 0.15, 10, make_generator(9))
-    f = torch.cat([params.row_factors, params.col_factors]).flatten()
+    f = torch.cat([params["row_factors"], params["col_factors"]]).flatten()
     assert f.min() >= 0.85 and f.max() <= 1.15
     assert abs(float(f.mean()) - 1.0) < 4 * 0.15 / np.sqrt(3) / np.sqrt(f.numel())
     assert float(f.var()) == pytest.approx(0.15**2 / 3, rel=0.05)
-    counts = torch.bincount(params.corner, minlength=4).double()
+    counts = torch.bincount(params["corner"], minlength=4).double()
     chi2 = float(((counts - 1000) ** 2 / 1000).sum())
     assert chi2 < 16.3  # 99.9% quantile of chi-square with 3 degrees of freedom
-    assert abs(float(torch.corrcoef(torch.stack([params.row_factors[:, 0], params.col_factors[:, 0]]))[0, 1])) < 0.07
+    assert abs(float(torch.corrcoef(torch.stack([params["row_factors"][:, 0], params["col_factors"][:, 0]]))[0, 1])) < 0.07
 
 
 def test_maps_match_independent_formula_and_flips():
     params = sample_grid_params(64, 0.15, 10, make_generator(10))
     rows, cols = index_maps(params, 299, 223)
     for i in range(64):
-        r = numpy_axis_map(params.row_factors[i].numpy(), 299)
-        c = numpy_axis_map(params.col_factors[i].numpy(), 223)
-        if params.corner[i] >= 2:
+        r = numpy_axis_map(params["row_factors"][i].numpy(), 299)
+        c = numpy_axis_map(params["col_factors"][i].numpy(), 223)
+        if params["corner"][i] >= 2:
             r = 298 - r[::-1]
-        if params.corner[i] % 2:
+        if params["corner"][i] % 2:
             c = 222 - c[::-1]
         np.testing.assert_array_equal(rows[i].numpy(), r)
         np.testing.assert_array_equal(cols[i].numpy(), c)
@@ -123,7 +123,7 @@ def test_content_past_the_border_is_dropped():
     """All cells stretched by 1.15: the cumulative grid ends at 1.15 L, the tail is cut."""
     n, size = 1, 299
     factors = torch.full((n, 10), 1.15, dtype=torch.float64)
-    params = GridDistortParams(torch.zeros(n, dtype=torch.int64), factors, factors.clone())
+    params = grid_params(torch.zeros(n, dtype=torch.int64), factors, factors.clone())
     rows, _ = index_maps(params, size, size)
     assert rows[0, -1] == int((size - 0.5) / 1.15)  # the last output row shows source row 259
     dropped, _ = pixel_statistics(params, size, size)

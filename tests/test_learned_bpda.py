@@ -17,6 +17,7 @@ from prepdefense.attacks.learned_bpda import (
     save_approximator,
     train_approximator,
 )
+from prepdefense.draws import DrawKey, Params
 from prepdefense.defenses.base import Defense
 from prepdefense.metrics import l2_rms, ssim
 
@@ -39,11 +40,11 @@ class NoisyBlur(Blur):
 
     randomized = True
 
-    def sample_params(self, x, generator):
-        return seeding.rand((x.shape[0], 1, 1, 1), generator) * 0.1 - 0.05
+    def draw(self, x, generator):
+        return Params(offset=seeding.rand((x.shape[0], 1, 1, 1), generator) * 0.1 - 0.05)
 
     def apply(self, x, params):
-        return (super().apply(x) + params.to(x.device)).clamp(0, 1)
+        return (super().apply(x) + params["offset"].to(x.device)).clamp(0, 1)
 
 
 class Shrink(Defense):

@@ -12,7 +12,7 @@ from skimage.transform import resize
 from prepdefense import seeding
 from prepdefense.defenses import create, names
 from prepdefense.defenses.pixel_deflection import (
-    DeflectionParams,
+    deflection_params,
     PixelDeflection,
     deflect_pixels,
     sample_deflections,
@@ -51,12 +51,12 @@ def test_deflection_changes_at_most_600_values_within_window():
     assert (changed > 450).all(), changed
     # 200 per channel for RGB (the channel cycles as in the authors' code)
     for c in range(3):
-        assert int((params.channel == c).sum(dim=1)[0]) == 200
+        assert int((params["channel"] == c).sum(dim=1)[0]) == 200
     # sources inside the image and within the window of their target
-    assert (params.source_row - params.target_row).abs().max() <= 10
-    assert (params.source_col - params.target_col).abs().max() <= 10
-    assert params.source_row.min() >= 0 and params.source_row.max() <= 63
-    assert params.source_col.min() >= 0 and params.source_col.max() <= 63
+    assert (params["source_row"] - params["target_row"]).abs().max() <= 10
+    assert (params["source_col"] - params["target_col"]).abs().max() <= 10
+    assert params["source_row"].min() >= 0 and params["source_row"].max() <= 63
+    assert params["source_col"].min() >= 0 and params["source_col"].max() <= 63
     # every changed value is a copy of a value present in that channel before (no new values)
     for i in range(4):
         for c in range(3):
@@ -67,7 +67,7 @@ def test_deflection_changes_at_most_600_values_within_window():
 
 def test_deflections_are_sequential():
     x = torch.arange(16.0).reshape(1, 1, 4, 4) / 16
-    params = DeflectionParams(
+    params = deflection_params(
         channel=torch.tensor([[0, 0]]),
         target_row=torch.tensor([[0, 1]]),
         target_col=torch.tensor([[0, 1]]),
@@ -83,9 +83,9 @@ def test_deflections_are_sequential():
 def test_target_and_offset_distribution():
     params = sample_deflections((1, 3, 299, 299), 60000, 10, seeding.make_generator(4))
     # targets uniform over rows: mean 149, sd of the mean 86/sqrt(60000) ~ 0.35
-    assert abs(params.target_row.double().mean().item() - 149.0) < 2.0
-    interior = (params.target_row >= 10) & (params.target_row <= 288)
-    offsets = (params.source_row - params.target_row)[interior]
+    assert abs(params["target_row"].double().mean().item() - 149.0) < 2.0
+    interior = (params["target_row"] >= 10) & (params["target_row"] <= 288)
+    offsets = (params["source_row"] - params["target_row"])[interior]
     counts = torch.bincount(offsets + 10, minlength=21).double()
     # uniform over the 21 offsets inside the image: chi-square with 20 dof, 99.9% quantile 45.3
     expected = counts.sum() / 21
@@ -121,7 +121,7 @@ def test_full_defense_seeded_in_range_and_close_to_input():
     # apply == wavelet(deflect) with the same draw; batch == image by image
     params = d.sample_params(x, seeding.make_generator(7))
     assert torch.equal(d.apply(x, params), a)
-    single = DeflectionParams(*(getattr(params, f)[1:2] for f in ("channel", "target_row", "target_col", "source_row", "source_col")))
+    single = params.select(slice(1, 2))
     assert torch.equal(d.apply(x[1:2], single), a[1:2])
 
 

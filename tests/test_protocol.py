@@ -9,6 +9,7 @@ from torch import nn
 
 from prepdefense import attacks, seeding
 from prepdefense.attacks.protocol import ProtocolBPDA, merge_histories
+from prepdefense.draws import DrawKey, Params
 from prepdefense.defenses import Defended
 from prepdefense.defenses.base import Defense
 from prepdefense.metrics import l2_rms
@@ -26,11 +27,11 @@ class Quantize(Defense):
 class NoisyQuantize(Defense):
     randomized = True
 
-    def sample_params(self, x, generator):
-        return seeding.randn(x.shape, generator, device=x.device) * 0.02
+    def draw(self, x, generator):
+        return Params(offset=seeding.randn(x.shape, generator, device=x.device) * 0.02)
 
     def apply(self, x, params):
-        return (torch.round(x * 16) / 16 + params).clamp(0, 1)
+        return (torch.round(x * 16) / 16 + params["offset"]).clamp(0, 1)
 
 
 def _setup(defense, n=8, seed=0):

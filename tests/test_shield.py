@@ -27,8 +27,8 @@ def test_every_block_is_the_pillow_jpeg_of_its_quality():
             for k in range(2)]
     x = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255 for a in imgs])
     d = defenses.create("shield")
-    params = d.sample_params(x, make_generator(11))
-    y = d.apply(x, params)
+    params = d.sample_params(x, make_generator(11))["quality"]
+    y = d.apply(x, {"quality": params})
     assert params.shape == (2, math.ceil(44 / 8), math.ceil(70 / 8))
     out = (y.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.int64)
     for n, img in enumerate(imgs):
@@ -44,7 +44,7 @@ def test_every_block_is_the_pillow_jpeg_of_its_quality():
 def test_quality_map_is_uniform():
     d = defenses.create("shield")
     x = torch.zeros(1, 1, 1, 1).expand(6, 3, 299, 299)
-    params = d.sample_params(x, make_generator(2024))
+    params = d.sample_params(x, make_generator(2024))["quality"]
     counts = torch.bincount(params.flatten(), minlength=4).double()
     total = float(counts.sum())
     assert total == 6 * 38 * 38

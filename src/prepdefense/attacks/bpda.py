@@ -7,17 +7,17 @@ and its gradient is exactly that of ``a``).
 
 How the backward pass is chosen (``approx``):
 
-* ``None`` (default, "auto"): the best gradient the defense allows without training anything:
+* ``None`` (default, "auto"): the best gradient the defense allows without training anything,
+  read from what the defense declares (:meth:`~prepdefense.defenses.Defense.stages` and each
+  stage's ``differentiable``), with no guessing:
 
-  - a defense with ``differentiable = True`` (e.g. ``none``, or a random resize + pad written
-    in differentiable torch ops) is run with autograd: the real gradient (so BPDA composes with
-    differentiable defenses without weakening the attack);
-  - a :class:`~prepdefense.defenses.Compose` chain, or a defense exposing the two parts
-    ``quantize`` and ``distort`` (the paper's ``dct-distort``, helper H2), is handled part by
-    part: differentiable parts keep their real gradient, the others get identity BPDA
-    ("BPDA through the non-differentiable parts", PROTOCOL.md "Strong adaptive attack"). For
-    ``dct-distort`` the grid distortion is a gather, differentiable in the pixel values for the
-    sampled maps, so only the quantisation is approximated by the identity;
+  - a ``differentiable`` defense (e.g. ``none``, ``grid-distort``) keeps its real gradient
+    (so BPDA composes with differentiable defenses without weakening the attack);
+  - a defense made of stages (``dct-distort`` = ``quantize`` then ``distort``, a ``+``
+    chain) is handled stage by stage, each stage run once with its own part of the draw:
+    differentiable stages keep their real gradient, the others get identity BPDA ("BPDA
+    through the non-differentiable parts", PROTOCOL.md "Strong adaptive attack"). For
+    ``dct-distort`` only the quantisation is approximated by the identity;
   - any other defense: identity BPDA, ``g'(x) = x`` (the paper's BPDA, Section 6.2). When the
     defense changes the image size (``changes_size``) the identity cannot match the shapes and
     the approximation becomes a bilinear resize of ``x`` to the output size (a crude stand-in;
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..defenses.compose import Compose
+from ..defenses.base import Defense, as_defense
 from ..defenses.defended import Defended
-from ..seeding import child_seed, ensure_generator, make_generator
+from ..draws import KeyLike, Params
 
 __all__ = ["BPDA", "straight_through", "with_bpda", "bpda_model"]
 
@@ -60,20 +60,17 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return surrogate + (value.detach().to(surrogate.dtype) - surrogate).detach()
 
 
-def _has_parts(defense: nn.Module) -> bool:
-    return isinstance(defense, Compose) or (
-        isinstance(getattr(defense, "quantize", None), nn.Module) and isinstance(getattr(defense, "distort", None), nn.Module)
-    )
-
-
-class BPDA(nn.Module):
+class BPDA(Defense):
     """A defense whose backward pass is replaced by a differentiable approximation.
 
     Args:
-        defense: the defense ``g`` (a :class:`~prepdefense.defenses.Defense` or any module
-            called as ``defense(x, generator=...)``).
+        defense: the defense ``g`` (a :class:`~prepdefense.defenses.Defense`; a plain module
+            is wrapped by :func:`~prepdefense.defenses.base.as_defense`).
         approx: ``None`` (auto, see the module docstring), ``"identity"``, or a differentiable
             ``nn.Module`` mapping ``x`` to an approximation of ``g(x)``.
+
+    It draws exactly as ``defense`` does (``sample_params`` is the defense's), so for the same
+    draw its value is exactly ``g(x)``; only the gradient differs.
 
     Shape: (N, C, H, W) -> the defense's output shape.
     """
@@ -84,86 +81,50 @@ class BPDA(nn.Module):
         super().__init__()
         if isinstance(approx, str) and approx != "identity":
             raise ValueError(f"approx must be None, 'identity' or an nn.Module, got {approx!r}")
-        self.defense = defense
+        self.defense = as_defense(defense)
         self.approx = approx if isinstance(approx, nn.Module) else None
         self.mode = "identity" if approx == "identity" else ("module" if isinstance(approx, nn.Module) else "auto")
-        self.randomized = bool(getattr(defense, "randomized", False))
-        self.ensemble = int(getattr(defense, "ensemble", 1))
-        self.changes_size = bool(getattr(defense, "changes_size", False))
-        self._parts_mode: Optional[str] = None  # how a quantize/distort defense splits (cached)
+        self.randomized = bool(self.defense.randomized)
+        self.ensemble = int(self.defense.ensemble)
+        self.changes_size = bool(self.defense.changes_size)
 
-    def forward(self, x: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        d = self.defense
+    def output_size(self, height: int, width: int):
+        return self.defense.output_size(height, width)
+
+    def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+        return self.defense.sample_params(x, generator)
+
+    def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         if self.mode == "module":
-            with torch.no_grad():
-                value = d(x, generator=generator)
-            return straight_through(value, self.approx(x))
-        if self.mode == "auto":
-            if getattr(d, "differentiable", False):
-                return d(x, generator=generator)
-            if isinstance(d, Compose):
-                return self._compose_parts(x, generator)
-            if _has_parts(d):
-                return self._quantize_distort_parts(x, generator)
-        with torch.no_grad():
-            value = d(x, generator=generator)
-        if value.shape == x.shape:
-            return straight_through(value, x)
+            return straight_through(self.defense.run(x, params), self.approx(x))
         if self.mode == "identity":
-            raise ValueError(
-                f"identity BPDA needs a size-preserving defense; {type(d).__name__} maps "
-                f"{tuple(x.shape)} to {tuple(value.shape)} (use approx=None or a module)"
-            )
-        surrogate = F.interpolate(x, size=value.shape[-2:], mode="bilinear", align_corners=False)
-        return straight_through(value, surrogate)
-
-    def _compose_parts(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        # Replays Compose.forward's generator scheme exactly, so the value equals d(x, generator).
-        g = ensure_generator(generator)
-        for part in self.defense.parts:
-            sub = make_generator(child_seed(g)) if part.randomized else None
-            x = BPDA(part)(x, generator=sub)
-        return x
-
-    def _quantize_distort_parts(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        # A two-part defense (dct-distort): run ``distort(quantize(x))`` with BPDA on each part,
-        # handing the generator to the random part. On the first call the result is checked
-        # against the real forward (same generator state); if a wrapper used its generator
-        # differently, a child-seed hand-over is tried, and failing both the whole defense gets
-        # identity BPDA. The verdict is cached, so later calls run the defense once.
-        d = self.defense
-        if self._parts_mode is None:
-            state = generator.get_state() if generator is not None else None
-            with torch.no_grad():
-                value = d(x, generator=generator)
-            quantized = BPDA(d.quantize)(x, generator=None)
-            for mode in ("direct", "child"):
-                if state is None:
-                    replay = None
-                else:
-                    replay = torch.Generator(device="cpu")
-                    replay.set_state(state)
-                surrogate = BPDA(d.distort)(quantized, generator=self._hand_over(replay, mode))
-                if surrogate.shape == value.shape and torch.allclose(surrogate.detach(), value, atol=1e-5):
-                    self._parts_mode = mode
-                    return straight_through(value, surrogate)
-            self._parts_mode = "whole"
+            value = self.defense.run(x, params)
+            if value.shape != x.shape:
+                raise ValueError(
+                    f"identity BPDA needs a size-preserving defense; {type(self.defense).__name__} maps "
+                    f"{tuple(x.shape)} to {tuple(value.shape)} (use approx=None or a module)"
+                )
             return straight_through(value, x)
-        if self._parts_mode == "whole":
-            with torch.no_grad():
-                value = d(x, generator=generator)
-            return straight_through(value, x)
-        quantized = BPDA(d.quantize)(x, generator=None)
-        return BPDA(d.distort)(quantized, generator=self._hand_over(generator, self._parts_mode))
-
-    @staticmethod
-    def _hand_over(generator: Optional[torch.Generator], mode: str) -> Optional[torch.Generator]:
-        if generator is None or mode == "direct":
-            return generator
-        return make_generator(child_seed(generator))
+        return _auto(self.defense, x, params)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
+
+
+def _auto(defense: Defense, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+    """The "auto" backward pass from the defense's declaration (module docstring)."""
+    if defense.differentiable:
+        return defense.apply(x, params)
+    stages = defense.stages()
+    if stages:
+        for name, stage in stages:
+            x = _auto(stage, x, None if params is None else params.get(name))
+        return x
+    value = defense.run(x, params)
+    if value.shape == x.shape:
+        return straight_through(value, x)
+    surrogate = F.interpolate(x, size=value.shape[-2:], mode="bilinear", align_corners=False)
+    return straight_through(value, surrogate)
 
 
 def with_bpda(model: nn.Module, approx: Union[None, str, nn.Module] = None) -> nn.Module:

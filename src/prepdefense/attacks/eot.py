@@ -6,9 +6,11 @@ randomisations of a random model (a ``Defended`` model around a random defense, 
 the expectation ``E_t f(g_t(x))`` instead of one draw. BPDA+EOT is just
 ``EOT(Defended(BPDA(defense), classifier), 30)``.
 
-Randomness: draw ``i`` uses its own generator ``make_generator(child_seed(g))`` taken in order
-from the generator ``g`` given to ``forward`` (or a fresh one), so the result is the mean of
-``n`` manual calls ``model(x, generator=g_i)`` with those generators, whatever the chunking.
+Randomness: draw ``i`` is the model's draw under the key's sub-stream ``("eot", i)``
+(:mod:`prepdefense.draws`): ``sample_params(x, generator)`` returns all ``n`` draws as one
+:class:`~prepdefense.draws.Params` (``"0"`` .. ``"n-1"``) and ``apply(x, params)`` replays them,
+so each image's draws depend only on the seed, its id and ``i``, whatever the chunking or
+the batch.
 
 Reduction (documented choice):
 
@@ -22,42 +24,36 @@ Reduction (documented choice):
 Batching: for a ``Defended`` model with ``ensemble == 1`` the defense is applied draw by
 draw and up to ``chunk`` draws are concatenated into one classifier call (the classifier is
 the costly part; ``chunk=None`` means all ``n``). With ``checkpoint=True`` each chunk is
-recomputed in the backward pass (its draws are replayed from their seeds), so memory holds
-one chunk's activations at a time. Over a deterministic model (``randomized`` False or absent)
-EOT calls the model once: the expectation of a constant is that constant.
+recomputed in the backward pass from its recorded draws, so memory holds one chunk's
+activations at a time. Over a deterministic model (``randomized`` False or absent) EOT calls
+the model once: the expectation of a constant is that constant.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import List, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..defenses.base import ModuleDefense
 from ..defenses.defended import Defended
-from ..seeding import child_seed, ensure_generator, make_generator
+from ..draws import KeyLike, Params, as_key
 
 __all__ = ["EOT", "REDUCTIONS"]
 
 REDUCTIONS = ("logits", "prob", "none")
 
 
-def _accepts_generator(model: nn.Module) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 class EOT(nn.Module):
     """Average a random model over ``n`` independent draws.
 
     Args:
-        model: a module mapping [0,1] NCHW to logits, called as ``model(x, generator=g)``
-            when it takes a generator.
+        model: a module mapping [0,1] NCHW to logits with ``sample_params(x, generator)`` and
+            ``apply(x, params)`` (a ``Defended`` model, possibly with ``BPDA`` inside). A plain
+            random module called as ``model(x, generator=g)`` also works: each draw then gets
+            one ``torch.Generator`` for the whole batch (draws depend on the batch).
         n: number of draws (the paper's ensemble size: 30).
         chunk: draws per classifier call (``None``: all at once).
         reduce: ``"logits"`` (mean logits), ``"prob"`` (log mean softmax) or ``"none"``.
@@ -74,56 +70,67 @@ class EOT(nn.Module):
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
         if chunk is not None and int(chunk) < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.randomized = bool(getattr(model, "randomized", False))
+        if self.randomized and not (hasattr(model, "sample_params") and hasattr(model, "apply")):
+            model = ModuleDefense(model)  # a plain random module: one generator per draw
         self.model = model
         self.n = int(n)
         self.chunk = None if chunk is None else int(chunk)
         self.reduce = reduce
         self.checkpoint = bool(checkpoint)
-        self.randomized = bool(getattr(model, "randomized", False))
         self.input_size = getattr(model, "input_size", None)
-        self._takes_generator = _accepts_generator(model)
 
-    def draws(self, x: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+        """The ``n`` draws for ``x``: draw ``i`` under the key's sub-stream ``("eot", i)``."""
+        if not self.randomized:
+            return None
+        key = as_key(generator, x.shape[0])
+        return Params({str(i): self.model.sample_params(x, key.child("eot", i)) for i in range(self.n)})
+
+    def draws(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
         """Per-draw logits, shape (n, N, K) (one draw, repeated, for a deterministic model)."""
+        return self.apply_draws(x, self.sample_params(x, generator))
+
+    def apply_draws(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """Per-draw logits (n, N, K) for given draws."""
         if not self.randomized:
             z = self.model(x)
             return z.unsqueeze(0).expand(self.n, *z.shape)
-        g = ensure_generator(generator)
-        seeds = [child_seed(g) for _ in range(self.n)]
         step = self.chunk or self.n
         outs: List[torch.Tensor] = []
         for start in range(0, self.n, step):
-            chunk_seeds = seeds[start : start + step]
+            chunk = [params[str(i)] for i in range(start, min(start + step, self.n))]
             if self.checkpoint and torch.is_grad_enabled() and x.requires_grad:
-                out = _checkpoint(self._chunk, x, tuple(chunk_seeds), use_reentrant=False)
+                out = _checkpoint(self._chunk, x, chunk, use_reentrant=False)
             else:
-                out = self._chunk(x, tuple(chunk_seeds))
+                out = self._chunk(x, chunk)
             outs.append(out)
         return torch.cat(outs, dim=0)
 
-    def _chunk(self, x: torch.Tensor, seeds) -> torch.Tensor:
-        gens = [make_generator(s) for s in seeds]
+    def _chunk(self, x: torch.Tensor, chunk: List[Optional[Params]]) -> torch.Tensor:
         m = self.model
-        if isinstance(m, Defended) and int(getattr(m.defense, "ensemble", 1)) <= 1:
-            views = [m.defense(x, generator=gi) for gi in gens]
+        if isinstance(m, Defended) and m.ensemble <= 1:
+            views = [m.defense.run(x, p) for p in chunk]
             if all(v.shape == views[0].shape for v in views):
                 z = m.model(torch.cat(views, dim=0))
-                return z.view(len(gens), x.shape[0], *z.shape[1:])
+                return z.view(len(chunk), x.shape[0], *z.shape[1:])
             return torch.stack([m.model(v) for v in views], dim=0)
-        if self._takes_generator:
-            return torch.stack([m(x, generator=gi) for gi in gens], dim=0)
-        return torch.stack([m(x) for _ in gens], dim=0)
+        return torch.stack([m.apply(x, p) for p in chunk], dim=0)
 
-    def forward(self, x: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """The reduced output for given draws."""
         if not self.randomized and self.reduce != "none":
             z = self.model(x)
             return z if self.reduce == "logits" else z.log_softmax(dim=1)
-        z = self.draws(x, generator=generator)
+        z = self.apply_draws(x, params)
         if self.reduce == "none":
             return z
         if self.reduce == "logits":
             return z.mean(dim=0)
         return (z.log_softmax(dim=2).exp().mean(dim=0)).clamp_min(1e-30).log()
+
+    def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
+        return self.apply(x, self.sample_params(x, generator))
 
     def extra_repr(self) -> str:
         return f"n={self.n}, chunk={self.chunk}, reduce={self.reduce!r}"

@@ -3,22 +3,38 @@
 A defense is an ``nn.Module`` mapping a [0,1] NCHW batch to a [0,1] NCHW batch on the
 input's device and dtype: ``forward(x, *, generator=None)``.
 
-Random defenses split into ``sample_params(x, generator)`` (draws everything random for the
-batch, on the CPU generator so CPU and CUDA runs agree) and a deterministic
-``apply(x, params)``; the same generator state therefore gives the same output, bit for bit
-on CPU, and a draw can be replayed. Deterministic defenses implement ``apply`` only.
+Draws are data (kornia's sample-then-apply; :mod:`prepdefense.draws`):
+
+* ``sample_params(x, generator)`` draws everything random for the batch into one
+  :class:`~prepdefense.draws.Params` (None for a deterministic defense). Image ``i``'s draw
+  comes from its own generator, ``DrawKey.generator(i)``, so it depends only on the run's
+  seed, the image's id and the draw's path, never on the batch it is in. A defense
+  implements :meth:`Defense.draw` (one image's draw) and the base does the rest.
+* ``apply(x, params)`` is deterministic: the same params give the same output, bit for bit
+  on CPU, and a draw can be saved and replayed.
+
+A defense made of stages declares them with :meth:`Defense.stages` (name and defense, in
+order; e.g. ``dct-distort`` = ``quantize`` then ``distort``, a ``+`` chain its parts). Its
+draw is then the draw of each random stage under the key's sub-stream of that stage's name,
+and ``apply`` must equal applying the stages in turn (a test holds every registered defense
+to this). Each stage says whether it is ``differentiable``; BPDA works from that declaration
+alone (:class:`prepdefense.attacks.bpda.BPDA`).
+
+Gradients: a non-differentiable defense never runs on the autograd graph (:meth:`run`
+applies it under ``no_grad`` to a detached input); a differentiable one keeps its real
+gradient.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..seeding import ensure_generator
+from ..draws import DrawKey, KeyLike, Params, as_key
 
-__all__ = ["Defense", "check_images"]
+__all__ = ["Defense", "ModuleDefense", "as_defense", "check_images", "shaped_like"]
 
 
 def check_images(x: torch.Tensor) -> None:
@@ -28,16 +44,27 @@ def check_images(x: torch.Tensor) -> None:
         raise ValueError(f"expected a float NCHW image batch in [0,1], got {shape}")
 
 
+def shaped_like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``shape`` on ``x``'s device and dtype without copying image data (for
+    ``sample_params``, which reads only the shape)."""
+    if tuple(shape) == tuple(x.shape):
+        return x
+    if x.numel() == 0:
+        return x.new_empty(tuple(shape))
+    return x[:, :, :1, :1].expand(*shape)
+
+
 class Defense(nn.Module):
     """Base class: [0,1] NCHW in, [0,1] NCHW out, same device and dtype.
 
     Class attributes:
-        randomized: the output depends on the generator.
-        differentiable: autograd gives a useful gradient through ``forward`` (if False,
+        randomized: the output depends on the draw.
+        differentiable: autograd gives a useful gradient through ``apply`` (if False,
             attacks must use BPDA or a surrogate; the forward runs under ``no_grad``).
         ensemble: number of draws whose softmax ``Defended`` averages per prediction
             (30 for Guo et al.'s random-crop ensemble, 1 otherwise).
-        changes_size: the output's H, W differ from the input's (``rand`` pads).
+        changes_size: the output's H, W differ from the input's (``rand`` pads); see
+            :meth:`output_size`.
     """
 
     randomized: bool = False
@@ -45,17 +72,108 @@ class Defense(nn.Module):
     ensemble: int = 1
     changes_size: bool = False
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> Any:
-        """Draw the random parameters for batch ``x`` (None for deterministic defenses)."""
-        return None
+    # -- what a defense declares -------------------------------------------------------------
+    def stages(self) -> Sequence[Tuple[str, "Defense"]]:
+        """The stages this defense applies in order, as ``(name, defense)`` (empty: atomic)."""
+        return ()
 
-    def apply(self, x: torch.Tensor, params: Any) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The output's (H, W) for an input of (H, W)."""
+        for _, stage in self.stages():
+            height, width = stage.output_size(height, width)
+        return height, width
 
-    def forward(self, x: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        check_images(x)
-        params = self.sample_params(x, ensure_generator(generator)) if self.randomized else None
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
+        """One image's draw (``x`` is that image, shape (1, C, H, W); only its shape, device
+        and dtype may be read) from that image's own generator. Random atomic defenses
+        implement this."""
+        raise NotImplementedError(f"{type(self).__name__} is randomized but implements neither draw() nor stages()")
+
+    def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """The defense for a given draw (deterministic). Staged defenses default to applying
+        their stages in turn."""
+        if not self.stages():
+            raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+        return self.apply_stages(x, params)
+
+    # -- what the base does with it ----------------------------------------------------------
+    def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+        """Draw the random parameters for batch ``x`` (None for a deterministic defense).
+
+        ``generator``: a :class:`~prepdefense.draws.DrawKey` (per-image draws), an int seed,
+        a ``torch.Generator`` or None (see :func:`prepdefense.draws.as_key`).
+        """
+        if not self.randomized:
+            return None
+        key = as_key(generator, x.shape[0])
+        stages = self.stages()
+        if stages:
+            params = Params()
+            shape = tuple(x.shape)
+            for name, stage in stages:
+                if stage.randomized:
+                    params[name] = stage.sample_params(shaped_like(x, shape), key.child(name))
+                shape = (*shape[:2], *stage.output_size(*shape[2:]))
+            return params
+        if x.shape[0] == 0:  # the layout of an empty draw: one image's, with no rows
+            return self.draw(shaped_like(x, (1, *x.shape[1:])), key_generator_for_empty()).select(slice(0, 0))
+        return Params.cat([self.draw(x[i : i + 1], key.generator(i)) for i in range(x.shape[0])])
+
+    def apply_stages(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """Apply :meth:`stages` in turn, each with its own part of ``params``."""
+        for name, stage in self.stages():
+            x = stage.run(x, None if params is None else params.get(name))
+        return x
+
+    def run(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """``apply`` with the gradient rule: off the autograd graph unless ``differentiable``."""
         if self.differentiable:
             return self.apply(x, params)
         with torch.no_grad():  # not on the autograd graph: BPDA supplies the gradient
             return self.apply(x.detach(), params)
+
+    def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
+        check_images(x)
+        params = self.sample_params(x, generator) if self.randomized else None
+        return self.run(x, params)
+
+
+def key_generator_for_empty() -> torch.Generator:
+    """A fixed generator for drawing the layout of an empty batch's draw."""
+    return DrawKey(0, n=1).generator(0)
+
+
+class ModuleDefense(Defense):
+    """Adapter for a plain module called as ``module(x)`` or ``module(x, generator=g)``.
+
+    Its ``randomized`` and ``differentiable`` attributes are read from the module (default
+    False). A random module draws from one ``torch.Generator`` for the whole batch, so its
+    draw depends on the batch: the draw records that generator's seed once per image (all
+    equal), and replaying a sub-batch replays the whole-batch generator on fewer images.
+    Write a :class:`Defense` (``draw`` + ``apply``) for per-image draws.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.randomized = bool(getattr(module, "randomized", False))
+        self.differentiable = bool(getattr(module, "differentiable", False))
+        self.ensemble = int(getattr(module, "ensemble", 1))
+        self.changes_size = bool(getattr(module, "changes_size", False))
+
+    def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+        if not self.randomized:
+            return None
+        key = as_key(generator, x.shape[0])
+        seed = int(torch.randint(0, 2**62, (1,), generator=key.batch_generator()))
+        return Params(batch_seed=torch.full((x.shape[0],), seed, dtype=torch.int64))
+
+    def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        if params is None or x.shape[0] == 0:
+            return self.module(x)
+        return self.module(x, generator=DrawKey(int(params["batch_seed"][0]), n=1).generator(0))
+
+
+def as_defense(module: nn.Module) -> Defense:
+    """``module`` itself if it is a :class:`Defense`, else a :class:`ModuleDefense` around it."""
+    return module if isinstance(module, Defense) else ModuleDefense(module)

@@ -6,20 +6,21 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..seeding import child_seed, ensure_generator, make_generator
-from .base import Defense, check_images
+from ..draws import Params
+from .base import Defense
 
 
 class Compose(Defense):
     """Apply defenses left to right. Random if any part is; differentiable if all are.
 
-    Each random part gets its own sub-generator seeded from ``generator``, so one seed
-    reproduces the whole chain.
+    The parts are the chain's :meth:`stages`, named ``"<position>:<name>"`` (``"0:fd"``,
+    ``"1:rand"``): each random part draws under its own sub-stream of the key, so one seed
+    reproduces the whole chain, and BPDA treats each part by its own declaration.
     """
 
     def __init__(self, parts: Sequence[Defense], names: Optional[Sequence[str]] = None) -> None:
@@ -33,13 +34,11 @@ class Compose(Defense):
         self.ensemble = max(p.ensemble for p in parts)
         self.changes_size = any(p.changes_size for p in parts)
 
-    def forward(self, x: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        check_images(x)
-        g = ensure_generator(generator)
-        for part in self.parts:
-            sub = make_generator(child_seed(g)) if part.randomized else None
-            x = part(x, generator=sub)
-        return x
+    def stages(self) -> Sequence[Tuple[str, Defense]]:
+        return tuple((f"{i}:{name}", part) for i, (name, part) in enumerate(zip(self.part_names, self.parts)))
+
+    def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        return self.apply_stages(x, params)
 
     def extra_repr(self) -> str:
         return "+".join(self.part_names)

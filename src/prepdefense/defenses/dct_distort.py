@@ -14,7 +14,8 @@ import torch
 from . import register
 from .base import Defense
 from .dct_quant import DCTQuantize, compute_dtype, prepare, quantize_and_read
-from .grid_distort import GridDistort, GridDistortParams, index_maps
+from ..draws import Params
+from .grid_distort import GridDistort, index_maps
 from .quant_tables import TableSpec
 
 __all__ = ["DCTDistort"]
@@ -23,10 +24,10 @@ __all__ = ["DCTDistort"]
 class DCTDistort(Defense):
     """Algorithm 1: DCT quantization, then random grid distortion. Random, not differentiable.
 
-    ``.quantize`` and ``.distort`` are the two steps as defenses of their own, so an
-    attacker can build a surrogate (e.g. BPDA through ``quantize`` and the exact,
-    differentiable ``distort`` for a fixed draw). ``sample_params`` returns the
-    :class:`GridDistortParams` of Step 2 (Step 1 is deterministic).
+    Its two stages, declared by :meth:`stages`, are ``quantize`` (Step 1, deterministic, not
+    differentiable) and ``distort`` (Step 2, random, differentiable for a fixed draw), so BPDA
+    approximates the rounding alone and keeps the real gradient of the remap.
+    ``sample_params`` returns ``Params(distort=<Step 2's draw>)``.
 
     Args:
         table: quantization table spec (see ``quant_tables.resolve_table``).
@@ -46,18 +47,18 @@ class DCTDistort(Defense):
     def table_source(self) -> str:
         return self.quantize.table_source
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> GridDistortParams:
-        return self.distort.sample_params(x, generator)
+    def stages(self):
+        return (("quantize", self.quantize), ("distort", self.distort))
 
-    def apply(self, x: torch.Tensor, params: GridDistortParams) -> torch.Tensor:
-        # Same as self.distort.apply(self.quantize.apply(x), params), bit for bit; the remap
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        # Same as apply_stages(x, params), bit for bit; the remap
         # reads straight from Step 1's plane layout, which saves the crop and a copy, and on
         # the CPU each step's images stay in cache from the padding copy to the remap
         # (dct_quant.quantize_and_read).
         with torch.no_grad():
             operators = self.quantize.operators(compute_dtype(x), x.device)
             work, operators, index = prepare(x, self.quantize.table, operators)
-            rows, cols = index_maps(params, work.shape[-2], work.shape[-1], device=x.device)
+            rows, cols = index_maps(params["distort"], work.shape[-2], work.shape[-1], device=x.device)
             return quantize_and_read(work, operators, index, rows, cols).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -32,23 +32,24 @@ independent, so the remap is separable):
    back). With ``delta = 0`` every map is the identity.
 
 Random draws (on the CPU generator, in this order): the corner ``randint(0, 4, (N,))``,
-then ``rand((N, 2, cells))`` in float64 turned into the row and column factors.
+then ``rand((N, 2, cells))`` in float64 turned into the row and column factors. As a defense,
+each image draws from its own generator (``N = 1`` per image, :mod:`prepdefense.draws`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Tuple, Union
 
 import torch
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 
 __all__ = [
-    "GridDistortParams",
     "GridDistort",
+    "grid_params",
     "sample_grid_params",
     "index_maps",
     "axis_index_map",
@@ -58,31 +59,23 @@ __all__ = [
 ]
 
 
-@dataclass
-class GridDistortParams:
-    """One draw of Algorithm 3 for a batch (CPU tensors).
+def grid_params(corner: torch.Tensor, row_factors: torch.Tensor, col_factors: torch.Tensor) -> Params:
+    """One draw of Algorithm 3 for a batch (CPU tensors) as :class:`~prepdefense.draws.Params`:
 
-    Attributes:
-        corner: (N,) int64 in {0: top-left, 1: top-right, 2: bottom-left, 3: bottom-right}.
-        row_factors: (N, cells) float64, ``1 + U(-delta, delta)`` per vertical cell.
-        col_factors: (N, cells) float64, ``1 + U(-delta, delta)`` per horizontal cell.
+    * ``corner``: (N,) int64 in {0: top-left, 1: top-right, 2: bottom-left, 3: bottom-right};
+    * ``row_factors``: (N, cells) float64, ``1 + U(-delta, delta)`` per vertical cell;
+    * ``col_factors``: (N, cells) float64, ``1 + U(-delta, delta)`` per horizontal cell.
     """
-
-    corner: torch.Tensor
-    row_factors: torch.Tensor
-    col_factors: torch.Tensor
-
-    def __getitem__(self, index) -> "GridDistortParams":
-        """Parameters of a sub-batch (``params[i:i+1]`` replays one image's draw)."""
-        return GridDistortParams(self.corner[index], self.row_factors[index], self.col_factors[index])
+    return Params(corner=corner, row_factors=row_factors, col_factors=col_factors)
 
 
-def sample_grid_params(n: int, delta: float, cells: int, generator: torch.Generator) -> GridDistortParams:
-    """Draw corner and per-cell, per-axis factors ``1 + U(-delta, delta)`` for ``n`` images."""
+def sample_grid_params(n: int, delta: float, cells: int, generator: torch.Generator) -> Params:
+    """Draw corner and per-cell, per-axis factors ``1 + U(-delta, delta)`` for ``n`` images
+    from one generator (the defense calls it with ``n = 1`` and each image's generator)."""
     corner = seeding.randint(0, 4, (n,), generator)
     u = seeding.rand((n, 2, cells), generator, dtype=torch.float64)
     factors = 1.0 + float(delta) * (2.0 * u - 1.0)
-    return GridDistortParams(corner, factors[:, 0].contiguous(), factors[:, 1].contiguous())
+    return grid_params(corner, factors[:, 0].contiguous(), factors[:, 1].contiguous())
 
 
 def axis_index_map(factors: torch.Tensor, flip: torch.Tensor, size: int, *, device=None) -> torch.Tensor:
@@ -118,11 +111,11 @@ def axis_index_map(factors: torch.Tensor, flip: torch.Tensor, size: int, *, devi
     return torch.where(flip, (size - 1) - index.flip(1), index)
 
 
-def index_maps(params: GridDistortParams, height: int, width: int, *, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def index_maps(params: Params, height: int, width: int, *, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row map (N, H) and column map (N, W): output ``[p, q]`` takes source ``[rows[p], cols[q]]``."""
-    corner = params.corner.to(device=device)
-    rows = axis_index_map(params.row_factors, corner >= 2, height, device=device)
-    cols = axis_index_map(params.col_factors, (corner % 2) == 1, width, device=device)
+    corner = params["corner"].to(device=device)
+    rows = axis_index_map(params["row_factors"], corner >= 2, height, device=device)
+    cols = axis_index_map(params["col_factors"], (corner % 2) == 1, width, device=device)
     return rows, cols
 
 
@@ -142,14 +135,14 @@ def remap_separable(src: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -
     return out.view(n, c, h, w)
 
 
-def grid_distort(x: torch.Tensor, params: GridDistortParams) -> torch.Tensor:
+def grid_distort(x: torch.Tensor, params: Params) -> torch.Tensor:
     """Algorithm 3 with given parameters (deterministic): remap ``x`` by :func:`index_maps`."""
     rows, cols = index_maps(params, x.shape[-2], x.shape[-1], device=x.device)
     return remap_separable(x, rows, cols)
 
 
 def pixel_statistics(
-    params_or_maps: Union[GridDistortParams, Tuple[torch.Tensor, torch.Tensor]], height: int, width: int
+    params_or_maps: Union[Params, Tuple[torch.Tensor, torch.Tensor]], height: int, width: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two figures of Section 5.3, per image: dropped and moved pixel fractions.
 
@@ -162,7 +155,7 @@ def pixel_statistics(
     Returns:
         ``(dropped, moved)``, float64 tensors of shape (N,).
     """
-    if isinstance(params_or_maps, GridDistortParams):
+    if isinstance(params_or_maps, dict):
         rows, cols = index_maps(params_or_maps, height, width, device="cpu")
     else:
         rows, cols = (t.to("cpu", torch.int64) for t in params_or_maps)
@@ -204,14 +197,14 @@ class GridDistort(Defense):
         self.delta = float(delta)
         self.cells = int(cells)
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> GridDistortParams:
-        return sample_grid_params(x.shape[0], self.delta, self.cells, generator)
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
+        return sample_grid_params(1, self.delta, self.cells, generator)
 
-    def index_maps(self, x_shape, params: GridDistortParams, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def index_maps(self, x_shape, params: Params, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row and column maps for a batch of shape ``x_shape`` (see :func:`index_maps`)."""
         return index_maps(params, x_shape[-2], x_shape[-1], device=device)
 
-    def apply(self, x: torch.Tensor, params: GridDistortParams) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return grid_distort(x, params)
 
     def extra_repr(self) -> str:

@@ -25,33 +25,30 @@ Shape: (N, C, H, W) -> (N, C, H, W).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 
-__all__ = ["PixelDeflection", "DeflectionParams", "deflect_pixels", "wavelet_denoise", "pixel_deflection"]
+__all__ = ["PixelDeflection", "deflection_params", "sample_deflections", "deflect_pixels", "wavelet_denoise", "pixel_deflection"]
 
 
-@dataclass
-class DeflectionParams:
+FIELDS = ("channel", "target_row", "target_col", "source_row", "source_col")
+
+
+def deflection_params(channel, target_row, target_col, source_row, source_col) -> Params:
     """One draw of the deflections for a batch, each (N, K) int64 (K = number of deflections):
     the channel, the target pixel (row, col) and the source pixel (row, col)."""
-
-    channel: torch.Tensor
-    target_row: torch.Tensor
-    target_col: torch.Tensor
-    source_row: torch.Tensor
-    source_col: torch.Tensor
+    return Params(channel=channel, target_row=target_row, target_col=target_col,
+                  source_row=source_row, source_col=source_col)
 
 
 def sample_deflections(
     shape, deflections: int, window: int, generator: torch.Generator
-) -> DeflectionParams:
+) -> Params:
     """Draw ``deflections`` (target, source) pairs per image on the CPU generator.
 
     The channel of deflection k is ``k % C``; the target is uniform over the H x W pixels;
@@ -70,7 +67,7 @@ def sample_deflections(
         s = lo + torch.floor(unit * (hi - lo + 1).double()).long()
         return torch.minimum(s, hi)
 
-    return DeflectionParams(
+    return deflection_params(
         channel=channel,
         target_row=target_row,
         target_col=target_col,
@@ -79,7 +76,7 @@ def sample_deflections(
     )
 
 
-def deflect_pixels(x: torch.Tensor, params: DeflectionParams) -> torch.Tensor:
+def deflect_pixels(x: torch.Tensor, params: Params) -> torch.Tensor:
     """Apply the deflections in order (step 1); returns a new tensor, ``x`` is unchanged.
 
     Batched over images: one indexed copy per deflection, so at most K values per image change.
@@ -88,7 +85,7 @@ def deflect_pixels(x: torch.Tensor, params: DeflectionParams) -> torch.Tensor:
     n = x.shape[0]
     batch = torch.arange(n, device=x.device)
     ch, tr, tc, sr, sc = (
-        t.to(x.device) for t in (params.channel, params.target_row, params.target_col, params.source_row, params.source_col)
+        params[f].to(x.device) for f in FIELDS
     )
     for k in range(ch.shape[1]):
         out[batch, ch[:, k], tr[:, k], tc[:, k]] = out[batch, ch[:, k], sr[:, k], sc[:, k]]
@@ -145,10 +142,10 @@ class PixelDeflection(Defense):
     def extra_repr(self) -> str:
         return f"deflections={self.deflections}, window={self.window}, sigma={self.sigma}, ycbcr={self.ycbcr}"
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> DeflectionParams:
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         return sample_deflections(x.shape, self.deflections, self.window, generator)
 
-    def apply(self, x: torch.Tensor, params: DeflectionParams) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return wavelet_denoise(deflect_pixels(x, params), sigma=self.sigma, ycbcr=self.ycbcr)
 
 

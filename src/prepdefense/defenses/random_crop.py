@@ -12,12 +12,13 @@ gradients through (``differentiable``).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 
@@ -57,7 +58,7 @@ class RandomCrop(Defense):
         crop_fraction: crop side / image side when ``side`` is None (default 90/299).
         ensemble: number of crops whose softmax :class:`Defended` averages (default 30).
 
-    ``sample_params`` returns a dict of (N,) int64 tensors ``top``, ``left``.
+    ``sample_params`` returns :class:`~prepdefense.draws.Params` of (N,) int64 tensors ``top``, ``left``.
 
     Shape: (N, C, H, W) -> (N, C, H, W).
     """
@@ -86,15 +87,15 @@ class RandomCrop(Defense):
             return self.side, self.side
         return crop_side(h, self.crop_fraction), crop_side(w, self.crop_fraction)
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         n, _, h, w = x.shape
         ch, cw = self.crop_hw(h, w)
-        return {
-            "top": seeding.randint(0, h - ch + 1, (n,), generator),
-            "left": seeding.randint(0, w - cw + 1, (n,), generator),
-        }
+        return Params(
+            top=seeding.randint(0, h - ch + 1, (n,), generator),
+            left=seeding.randint(0, w - cw + 1, (n,), generator),
+        )
 
-    def apply(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         h, w = x.shape[-2:]
         return crop_and_resize(x, params["top"], params["left"], self.crop_hw(h, w)).clamp(0.0, 1.0)
 

@@ -18,11 +18,11 @@ map is piecewise a pixel copy, so autograd passes gradients through it (``differ
 
 from __future__ import annotations
 
-from typing import Dict
 
 import torch
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 
@@ -74,7 +74,7 @@ class RandomResizePad(Defense):
     Args:
         pad_value: canvas fill (default 0.5, as the paper's released code).
 
-    ``sample_params`` returns a dict of (N,) int64 tensors ``height``, ``width``, ``top``,
+    ``sample_params`` returns :class:`~prepdefense.draws.Params` of (N,) int64 tensors ``height``, ``width``, ``top``,
     ``left`` (resized size and paste offset per image).
 
     Shape: (N, C, S, S) -> (N, C, P, P), P = round(S * 331 / 299).
@@ -88,7 +88,10 @@ class RandomResizePad(Defense):
         super().__init__()
         self.pad_value = float(pad_value)
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def output_size(self, height: int, width: int):
+        return padded_side(height), padded_side(width)
+
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         n, _, h, w = x.shape
         ph, pw = padded_side(h), padded_side(w)
         if ph <= h or pw <= w:
@@ -98,9 +101,9 @@ class RandomResizePad(Defense):
         # Offsets uniform in [0, P - s): exclusive upper bound as in Xie et al.'s code.
         top = (seeding.rand((n,), generator, dtype=torch.float64) * (ph - height)).floor().long()
         left = (seeding.rand((n,), generator, dtype=torch.float64) * (pw - width)).floor().long()
-        return {"height": height, "width": width, "top": top, "left": left}
+        return Params(height=height, width=width, top=top, left=left)
 
-    def apply(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         _, _, h, w = x.shape
         return resize_pad(x, params["height"], params["width"], params["top"], params["left"],
                           (padded_side(h), padded_side(w)), self.pad_value)

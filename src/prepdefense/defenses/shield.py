@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 from .jpeg import jpeg_compress_qualities
@@ -47,7 +48,7 @@ class SHIELD(Defense):
         qualities: the JPEG qualities a block may take (default 20, 40, 60, 80).
         subsampling: chroma subsampling of the JPEGs (default ``"4:2:0"``, Pillow's).
 
-    ``sample_params`` returns an (N, ceil(H/8), ceil(W/8)) int64 tensor of indices into
+    ``sample_params`` returns ``Params(quality=...)``, an (N, ceil(H/8), ceil(W/8)) int64 tensor of indices into
     ``qualities`` (uniform, independent per block).
 
     Shape: (N, C, H, W) -> (N, C, H, W).
@@ -62,14 +63,14 @@ class SHIELD(Defense):
             raise ValueError(f"qualities must be a non-empty list of values in 1..100, got {qualities!r}")
         self.subsampling = subsampling
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         n, _, h, w = x.shape
         shape = (n, -(-h // BLOCK), -(-w // BLOCK))
-        return seeding.randint(0, len(self.qualities), shape, generator)
+        return Params(quality=seeding.randint(0, len(self.qualities), shape, generator))
 
-    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         versions = jpeg_compress_qualities(x, self.qualities, self.subsampling)
-        return assemble_blocks(versions, params)
+        return assemble_blocks(versions, params["quality"])
 
     def extra_repr(self) -> str:
         return f"qualities={self.qualities}, block={BLOCK}"

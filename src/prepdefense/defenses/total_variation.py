@@ -50,13 +50,13 @@ Deliberate differences from the reference codes, documented here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import seeding
+from ..draws import Params
 from . import register
 from .base import Defense
 
@@ -225,13 +225,6 @@ def _fill_dropped(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, x, local)
 
 
-@dataclass
-class TVParams:
-    """The random draw of :class:`TotalVariation`: the keep mask, (N, 1, H, W) bool."""
-
-    mask: torch.Tensor
-
-
 class TotalVariation(Defense):
     """Guo et al. 2018 TV minimisation: random pixel dropout, then masked Bregman TV fill.
 
@@ -280,15 +273,14 @@ class TotalVariation(Defense):
             f"isotropic={self.isotropic}, max_iter={self.max_iter}, eps={self.eps}"
         )
 
-    def sample_params(self, x: torch.Tensor, generator: torch.Generator) -> TVParams:
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         n, _, h, w = x.shape
-        keep = seeding.rand((n, 1, h, w), generator, device=x.device) < self.keep_prob
-        return TVParams(mask=keep)
+        return Params(mask=seeding.rand((n, 1, h, w), generator) < self.keep_prob)
 
-    def apply(self, x: torch.Tensor, params: TVParams) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
-        mask = params.mask.to(x.device)
+        mask = params["mask"].to(x.device)
         init = _fill_dropped(x, mask) if not bool(mask.all()) else None
         data = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
         out = tv_bregman(
