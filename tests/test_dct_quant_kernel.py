@@ -51,9 +51,18 @@ def random_maps(shape, seed: int):
     return torch.randint(0, h, (n, h), generator=g), torch.randint(0, w, (n, w), generator=g)
 
 
+@pytest.fixture(params=[1, 2], ids=lambda t: f"torch_threads{t}")
+def torch_threads(request):
+    """The calling thread's torch thread count (what one inline worker computes with)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("maps", ["crop", "random maps", "grid distortion"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fast_path_equals_the_reference(shape, maps, configurations):
+def test_fast_path_equals_the_reference(shape, maps, configurations, torch_threads):
     seed = sum(shape)
     x = torch.rand(*shape, dtype=torch.float64, generator=make_generator(seed))
     table = random_table(seed)
