@@ -10,10 +10,15 @@ that differ, which only rounding ties at ``.5`` can cause). torch and (b) are th
 in alternating rounds (:func:`time_interleaved`), and the ratio reported is the median of
 the per-round ratios, so that a stretch of load from other jobs hits both alike.
 
+``--pool`` adds, to the same interleaved rounds, torch's fast path with the CPU workers
+forced to one (``cpu_workers.CPUWorkers(max_workers=1)``: the same steps, run inline on the
+calling thread with its intra-op threads), so that ``torch / it`` on that row is what the
+worker pool buys. With ``--threads 1`` the pool is off anyway and the ratio is about 1.
+
 Usage::
 
     python benchmarks/bench_defense_throughput.py [--quick] [--defenses dct-distort,fd]
-        [--device cpu|cuda|all] [--out benchmarks/results/throughput-DATE.json]
+        [--device cpu|cuda|all] [--pool] [--out benchmarks/results/throughput-DATE.json]
 
 PyTorch's CPU allocator returns large blocks to the OS, so every fresh 70 MB buffer
 page-faults (4 KB pages) while NumPy asks for transparent huge pages; this script sets
@@ -47,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paper-images", type=int, default=8, help="images timed for the per-image reference (a)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="shrink the batch of a defense slower than this per call")
     p.add_argument("--quick", action="store_true", help="small run: batch 16, 1 repeat, 2 images for (a)")
+    p.add_argument("--pool", action="store_true",
+                   help="dct-distort: also time torch with the CPU workers forced to 1, interleaved with the "
+                        "others, to isolate what the worker pool buys")
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 for torch")
     p.add_argument("--out", default="", help="JSON results (default benchmarks/results/throughput-<date>.json)")
     args = p.parse_args(argv)
@@ -66,9 +74,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_impls as ref  # noqa: E402
 
-from prepdefense import defenses  # noqa: E402
+from prepdefense import cpu_workers, defenses  # noqa: E402
 from prepdefense.defenses.dct_distort import DCTDistort  # noqa: E402
 from prepdefense.defenses.grid_distort import index_maps, sample_grid_params  # noqa: E402
+from prepdefense.draws import Params  # noqa: E402
 from prepdefense.seeding import make_generator  # noqa: E402
 
 
@@ -113,9 +122,9 @@ def check_references(threads: int) -> dict:
     for label, shape in (("299", (3, 3, 299, 299)), ("odd", (2, 3, 61, 45))):
         x64 = torch.rand(*shape, generator=g, dtype=torch.float64)
         params = sample_grid_params(shape[0], 0.15, 10, g)
-        rf, cf, corner = params.row_factors.numpy(), params.col_factors.numpy(), params.corner.numpy()
+        rf, cf, corner = params["row_factors"].numpy(), params["col_factors"].numpy(), params["corner"].numpy()
         model = DCTDistort(table=table)
-        t64 = model.apply(x64, params).numpy()
+        t64 = model.apply(x64, Params(distort=params)).numpy()
         b64 = ref.numpy_dct_distort(x64.numpy(), table.numpy(), rf, cf, corner, workers=threads)
         a64 = ref.paper_style_dct_distort(x64.numpy(), table.numpy(), rf, cf, corner)
         rows, cols = index_maps(params, shape[2], shape[3])
@@ -126,7 +135,7 @@ def check_references(threads: int) -> dict:
                     for i in range(shape[0]))
         )
         x32 = x64.float()
-        t32 = model.apply(x32, params).numpy()
+        t32 = model.apply(x32, Params(distort=params)).numpy()
         b32 = ref.numpy_dct_distort(x32.numpy(), table.numpy().astype(np.float32), rf, cf, corner, workers=threads)
         out[label] = {
             "shape": list(shape),
@@ -170,10 +179,11 @@ def _median(values):
     return float(np.median(np.asarray(values, dtype=np.float64)))
 
 
-def time_references(batch: int, size: int, repeats: int, paper_images: int, threads: int) -> dict:
+def time_references(batch: int, size: int, repeats: int, paper_images: int, threads: int, pool: bool = False) -> dict:
     """dct-distort: torch vs (b) vectorised NumPy vs (a) paper style, same process, same data,
     interleaved (:func:`time_interleaved`); each rate is the median over rounds and each
-    ratio the median of the per-round ratios."""
+    ratio the median of the per-round ratios. ``pool``: also torch with the CPU workers
+    forced to one, in the same rounds (``torch_over_one_worker``: what the pool buys)."""
     x = torch.rand(batch, 3, size, size, generator=make_generator(1))
     xn = x.numpy()
     table = defenses.create("dct-distort").quantize.table
@@ -186,6 +196,14 @@ def time_references(batch: int, size: int, repeats: int, paper_images: int, thre
         "torch": lambda: torch_defense(x, generator=g),
         "numpy_vectorised_b": lambda: ref.numpy_dct_distort(xn, tn, *ref.draw_params(batch, 0.15, 10, rng), workers=threads),
     }
+    if pool:
+        one_worker = cpu_workers.CPUWorkers(max_workers=1)  # same steps, inline: no pool
+
+        def torch_one_worker():
+            with cpu_workers.use(one_worker):
+                return torch_defense(x, generator=g)
+
+        calls["torch_one_worker"] = torch_one_worker
     rounds = 2 * max(repeats, 1) + 1
     times = time_interleaved(calls, rounds, warmup=1 if repeats <= 1 else 2)
     # (a) is single-threaded and about 100x slower: timed on its own, a few images, after torch
@@ -196,8 +214,9 @@ def time_references(batch: int, size: int, repeats: int, paper_images: int, thre
     )
     for kind in ("wall", "cpu"):
         times[kind].update(paper[kind])
-    images = {"torch": batch, "numpy_vectorised_b": batch, "paper_style_a": paper_images}
-    result = {"batch": batch, "paper_style_images": paper_images, "rounds": rounds}
+    images = {"torch": batch, "numpy_vectorised_b": batch, "torch_one_worker": batch, "paper_style_a": paper_images}
+    result = {"batch": batch, "paper_style_images": paper_images, "rounds": rounds,
+              "workers": cpu_workers.current().size()}
     for kind, key in (("wall", "images_per_s"), ("cpu", "images_per_cpu_s")):
         per_round = {name: [images[name] / t for t in times[kind][name]] for name in times[kind]}
         result[key] = {name: _median(v) for name, v in per_round.items()}
@@ -207,6 +226,11 @@ def time_references(batch: int, size: int, repeats: int, paper_images: int, thre
         result[f"torch_over_a{suffix}"] = result[key]["torch"] / result[key]["paper_style_a"]
         if kind == "wall":
             result["torch_over_b_per_round"] = ratios
+        if pool:
+            pool_ratios = [t / o for t, o in zip(per_round["torch"], per_round["torch_one_worker"])]
+            result[f"torch_over_one_worker{suffix}"] = _median(pool_ratios)
+            if kind == "wall":
+                result["torch_over_one_worker_per_round"] = pool_ratios
     return result
 
 
@@ -251,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
                     break
     references = None
     if "dct-distort" in names:
-        references = time_references(args.batch, args.size, args.repeats, args.paper_images, args.threads)
+        references = time_references(args.batch, args.size, args.repeats, args.paper_images, args.threads, args.pool)
 
     result = {
         "date": started.isoformat(timespec="seconds"),
@@ -261,7 +285,8 @@ def main(args: argparse.Namespace) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "scipy": __import__("scipy").__version__, "opencv": cv2_version},
         "settings": {"size": args.size, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-                     "quick": args.quick, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")},
+                     "quick": args.quick, "pool": args.pool,
+                     "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")},
         "correctness": checks, "defenses": rows, "skipped": skipped, "dct_distort_references": references,
     }
 
@@ -278,12 +303,18 @@ def main(args: argparse.Namespace) -> int:
               f"(batch {references['batch']}; (a) timed on {references['paper_style_images']} images):")
         print(f"{'implementation':<34} {'images/s':>10} {'torch / it':>11} {'images/CPU-s':>13} {'torch / it':>11}")
         print(f"{'torch (prepdefense)':<34} {rates['torch']:>10.2f} {1.0:>11.1f} {cpu_rates['torch']:>13.2f} {1.0:>11.1f}")
-        for key, label, ratio in (("numpy_vectorised_b", "(b) vectorised NumPy/SciPy", "b"),
-                                  ("paper_style_a", "(a) per-image, paper-code style", "a")):
+        rows_shown = (("torch_one_worker", "torch, CPU workers forced to 1", "one_worker"),) if args.pool else ()
+        rows_shown += (("numpy_vectorised_b", "(b) vectorised NumPy/SciPy", "b"),
+                       ("paper_style_a", "(a) per-image, paper-code style", "a"))
+        for key, label, ratio in rows_shown:
             print(f"{label:<34} {rates[key]:>10.2f} {references[f'torch_over_{ratio}']:>11.1f} "
                   f"{cpu_rates[key]:>13.2f} {references[f'torch_over_{ratio}_cpu_time']:>11.1f}")
         spread = references["torch_over_b_per_round"]
         print(f"torch / (b) per round: {', '.join(f'{r:.1f}' for r in spread)}")
+        if args.pool:
+            spread = references["torch_over_one_worker_per_round"]
+            print(f"torch ({references['workers']} workers) / torch (1 worker) per round: "
+                  f"{', '.join(f'{r:.2f}' for r in spread)}")
     for label, c in checks.items():
         print(f"check {label} {tuple(c['shape'])}: maps equal={c['maps_equal']}, float64 max|torch-b|="
               f"{c['float64_max_abs_torch_vs_b']:.1e}, max|torch-a|={c['float64_max_abs_torch_vs_a']:.1e}, "

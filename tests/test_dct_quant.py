@@ -53,9 +53,9 @@ def test_block_dct_matches_scipy():
 
 
 def test_quantization_operators_are_the_block_dct_with_the_table_folded_in():
-    """Applied as in ``quantize_into`` (along i, then j; then l, then k), the four operators
-    give ``DCT(255 x) / Q`` and ``IDCT(L * Q) / 255`` of every block, checked against SciPy
-    with a table of distinct entries (so a transposed table would fail)."""
+    """Applied as in the kernel (along i, then j; then l, then k), the four operators give
+    ``DCT(255 x) / Q`` and ``IDCT(L * Q) / 255`` of every block, checked against SciPy with
+    a table of distinct entries (so a transposed table would fail)."""
     table = 10.0 + torch.arange(64, dtype=torch.float64).reshape(8, 8)
     rows_f, cols_f, cols_i, rows_i = quantization_operators(table, torch.float64)
     blocks = torch.rand(7, 8, 8, dtype=torch.float64, generator=make_generator(1))  # (m, i, j)
@@ -226,36 +226,27 @@ def test_dct_distort_matches_numpy_and_paper_style_references(reference_impls, s
 @pytest.mark.parametrize("shape", [(5, 3, 299, 299), (3, 1, 21, 50)])
 def test_cpu_steps_workers_and_batched_path_agree(shape):
     """Step 1 (and the whole defense) computed three ways give the same float32 output, bit
-    for bit: on one thread in small steps, over two single-threaded CPU workers, and as the
-    batched path that runs off the CPU (one step, one gather)."""
-    from prepdefense.defenses import dct_quant
-    from prepdefense.defenses.grid_distort import index_maps
-    from prepdefense.seeding import make_generator
+    for bit: inline in small steps, over two single-threaded CPU workers, and as the batched
+    path that runs off the CPU (one step, one gather)."""
+    from prepdefense.cpu_workers import CPUWorkers, use
+    from prepdefense.defenses.kernels.dct_quant import quantize_and_read
 
     x = torch.rand(*shape, generator=make_generator(3))
     defense = defenses.create("dct-distort")
     params = defense.sample_params(x, make_generator(7))
-    table = dct_quant.resolve_table("fd")[0]
-
-    def run():
-        return defense.apply(x, params), dct_quant.dct_quantize(x, table)
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert dct_quant.images_per_step(x) < x.shape[0] or shape[-1] < 299  # the small-step path
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-        assert torch.get_num_threads() == 2  # the worker pool leaves this thread's count alone
-    finally:
-        torch.set_num_threads(before)
+    table = quant_tables.resolve_table("fd")[0]
+    outputs = []
+    for max_workers in (1, 2):
+        with CPUWorkers(max_workers=max_workers) as workers, use(workers):
+            outputs.append((defense.apply(x, params), dct_quantize(x, table)))
+        assert workers.stats.most_steps > 1 or shape[-1] < 299  # the small-step path
+        assert workers.stats.pooled_calls == (2 if max_workers == 2 and workers.stats.most_steps > 1 else 0)
     rows, cols = index_maps(params["distort"], shape[2], shape[3])
-    whole = []
-    for q, maps in ((defense.quantize, (rows, cols)), (dct_quant.DCTQuantize("fd"), (None, None))):
-        work, operators, index = dct_quant.prepare(x, q.table, None)
-        whole.append(dct_quant.quantize_and_read(work, operators, index, *maps, per_image=False))
-    for a, b, c in zip(one, two, whole):
+    batched = (
+        quantize_and_read(x, defense.quantize.table, rows, cols, batched=True),
+        quantize_and_read(x, table, batched=True),
+    )
+    for a, b, c in zip(*outputs, batched):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -265,9 +256,8 @@ def test_pixels_from_planes_per_image_equals_batched_and_reference(shape):
     columns, ``read_rows_then_columns``; batched: one gather, ``pixels_from_planes``) equal
     indexing the padded image, for arbitrary (not only monotone) row and column maps and for
     the crop."""
-    from prepdefense.defenses.block_dct import (
+    from prepdefense.defenses.kernels.planes import (
         from_planes,
-        pad_to_blocks,
         pixels_from_planes,
         read_rows_then_columns,
         row_buffer,

@@ -20,7 +20,8 @@ from torch import nn
 from prepdefense import attacks, defenses
 from prepdefense.attacks.bpda import BPDA
 from prepdefense.attacks.eot import EOT
-from prepdefense.defenses import Defended, dct_quant
+from prepdefense.cpu_workers import CPUWorkers, use
+from prepdefense.defenses import Defended
 from prepdefense.seeding import make_generator
 
 NAMES = defenses.names()
@@ -28,6 +29,7 @@ BATCHES = (1, 2, 10, 64)
 THREADS = (1, 2)
 SIDE = 32  # small images keep the matrix fast; still four 8x8 blocks per side
 MODES = ("forward", "bpda", "eot-bpda", "adaptive", "bpda-eot")
+STEP1_DEFENSES = {"dct-quant", "fd", "dct-distort"}  # Step 1 on the CPU workers
 
 
 class TinyConvNet(nn.Module):
@@ -52,15 +54,31 @@ def tiny_model() -> nn.Module:
 
 
 @pytest.fixture(params=THREADS, ids=lambda t: f"threads{t}")
-def threads(request, monkeypatch):
-    """The torch thread count, with Step 1 sized to one small image per step, so that a batch
-    of two or more takes the multi-step path (on the worker threads with two torch threads)
-    exactly as a 64-image batch of 299x299 images does."""
-    monkeypatch.setattr(dct_quant, "CPU_STEP_ELEMENTS", 3 * SIDE * SIDE)
+def threads(request):
+    """The torch thread count, with Step 1's CPU workers sized to one small image per step, so
+    that a batch of two or more takes the multi-step path (on the worker threads with two
+    torch threads) exactly as a 64-image batch of 299x299 images does. Yields the
+    :class:`CPUWorkers` in force, whose ``stats`` show which path ran."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    try:
+        with CPUWorkers(step_elements=3 * SIDE * SIDE) as workers, use(workers):
+            yield workers
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_step1_path(name: str, n: int, workers: CPUWorkers) -> None:
+    """Step 1's defenses ran on the path this case is meant to cover: one image per step, so
+    several steps for n >= 2, on the worker threads when torch has two threads."""
+    assert STEP1_DEFENSES <= set(NAMES)
+    if name not in STEP1_DEFENSES:
+        return
+    stats = workers.stats
+    assert stats.calls > 0, "Step 1 did not run through the configured workers"
+    if n >= 2:  # (with n = 1, EOT's copies of the image can still make several steps)
+        assert stats.most_steps >= 2, "the multi-step path was not taken"
+        assert (stats.pooled_calls > 0) == (torch.get_num_threads() >= 2), "the worker pool was (not) used"
 
 
 def _images(n: int) -> torch.Tensor:
@@ -129,3 +147,4 @@ def test_every_defense_on_every_attack_path(name, n, mode, threads, tiny_model):
         # the paper's raw-gradient step moved every image that had not stopped
         moved = (result.adversarial - x).flatten(1).abs().amax(dim=1) > 0
         assert moved.all(), f"images {(~moved).nonzero().flatten().tolist()} were not moved"
+    _assert_step1_path(name, n, threads)

@@ -13,9 +13,10 @@ import torch
 
 from . import register
 from .base import Defense
-from .dct_quant import DCTQuantize, compute_dtype, prepare, quantize_and_read
 from ..draws import Params
+from .dct_quant import DCTQuantize
 from .grid_distort import GridDistort, index_maps
+from .kernels.dct_quant import compute_dtype, quantize_and_read
 from .quant_tables import TableSpec
 
 __all__ = ["DCTDistort"]
@@ -52,14 +53,12 @@ class DCTDistort(Defense):
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         # Same as apply_stages(x, params), bit for bit; the remap
-        # reads straight from Step 1's plane layout, which saves the crop and a copy, and on
-        # the CPU each step's images stay in cache from the padding copy to the remap
-        # (dct_quant.quantize_and_read).
-        with torch.no_grad():
-            operators = self.quantize.operators(compute_dtype(x), x.device)
-            work, operators, index = prepare(x, self.quantize.table, operators)
-            rows, cols = index_maps(params["distort"], work.shape[-2], work.shape[-1], device=x.device)
-            return quantize_and_read(work, operators, index, rows, cols).to(x.dtype)
+        # reads straight from Step 1's output in the kernel, which saves the crop and a copy,
+        # and on the CPU each step's images stay in cache from the padding copy to the remap
+        # (kernels/dct_quant.py). The kernel never puts Step 1 on the autograd graph.
+        rows, cols = index_maps(params["distort"], x.shape[-2], x.shape[-1], device=x.device)
+        operators = self.quantize.operators(compute_dtype(x), x.device)
+        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators)
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}, delta={self.distort.delta}, cells={self.distort.cells}"
