@@ -10,6 +10,7 @@ from torch import nn
 
 from prepdefense import attacks, seeding
 from prepdefense.attacks.gradient import BIM, FGSM, MIFGSM, PGD
+from prepdefense.draws import DrawKey
 from prepdefense.attacks.losses import cross_entropy_loss, margin_loss, objective
 
 from toy_models import C, D, H, W, Linear  # noqa: E402  (tests/ is on sys.path)
@@ -76,24 +77,22 @@ def test_fgsm_linf_step_is_eps_sign_of_weight_difference():
     assert torch.allclose(res3.adversarial, res2.adversarial)
 
 
-def test_fgsm_l2_step_has_euclidean_length_eps_and_rms_option():
+def test_fgsm_l2_step_has_rms_length_eps():
+    """L2 budgets are the paper's normalised (RMS) distance everywhere (issue 9, item 3)."""
     model = linear_model()
     x = images()
     labels = model(x).argmax(1)
-    res = FGSM(norm="l2", eps=0.5)(model, x, labels=labels)
-    d = (res.adversarial - x).flatten(1).norm(dim=1)
-    assert torch.allclose(d, torch.full_like(d, 0.5), atol=1e-9)
-    res_rms = FGSM(norm="l2", rms_eps=0.01)(model, x, labels=labels)
-    rms = (res_rms.adversarial - x).flatten(1).pow(2).mean(1).sqrt()
+    res = FGSM(norm="l2", eps=0.01)(model, x, labels=labels)
+    rms = (res.adversarial - x).flatten(1).pow(2).mean(1).sqrt()
     assert torch.allclose(rms, torch.full_like(rms, 0.01), atol=1e-9)
-    assert FGSM.with_rms_eps(0.05).radius(x) == pytest.approx(0.05 * math.sqrt(D))
-    with pytest.raises(ValueError):
-        FGSM(norm="linf", rms_eps=0.05)
-    with pytest.raises(ValueError):
-        FGSM(norm="l2", eps=1.0, rms_eps=0.05)
+    d = (res.adversarial - x).flatten(1).norm(dim=1)  # the Euclidean length is eps * sqrt(C*H*W)
+    assert torch.allclose(d, torch.full_like(d, 0.01 * math.sqrt(D)), atol=1e-9)
+    assert FGSM(norm="l2", eps=0.05).radius(x) == pytest.approx(0.05 * math.sqrt(D))
+    with pytest.raises(TypeError):
+        FGSM(norm="l2", rms_eps=0.05)  # one name for the budget
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.3)])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.3 / math.sqrt(D))])
 def test_projection_respected_exactly(norm, eps):
     model = linear_model()
     x = torch.rand(6, C, H, W, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -107,7 +106,7 @@ def test_projection_respected_exactly(norm, eps):
         at_bound = (d.abs() > eps - 1e-9) | (res.adversarial <= 0) | (res.adversarial >= 1)
         assert at_bound.float().mean() > 0.9
     else:
-        norms = d.flatten(1).norm(dim=1)
+        norms = d.flatten(1).norm(dim=1) / math.sqrt(D)
         assert (norms <= eps + 1e-9).all()
         assert (norms > 0.5 * eps).all()
     assert res.adversarial.min() >= 0 and res.adversarial.max() <= 1
@@ -117,10 +116,12 @@ def test_projection_respected_exactly(norm, eps):
 def test_random_start_in_ball_and_reproducible(norm, eps):
     x = images(8)
     atk = PGD(norm=norm, eps=eps)
-    a = atk.random_perturbation(x, eps, seeding.make_generator(11))
-    b = atk.random_perturbation(x, eps, seeding.make_generator(11))
-    c = atk.random_perturbation(x, eps, seeding.make_generator(12))
+    a = atk.random_perturbation(x, eps, DrawKey(11, n=8))
+    b = atk.random_perturbation(x, eps, DrawKey(11, n=8))
+    c = atk.random_perturbation(x, eps, DrawKey(12, n=8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # per image: image i's start depends on its id alone, not on the rest of the batch
+    assert torch.equal(atk.random_perturbation(x[3:5], eps, DrawKey(11, n=8).select(slice(3, 5))), a[3:5])
     if norm == "linf":
         assert a.abs().max() <= eps
         assert a.abs().max() > 0.9 * eps  # uses the whole ball
@@ -223,7 +224,7 @@ def test_defaults_follow_the_paper():
     p = PGD()
     assert p.steps == 50 and p.random_start and p.eps == pytest.approx(8 / 255)
     assert PGD(steps=1000).rel_stepsize == pytest.approx(2.5 / 1000)
-    assert PGD(norm="l2").rms_eps == 0.05
+    assert PGD(norm="l2").eps == 0.05
     assert MIFGSM().momentum == 1.0
     with pytest.raises(TypeError):
         PGD(0.03)  # keyword-only

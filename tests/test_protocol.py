@@ -48,14 +48,14 @@ def _setup(defense, n=8, seed=0):
 def test_registered_with_paper_defaults():
     a = attacks.create("bpda")
     b = attacks.create("bpda-eot")
-    assert (a.rounds, a.lr, a.eot, a.l2_bound) == (50, 0.1, 1, 0.05)
-    assert (b.rounds, b.lr, b.eot, b.l2_bound) == (50, 0.1, 30, 0.05)
+    assert (a.rounds, a.lr, a.eot, a.eps) == (50, 0.1, 1, 0.05)
+    assert (b.rounds, b.lr, b.eot, b.eps) == (50, 0.1, 30, 0.05)
 
 
 @pytest.mark.parametrize("name", ["bpda", "bpda-eot"])
 def test_history_bound_and_consistency(name):
     model, clf, x, y, t = _setup(NoisyQuantize())
-    atk = attacks.create(name, rounds=12, lr=0.02, l2_bound=0.08, **({"eot": 4} if name == "bpda-eot" else {}))
+    atk = attacks.create(name, rounds=12, lr=0.02, eps=0.08, **({"eot": 4} if name == "bpda-eot" else {}))
     res = atk(model, x, labels=y, targets=t, generator=seeding.make_generator(1))
     assert len(res.history) == 12
     assert [h["round"] for h in res.history] == list(range(1, 13))
@@ -79,7 +79,7 @@ def test_history_bound_and_consistency(name):
 
 def test_stops_at_success_and_freezes_the_image():
     model, clf, x, y, t = _setup(Quantize())
-    res = ProtocolBPDA(rounds=40, lr=0.05, l2_bound=0.5)(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
+    res = ProtocolBPDA(rounds=40, lr=0.05, eps=0.5)(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
     stopped = [i for i, r in enumerate(res.info["stop_reason"]) if r == "success"]
     assert stopped, "the toy problem should be broken within the bound"
     # deterministic defense: the returned image is classified as the target
@@ -95,7 +95,7 @@ def test_stops_at_success_and_freezes_the_image():
 
 def test_stops_at_bound_and_until_bound():
     model, clf, x, y, t = _setup(Quantize())
-    res = ProtocolBPDA(rounds=5, lr=0.01, l2_bound=0.01, until_bound=True, max_rounds=400)(
+    res = ProtocolBPDA(rounds=5, lr=0.01, eps=0.01, until_bound=True, max_rounds=400)(
         model, x, labels=y, targets=t, generator=seeding.make_generator(0)
     )
     assert all(r in ("success", "bound") for r in res.info["stop_reason"])
@@ -110,20 +110,20 @@ def test_stops_at_bound_and_until_bound():
 
 def test_batching_does_not_change_a_deterministic_run():
     model, clf, x, y, t = _setup(Quantize())
-    a = ProtocolBPDA(rounds=10, lr=0.05, l2_bound=0.3)
+    a = ProtocolBPDA(rounds=10, lr=0.05, eps=0.3)
     r1 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
     a.batch_size = 3
     r2 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
     assert torch.allclose(r1.adversarial, r2.adversarial, atol=1e-6)
     assert [h["asr"] for h in r1.history] == [h["asr"] for h in r2.history]
     # EOT over a deterministic defense changes nothing either
-    r3 = ProtocolBPDA(rounds=10, lr=0.05, l2_bound=0.3, eot=5)(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
+    r3 = ProtocolBPDA(rounds=10, lr=0.05, eps=0.3, eot=5)(model, x, labels=y, targets=t, generator=seeding.make_generator(0))
     assert torch.allclose(r1.adversarial, r3.adversarial, atol=1e-6)
 
 
 def test_reproducible_from_the_seed():
     model, clf, x, y, t = _setup(NoisyQuantize())
-    a = ProtocolBPDA(rounds=6, lr=0.02, eot=3, l2_bound=0.1)
+    a = ProtocolBPDA(rounds=6, lr=0.02, eot=3, eps=0.1)
     r1 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(9))
     r2 = a(model, x, labels=y, targets=t, generator=seeding.make_generator(9))
     assert torch.equal(r1.adversarial, r2.adversarial) and r1.history == r2.history

@@ -1,23 +1,37 @@
-"""What every attack takes and returns (STYLE.md, foolbox 3 / torchattacks shape).
+"""What every attack takes and returns, and the one skeleton that runs it (STYLE.md, the
+foolbox 3 / torchattacks shape).
 
-An attack is a callable object whose hyperparameters are keyword-only constructor
-arguments with the paper's defaults, and whose call is::
+An attack is a callable object whose hyperparameters are keyword-only constructor arguments
+with the paper's defaults, and whose call is::
 
-    result = attack(model, x, labels=y, targets=t_or_None, generator=g)
+    result = attack(model, x, labels=y, targets=t_or_None, generator=seed_or_key, ids=None)
 
 ``model`` is any module mapping [0,1] NCHW to logits (a bare classifier, a ``Defended``
 model, ``BPDA``/``EOT`` wrappers around one); the model is an argument, never state.
-Losses are per sample (``reduction='none'``) and summed, so batch size never changes a step.
+
+The call is final (:meth:`Attack.__call__`): it checks the inputs, builds the run's
+:class:`~prepdefense.draws.DrawKey` (image ``i``'s randomness depends only on the seed, its id
+and what it is used for), puts the model in eval mode for the duration and restores it,
+splits the images into batches of ``batch_size``, runs :meth:`Attack.run` on each and merges
+the results, then calls :meth:`Attack.finish` on the whole. An attack implements ``run``
+(one batch) and, if it reports figures over all images, ``finish``. Losses are per sample
+(``reduction='none'``) and summed, so batch size never changes a step; with per-image draws
+the result of every image is the same whatever the batch size.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
-__all__ = ["Attack", "AttackResult"]
+from ..draws import DrawKey, KeyLike, as_key
+from .verdict import merge_histories
+
+__all__ = ["Attack", "AttackResult", "check_attack_inputs", "eval_mode", "forward", "root_key"]
 
 
 @dataclass
@@ -39,12 +53,85 @@ class AttackResult:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
+def check_attack_inputs(x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> None:
+    """Raise a clear ``ValueError`` unless x is a float NCHW batch with matching labels/targets."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected a float NCHW image batch in [0,1], got {shape}")
+    n = x.shape[0]
+    if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else None}")
+    if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != (n,)):
+        raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+
+
+def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence[int]] = None) -> DrawKey:
+    """The run's key: ``generator`` as :func:`~prepdefense.draws.as_key` reads it, with the
+    images' own ``ids`` when given (then draws follow the images, not their positions)."""
+    key = as_key(generator, n)
+    if ids is None:
+        return key
+    return DrawKey(key.seed, ids, key.path)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def forward(model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
+    """``model(x)``, with the draws of ``key`` when the model is random."""
+    if getattr(model, "randomized", False):
+        return model(x, generator=key)
+    return model(x)
+
+
+def _merge_info(parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:
+    """See :meth:`Attack.merge_info`."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    merged: Dict[str, Any] = {}
+    for k, v in parts[0].items():
+        values = [p.get(k) for p in parts]
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and all(isinstance(t, torch.Tensor) and t.shape[0] == s for t, s in zip(values, sizes)):
+            merged[k] = torch.cat(values, dim=0)
+        elif isinstance(v, list) and all(isinstance(t, list) and len(t) == s for t, s in zip(values, sizes)):
+            merged[k] = [e for t in values for e in t]
+        elif isinstance(v, dict) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v.values()):
+            total: Dict[str, Any] = {}
+            for t in values:
+                for kk, e in (t or {}).items():
+                    total[kk] = total.get(kk, 0) + e
+            merged[k] = total
+        else:
+            merged[k] = v
+    return merged
+
+
 class Attack:
-    """Base of the attack classes: each names its hyperparameters in ``HYPERPARAMETERS`` (the
-    attributes its constructor sets), which :meth:`hyperparameters` records beside results and
-    ``repr`` shows."""
+    """Base of every attack: the final call (module docstring) around :meth:`run`.
+
+    Each attack names its hyperparameters in ``HYPERPARAMETERS`` (the attributes its
+    constructor sets), which :meth:`hyperparameters` records beside results and ``repr``
+    shows. ``batch_size`` (None: all images at once) and ``progress`` (a callable
+    ``progress(done, total)``, not a hyperparameter) are common to all.
+    """
 
     HYPERPARAMETERS: Tuple[str, ...] = ()
+    #: The attack's registered name (set by subclasses).
+    name: str = "attack"
+    batch_size: Optional[int] = None
+    progress: Any = None
+    supports_targeted: bool = True
+    supports_untargeted: bool = True
 
     def hyperparameters(self) -> Dict[str, Any]:
         """Every setting, as recorded beside results."""
@@ -53,3 +140,75 @@ class Attack:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+    # -- what an attack implements -----------------------------------------------------------
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Attack one batch (inputs checked and detached, model in eval mode)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+    def finish(self, result: AttackResult, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Figures over all images once every batch has run (default: none)."""
+        return result
+
+    def steps_per_batch(self) -> int:
+        """Progress units one batch takes (for ``progress``)."""
+        return 1
+
+    # -- the skeleton --------------------------------------------------------------------------
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        *,
+        labels: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        generator: KeyLike = None,
+        ids: Union[None, torch.Tensor, Sequence[int]] = None,
+    ) -> AttackResult:
+        """Attack ``model`` on ``x``.
+
+        Args:
+            model: maps [0,1] NCHW to logits.
+            x: (N, C, H, W) images in [0, 1].
+            labels: (N,) int64 true classes.
+            targets: (N,) int64 target classes (targeted), or None (untargeted).
+            generator: the run's seed: an int, a ``torch.Generator``, a ``DrawKey`` or None.
+            ids: (N,) non-negative image ids; the randomness of image ``i`` depends only on the
+                seed and ``ids[i]`` (default: positions ``0..N-1``).
+
+        Returns:
+            an :class:`AttackResult` over all N images.
+        """
+        check_attack_inputs(x, labels, targets)
+        if targets is None and not self.supports_untargeted:
+            raise ValueError(f"{self.name} is a targeted attack; pass targets")
+        if targets is not None and not self.supports_targeted:
+            raise ValueError(f"{self.name} is an untargeted attack; call it with targets=None")
+        x = x.detach()
+        labels = labels.to(x.device)
+        targets = None if targets is None else targets.to(x.device)
+        key = root_key(generator, x.shape[0], ids)
+        n = x.shape[0]
+        size = self.batch_size or max(n, 1)
+        slices = [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        with eval_mode(model):
+            results = []
+            for b, sl in enumerate(slices):
+                results.append(self.run(model, x[sl], labels[sl], None if targets is None else targets[sl], key.select(sl)))
+            result = self._merge(results, [sl.stop - sl.start for sl in slices]) if results else AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool))
+            return self.finish(result, model, x, labels, targets, key)
+
+    def merge_info(self, parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:
+        """The ``info`` of consecutive batches joined: per-image entries (lists or tensors with
+        one row per image) in order, counter dicts summed, anything else from the first batch."""
+        return _merge_info(parts, sizes)
+
+    def _merge(self, results: List[AttackResult], sizes: List[int]) -> AttackResult:
+        if len(results) == 1:
+            return results[0]
+        return AttackResult(
+            adversarial=torch.cat([r.adversarial for r in results]),
+            success=torch.cat([r.success.to(results[0].success.device) for r in results]),
+            history=merge_histories([r.history for r in results]),
+            info=self.merge_info([r.info for r in results], sizes),
+        )

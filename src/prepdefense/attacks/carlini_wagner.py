@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from . import register
+from ..draws import DrawKey
 from .base import Attack, AttackResult
-from .gradient import check_attack_inputs
 from .losses import is_successful, margin_loss
+from .verdict import round_record
 
 __all__ = ["CarliniWagnerL2"]
 
@@ -92,17 +93,8 @@ class CarliniWagnerL2(Attack):
         self.abort_early = bool(abort_early)
         self.record_history = bool(record_history)
 
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> AttackResult:
-        """Attack ``model`` on ``x`` (``generator`` is unused: the attack is deterministic)."""
-        check_attack_inputs(x, labels, targets)
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Attack one batch (deterministic: ``key`` is unused)."""
         x = x.detach()
         n = x.shape[0]
         dev = x.device
@@ -168,12 +160,7 @@ class CarliniWagnerL2(Attack):
             if self.record_history:
                 with torch.no_grad():
                     pred = model(best_adv).argmax(dim=1)
-                history.append({
-                    "round": bs_step + 1,
-                    "accuracy": float((pred == labels).float().mean()),
-                    "asr": float(is_successful(pred, labels, targets).float().mean()),
-                    "mean_const": float(const.mean()),
-                })
+                history.append(round_record(bs_step + 1, pred, labels, targets, mean_const=float(const.mean())))
 
         with torch.no_grad():
             success = is_successful(model(best_adv), labels, targets)

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from . import register
+from ..draws import DrawKey
 from .base import Attack, AttackResult
-from .gradient import check_attack_inputs
+from .verdict import round_record
 
 __all__ = ["DeepFool"]
 
@@ -66,19 +67,8 @@ class DeepFool(Attack):
         self.candidates = int(candidates)
         self.record_history = bool(record_history)
 
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> AttackResult:
-        """Attack ``model`` on ``x``; DeepFool is untargeted, so ``targets`` must be None."""
-        if targets is not None:
-            raise ValueError("DeepFool is an untargeted attack; call it with targets=None")
-        check_attack_inputs(x, labels, None)
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Attack one batch (untargeted: the base refuses ``targets``)."""
         x = x.detach()
         n = x.shape[0]
         dev = x.device
@@ -107,8 +97,8 @@ class DeepFool(Attack):
             still = logits.argmax(dim=1) == labels[idx]
             active[idx[~still]] = False
             if it > 0 and self.record_history:
-                acc = float(active.float().mean())
-                history.append({"round": it, "accuracy": acc, "asr": 1.0 - acc})
+                # an image still classified correctly is active; the others are fooled
+                history.append(round_record(it, torch.where(active, labels, -1), labels, None))
             if it == self.steps or not still.any():
                 break
             z = logits.gather(1, cand[idx])  # (m, k)

@@ -12,22 +12,33 @@ start and the momentum. Each step
 4. moves by the step size, projects the perturbation onto the ball (Linf: clip to
    ``[-eps, eps]``; L2: rescale to norm ``eps`` when outside) and clips to the box [0, 1].
 
-Budgets. ``eps`` is the ball radius in the attack's own norm: the Linf radius, or the
-*Euclidean* L2 radius (the convention of foolbox and torchattacks). The paper's "l2" is the
-*normalised* (root-mean-square) distance ``||d||_2 / sqrt(C*H*W)`` (PROTOCOL.md,
-"Conventions"); pass it as ``rms_eps`` instead, and the Euclidean radius
-``rms_eps * sqrt(C*H*W)`` is worked out from the images' shape at call time (0.05 at 3x224x224
-is a Euclidean radius of about 19.4). With ``rms_eps`` an absolute ``step_size`` is read in the
-same normalised unit. When neither is given the default is Linf ``eps`` of the attack class,
-or ``rms_eps = 0.05`` (the paper's bound) for L2.
+Budgets. ``eps`` is the ball radius: the Linf radius, or for L2 the paper's *normalised*
+(root-mean-square) distance ``||d||_2 / sqrt(C*H*W)`` (PROTOCOL.md, "Conventions"); every
+L2 budget in prepdefense is in this unit and named ``eps``. The Euclidean radius
+``eps * sqrt(C*H*W)`` is worked out from the images' shape at call time (0.05 at 3x224x224 is
+a Euclidean radius of about 19.4; foolbox and torchattacks take that Euclidean figure). An
+absolute ``step_size`` is read in the same unit. The default is the attack class's Linf
+``eps``, or 0.05 (the paper's bound) for L2.
+
+The loop. FGSM, BIM, PGD, MI-FGSM and the strong ``adaptive`` attack share one loop,
+:meth:`GradientAttack.pgd`, and differ only in its hooks: :meth:`~GradientAttack.random_start`,
+:meth:`~GradientAttack.step_length` (a constant, or the adaptive attack's cosine schedule),
+:meth:`~GradientAttack.normalize` and :meth:`~GradientAttack.project`. With ``eot > 1`` on a
+random model the objective of a step is the mean over ``eot`` draws of the per-draw loss
+(Athalye et al.'s EOT; the draws are the run key's sub-stream ``("step", restart, t)``). Every
+step also scores the current iterate from the draws it computed anyway: the fraction of draws
+on which it succeeds, ties broken by the mean probability of the true class (untargeted, lower
+is better) or of the target (targeted, higher is better); the best iterate by that score is
+kept. Zero and non-finite gradients are counted per image in ``info["gradient_stats"]`` (a
+non-finite gradient step is skipped rather than taken).
 
 Targets. With ``targets`` the attack is targeted (success = classified as the target);
 without, untargeted (success = no longer classified as the label).
 
 Success is judged by one forward pass of the model on the images returned (a fresh draw for a
-randomised model). With ``keep_best=True`` each image returns its successful iterate of highest
-objective (judged on the forward pass the next gradient needs anyway), or the final iterate
-if none succeeded. With ``record_history=True`` the result's ``history`` lists, for every step
+randomised model, the key's sub-stream ``"judge"``). With ``keep_best=True`` each image returns
+its best iterate by the score above when that iterate succeeded on some draw, or the final
+iterate otherwise. With ``record_history=True`` the result's ``history`` lists, for every step
 ``k``, the accuracy and attack success rate of the k-th iterate.
 
 References:
@@ -40,33 +51,33 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .. import seeding
+from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from . import register
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, forward
+from .eot import EOT
 from .losses import LOSSES, is_successful, objective
+from .verdict import round_record
 
-__all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "check_attack_inputs"]
+__all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "PGDRun", "NORMS", "normalize_norm"]
 
 NORMS = ("linf", "l2")
 _NORM_ALIASES = {"inf": "linf", "l_inf": "linf", "linfinity": "linf", "2": "l2", "l_2": "l2"}
 
 
-def check_attack_inputs(x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> None:
-    """Raise a clear ``ValueError`` unless x is a float NCHW batch with matching labels/targets."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected a float NCHW image batch in [0,1], got {shape}")
-    n = x.shape[0]
-    if labels is None or labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {None if labels is None else tuple(labels.shape)}")
-    if targets is not None and targets.shape != (n,):
-        raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
+def normalize_norm(norm: str) -> str:
+    """``'linf'`` or ``'l2'`` from the usual spellings; ValueError otherwise."""
+    norm = _NORM_ALIASES.get(str(norm).lower(), str(norm).lower())
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    return norm
 
 
 def _per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:
@@ -74,43 +85,62 @@ def _per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+@dataclass
+class PGDRun:
+    """What one run of the loop returns (per image, batch order).
+
+    Attributes:
+        final: the last iterate.
+        best: the best iterate by the score (success frequency, then goal probability).
+        best_frequency: its success frequency over the draws of its step, (N,).
+        best_tie: its tie-break score (lower is better), (N,).
+        history: per-step accuracy / ASR records (when recorded).
+        zero_gradients / nonfinite_gradients: per-image counts of such steps, (N,).
+    """
+
+    final: torch.Tensor
+    best: torch.Tensor
+    best_frequency: torch.Tensor
+    best_tie: torch.Tensor
+    history: List[Dict[str, Any]]
+    zero_gradients: torch.Tensor
+    nonfinite_gradients: torch.Tensor
+
+
 class GradientAttack(Attack):
-    """Base of FGSM, BIM, PGD and MI-FGSM: ``steps`` normalised gradient steps, projected.
+    """Base of FGSM, BIM, PGD, MI-FGSM and ``adaptive``: ``steps`` normalised gradient steps,
+    projected (the module docstring).
 
     Args (keyword only):
         norm: ``'linf'`` or ``'l2'``.
-        eps: ball radius: Linf radius, or Euclidean L2 radius (see the module docstring).
-        rms_eps: L2 only: the radius as a normalised (RMS) L2, the paper's unit; exclusive
-            with ``eps``.
+        eps: ball radius: Linf radius, or normalised (RMS) L2 radius, the paper's unit.
         steps: number of gradient steps.
-        step_size: absolute step (Linf: per-pixel change; L2: Euclidean length, or RMS length
-            when ``rms_eps`` is used). Overrides ``rel_stepsize``.
+        step_size: absolute step (Linf: per-pixel change; L2: RMS length). Overrides
+            ``rel_stepsize``.
         rel_stepsize: step as a fraction of the radius (used when ``step_size`` is None).
         random_start: start from a uniform draw in the ball (Linf: U[-eps, eps] per pixel;
-            L2: uniform in the Euclidean ball), drawn from the ``generator`` on the CPU.
+            L2: uniform in the ball), drawn per image from the run's key.
         momentum: MI-FGSM decay factor ``mu`` (0 disables the momentum accumulator).
         loss: ``'ce'`` (cross-entropy) or ``'margin'`` (Carlini-Wagner), see :mod:`.losses`.
         kappa: confidence of the margin loss.
+        eot: draws averaged per step on a random model (1: one draw per step).
         keep_best: return each image's best successful iterate instead of the final one.
         record_history: record per-step accuracy and attack success rate.
+        batch_size: images attacked together (None: all).
     """
 
-    HYPERPARAMETERS = ("norm", "eps", "rms_eps", "steps", "step_size", "rel_stepsize", "random_start",
-                       "momentum", "loss", "kappa", "keep_best")
+    HYPERPARAMETERS = ("norm", "eps", "steps", "step_size", "rel_stepsize", "random_start",
+                       "momentum", "loss", "kappa", "eot", "keep_best")
 
     name = "gradient"
     #: default Linf radius when ``eps`` is not given (subclasses override).
     default_linf_eps: float = PAPER_LINF_BOUND
-    supports_targeted = True
-    supports_untargeted = True
-    norms = NORMS
 
     def __init__(
         self,
         *,
         norm: str = "linf",
         eps: Optional[float] = None,
-        rms_eps: Optional[float] = None,
         steps: int = 10,
         step_size: Optional[float] = None,
         rel_stepsize: Optional[float] = None,
@@ -118,33 +148,28 @@ class GradientAttack(Attack):
         momentum: float = 0.0,
         loss: str = "ce",
         kappa: float = 0.0,
+        eot: int = 1,
         keep_best: bool = False,
         record_history: bool = False,
+        batch_size: Optional[int] = None,
     ) -> None:
-        norm = _NORM_ALIASES.get(str(norm).lower(), str(norm).lower())
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
-        if eps is not None and rms_eps is not None:
-            raise ValueError("give either eps (Euclidean / Linf radius) or rms_eps (normalised L2), not both")
-        if rms_eps is not None and norm != "l2":
-            raise ValueError("rms_eps (normalised L2 radius) only applies to norm='l2'")
-        if eps is None and rms_eps is None:
-            if norm == "linf":
-                eps = self.default_linf_eps
-            else:
-                rms_eps = PAPER_L2_BOUND
-        radius = eps if eps is not None else rms_eps
-        if not radius > 0:
-            raise ValueError(f"the radius must be positive, got {radius}")
+        norm = normalize_norm(norm)
+        if eps is None:
+            eps = self.default_linf_eps if norm == "linf" else PAPER_L2_BOUND
+        if not float(eps) > 0:
+            raise ValueError(f"eps (the radius) must be positive, got {eps}")
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if int(eot) < 1:
+            raise ValueError(f"eot must be >= 1, got {eot}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         if step_size is None and rel_stepsize is None:
             raise ValueError("give step_size or rel_stepsize")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.norm = norm
-        self.eps = None if eps is None else float(eps)
-        self.rms_eps = None if rms_eps is None else float(rms_eps)
+        self.eps = float(eps)
         self.steps = int(steps)
         self.step_size = None if step_size is None else float(step_size)
         self.rel_stepsize = None if rel_stepsize is None else float(rel_stepsize)
@@ -152,138 +177,157 @@ class GradientAttack(Attack):
         self.momentum = float(momentum)
         self.loss = loss
         self.kappa = float(kappa)
+        self.eot = int(eot)
         self.keep_best = bool(keep_best)
         self.record_history = bool(record_history)
+        self.batch_size = None if batch_size is None else int(batch_size)
 
-    # -- configuration -------------------------------------------------------------------
-    @classmethod
-    def with_rms_eps(cls, rms_eps: float, **kwargs: Any) -> "GradientAttack":
-        """The attack in L2 with the paper's normalised radius (``norm='l2'``, ``rms_eps``)."""
-        return cls(norm="l2", rms_eps=rms_eps, **kwargs)
-
+    # -- geometry -------------------------------------------------------------------------
     def radius(self, x: torch.Tensor) -> float:
-        """The ball radius in the attack's own norm (Linf, or Euclidean L2) for images like x."""
-        if self.eps is not None:
+        """The ball radius in the attack's own geometry (Linf, or Euclidean L2) for images like x."""
+        if self.norm == "linf":
             return self.eps
-        return self.rms_eps * math.sqrt(x[0].numel())
+        return self.eps * math.sqrt(x[0].numel())
 
     def absolute_step(self, x: torch.Tensor) -> float:
-        """The step length in the attack's own norm for images like x."""
+        """The (initial) step length in the attack's own geometry for images like x."""
         if self.step_size is None:
             return self.rel_stepsize * self.radius(x)
-        if self.rms_eps is not None:
+        if self.norm == "l2":
             return self.step_size * math.sqrt(x[0].numel())
         return self.step_size
 
-    # -- the three pieces a norm defines ---------------------------------------------------
+    def step_length(self, t: int, alpha: float) -> float:
+        """Step length at step ``t`` (0-based) from the initial length ``alpha``: constant."""
+        return alpha
+
     def normalize(self, direction: torch.Tensor) -> torch.Tensor:
         """Unit step direction: ``sign`` (Linf) or per-image L2-normalised (L2)."""
         if self.norm == "linf":
             return direction.sign()
         return direction / _per_image_norm(direction, 2).clamp_min(1e-12)
 
-    def project(self, delta: torch.Tensor, eps: float) -> torch.Tensor:
-        """Project perturbations onto the ball of radius ``eps``."""
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, radius: float) -> torch.Tensor:
+        """Project onto the ball of ``radius`` around ``x``, then onto the [0, 1] box."""
+        d = x_adv - x
         if self.norm == "linf":
-            return delta.clamp(-eps, eps)
-        norms = _per_image_norm(delta, 2)
-        factor = torch.where(norms > eps, eps / norms.clamp_min(1e-30), torch.ones_like(norms))
-        return delta * factor
-
-    def random_perturbation(self, x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-        """A uniform draw in the ball (drawn on the CPU generator, moved to x's device)."""
-        if self.norm == "linf":
-            u = seeding.rand(x.shape, generator, device=x.device, dtype=x.dtype)
-            return (2 * u - 1) * eps
-        # uniform in the Euclidean ball: Gaussian direction, radius eps * U^(1/d)
-        d = x[0].numel()
-        direction = seeding.randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        direction = direction / _per_image_norm(direction, 2).clamp_min(1e-12)
-        r = seeding.rand((x.shape[0],), generator, device=x.device, dtype=x.dtype).pow(1.0 / d)
-        return direction * (eps * r).view(-1, 1, 1, 1)
-
-    # -- the attack ------------------------------------------------------------------------
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> AttackResult:
-        """Attack ``model`` on the batch ``x``.
-
-        Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) int64 -> result.adversarial
-        (N, C, H, W), result.success (N,) bool.
-        """
-        check_attack_inputs(x, labels, targets)
-        x = x.detach()
-        labels = labels.to(x.device)
-        targets = None if targets is None else targets.to(x.device)
-        eps = self.radius(x)
-        alpha = self.absolute_step(x)
-
-        if self.random_start:
-            gen = seeding.ensure_generator(generator)
-            x_adv = (x + self.project(self.random_perturbation(x, eps, gen), eps)).clamp(0, 1)
+            d = d.clamp(-radius, radius)
         else:
-            x_adv = x.clone()
+            norms = _per_image_norm(d, 2)
+            d = d * torch.where(norms > radius, radius / norms.clamp_min(1e-30), torch.ones_like(norms))
+        return (x + d).clamp(0.0, 1.0)
 
+    def random_perturbation(self, x: torch.Tensor, radius: float, key: DrawKey) -> torch.Tensor:
+        """A uniform draw in the ball, image ``i`` from ``key.generator(i)`` (on the CPU, moved
+        to x's device): Linf U[-r, r] per pixel; L2 a Gaussian direction with radius
+        ``r * U^(1/d)`` (uniform in the Euclidean ball)."""
+        d = x[0].numel()
+        rows = []
+        for g in key.generators():
+            if self.norm == "linf":
+                rows.append((2 * seeding.rand(x.shape[1:], g, dtype=x.dtype) - 1) * radius)
+            else:
+                direction = seeding.randn(x.shape[1:], g, dtype=x.dtype)
+                direction = direction / direction.norm().clamp_min(1e-12)
+                rows.append(direction * radius * float(seeding.rand((1,), g, dtype=torch.float64)) ** (1.0 / d))
+        if not rows:
+            return torch.zeros_like(x)
+        return torch.stack(rows).to(x.device)
+
+    def random_start_point(self, x: torch.Tensor, radius: float, key: DrawKey) -> torch.Tensor:
+        """The start of a run: ``x`` itself, or a uniform draw in the ball with ``random_start``."""
+        if not self.random_start:
+            return x.clone()
+        return self.project(x + self.random_perturbation(x, radius, key), x, radius)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def draw_logits(self, model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
+        """Per-draw logits (R, N, K) of one step: ``eot`` draws on a random model, else one."""
+        if self.eot > 1 and getattr(model, "randomized", False):
+            return EOT(model, self.eot, reduce="none")(x, generator=key)
+        return forward(model, x, key).unsqueeze(0)
+
+    def pgd(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey,
+            *, loss: Optional[str] = None, tick=None) -> PGDRun:
+        """One run of the shared loop from :meth:`random_start_point` (module docstring)."""
+        loss = loss or self.loss
+        n = x.shape[0]
+        radius = self.radius(x)
+        alpha = self.absolute_step(x)
+        targeted = targets is not None
+        goal = targets if targeted else labels
+        x_adv = self.random_start_point(x, radius, key.child("start"))
+        best = x_adv.clone()
+        best_freq = torch.full((n,), -1.0, device=x.device)
+        best_tie = torch.full((n,), float("inf"), device=x.device)
+        zero = torch.zeros(n, dtype=torch.long)
+        nonfinite = torch.zeros(n, dtype=torch.long)
         velocity = torch.zeros_like(x) if self.momentum else None
         history: List[Dict[str, Any]] = []
-        best = x_adv.clone() if self.keep_best else None
-        best_obj = torch.full((x.shape[0],), float("-inf"), device=x.device) if self.keep_best else None
-
-        def note(step: int, logits: torch.Tensor, x_at: torch.Tensor, obj: torch.Tensor) -> None:
-            """Book-keeping for iterate ``step`` from the forward pass made on it."""
-            nonlocal best
-            success = is_successful(logits, labels, targets)
-            if self.record_history and step >= 1:
-                history.append(_history_entry(step, logits, labels, targets))
-            if self.keep_best and step >= 1:
-                better = success & (obj > best_obj)
-                best = torch.where(better.view(-1, 1, 1, 1), x_at, best)
-                best_obj.copy_(torch.where(better, obj, best_obj))
-
-        for step in range(self.steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(x_adv)
-                obj = objective(self.loss, logits, labels, targets, kappa=self.kappa)
-                (grad,) = torch.autograd.grad(obj.sum(), x_adv)
-            x_adv = x_adv.detach()
-            note(step, logits.detach(), x_adv, obj.detach())
+        for t in range(self.steps + 1):
+            last = t == self.steps
+            xa = x_adv.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                z = self.draw_logits(model, xa, key.child("step", t))  # (R, N, K)
+                r = z.shape[0]
+                obj = objective(loss, z.reshape(r * n, -1), labels.repeat(r),
+                                None if targets is None else targets.repeat(r), kappa=self.kappa).view(r, n).mean(0)
+            with torch.no_grad():  # score the current iterate from the draws just computed
+                zd = z.detach()
+                pred = zd.argmax(2)  # (R, N)
+                hit = pred == targets if targeted else pred != labels
+                freq = hit.float().mean(0)
+                goal_p = zd.softmax(2).mean(0).gather(1, goal[:, None]).squeeze(1)
+                tie = -goal_p if targeted else goal_p
+                better = (freq > best_freq) | ((freq == best_freq) & (tie < best_tie))
+                best[better] = x_adv[better]
+                best_freq = torch.where(better, freq, best_freq)
+                best_tie = torch.where(better, tie, best_tie)
+                if self.record_history and t >= 1:
+                    history.append(round_record(t, zd[0].argmax(1), labels, targets))
+            if last:
+                break
+            (grad,) = torch.autograd.grad(obj.sum(), xa)
+            flat = grad.flatten(1)
+            bad = ~torch.isfinite(flat).all(1)
+            nonfinite += bad.cpu().long()
+            zero += ((flat.abs().amax(1) == 0) & ~bad).cpu().long()
+            grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             if velocity is not None:
                 velocity = self.momentum * velocity + grad / _per_image_norm(grad, 1).clamp_min(1e-12)
-                direction = velocity
-            else:
-                direction = grad
-            x_adv = x_adv + alpha * self.normalize(direction)
-            x_adv = (x + self.project(x_adv - x, eps)).clamp(0, 1).detach()
-
-        with torch.no_grad():
-            logits = model(x_adv)
-            obj = objective(self.loss, logits, labels, targets, kappa=self.kappa)
-        note(self.steps, logits, x_adv, obj)
-
-        if self.keep_best:
-            never = torch.isinf(best_obj)
-            adversarial = torch.where(never.view(-1, 1, 1, 1), x_adv, best)
+                grad = velocity
             with torch.no_grad():
-                logits = model(adversarial)
-        else:
-            adversarial = x_adv
+                x_adv = self.project(x_adv + self.step_length(t, alpha) * self.normalize(grad), x, radius)
+            if tick is not None:
+                tick()
+        return PGDRun(x_adv.detach(), best.detach(), best_freq, best_tie, history, zero, nonfinite)
+
+    def steps_per_batch(self) -> int:
+        return self.steps
+
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) int64 -> result.adversarial
+        (N, C, H, W), result.success (N,) bool."""
+        out = self.pgd(model, x, labels, targets, key, tick=self._tick)
+        adversarial = out.final
+        if self.keep_best:
+            adversarial = torch.where((out.best_frequency > 0).view(-1, 1, 1, 1), out.best, out.final)
+        with torch.no_grad():
+            logits = forward(model, adversarial, key.child("judge"))
         success = is_successful(logits, labels, targets)
-        info = {"attack": self.name, "hyperparameters": self.hyperparameters(), "radius": eps, "step": alpha}
-        return AttackResult(adversarial=adversarial.detach(), success=success.detach(), history=history, info=info)
+        info = {"attack": self.name, "hyperparameters": self.hyperparameters(), "radius": self.radius(x),
+                "step": self.absolute_step(x), "gradient_stats": _gradient_stats(out)}
+        return AttackResult(adversarial=adversarial.detach(), success=success.detach(), history=out.history, info=info)
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress(1, None)
 
 
-def _history_entry(step: int, logits: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> Dict[str, Any]:
-    pred = logits.argmax(dim=1)
-    acc = float((pred == labels).float().mean())
-    asr = float(is_successful(pred, labels, targets).float().mean())
-    return {"round": int(step), "accuracy": acc, "asr": asr}
+def _gradient_stats(out: PGDRun) -> Dict[str, int]:
+    steps_taken = int(out.zero_gradients.numel())
+    return {"zero_gradients": int(out.zero_gradients.sum()), "nonfinite_gradients": int(out.nonfinite_gradients.sum()),
+            "images": steps_taken}
 
 
 class FGSM(GradientAttack):
@@ -297,10 +341,10 @@ class FGSM(GradientAttack):
     name = "fgsm"
     default_linf_eps = 0.03
 
-    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None, rms_eps: Optional[float] = None,
-                 loss: str = "ce", kappa: float = 0.0, record_history: bool = False) -> None:
-        super().__init__(norm=norm, eps=eps, rms_eps=rms_eps, steps=1, rel_stepsize=1.0, random_start=False,
-                         loss=loss, kappa=kappa, record_history=record_history)
+    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None, loss: str = "ce", kappa: float = 0.0,
+                 eot: int = 1, record_history: bool = False, batch_size: Optional[int] = None) -> None:
+        super().__init__(norm=norm, eps=eps, steps=1, rel_stepsize=1.0, random_start=False,
+                         loss=loss, kappa=kappa, eot=eot, record_history=record_history, batch_size=batch_size)
 
 
 class BIM(GradientAttack):
@@ -317,20 +361,20 @@ class BIM(GradientAttack):
     name = "bim"
     default_linf_eps = 0.03
 
-    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None, rms_eps: Optional[float] = None,
+    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None,
                  steps: int = 10, step_size: Optional[float] = None, rel_stepsize: Optional[float] = None,
-                 loss: str = "ce", kappa: float = 0.0, keep_best: bool = False, record_history: bool = False) -> None:
+                 loss: str = "ce", kappa: float = 0.0, keep_best: bool = False, record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
             rel_stepsize = 1.0 / int(steps)
-        super().__init__(norm=norm, eps=eps, rms_eps=rms_eps, steps=steps, step_size=step_size,
+        super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, loss=loss, kappa=kappa,
-                         keep_best=keep_best, record_history=record_history)
+                         keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
 
 
 class PGD(GradientAttack):
     """Projected Gradient Descent with a random start (Madry et al. 2018).
 
-    Defaults: Linf eps 8/255 (the paper's Linf bound; L2: ``rms_eps`` 0.05, its L2 bound),
+    Defaults: Linf eps 8/255 (the paper's Linf bound; L2: ``eps`` 0.05 RMS, its L2 bound),
     50 steps (the paper's PGD-50; PGD-1000 is ``steps=1000``), step ``2.5 * eps / steps``
     (Madry et al.'s rule, so the iterate can cross the ball 2.5 times), random start.
     """
@@ -338,15 +382,15 @@ class PGD(GradientAttack):
     name = "pgd"
     default_linf_eps = PAPER_LINF_BOUND
 
-    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None, rms_eps: Optional[float] = None,
+    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None,
                  steps: int = 50, step_size: Optional[float] = None, rel_stepsize: Optional[float] = None,
                  random_start: bool = True, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
-                 record_history: bool = False) -> None:
+                 record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
             rel_stepsize = 2.5 / int(steps)
-        super().__init__(norm=norm, eps=eps, rms_eps=rms_eps, steps=steps, step_size=step_size,
+        super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=random_start, loss=loss, kappa=kappa,
-                         keep_best=keep_best, record_history=record_history)
+                         keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
 
 
 class MIFGSM(GradientAttack):
@@ -361,15 +405,15 @@ class MIFGSM(GradientAttack):
     name = "mi-fgsm"
     default_linf_eps = 0.03
 
-    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None, rms_eps: Optional[float] = None,
+    def __init__(self, *, norm: str = "linf", eps: Optional[float] = None,
                  steps: int = 10, step_size: Optional[float] = None, rel_stepsize: Optional[float] = None,
                  momentum: float = 1.0, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
-                 record_history: bool = False) -> None:
+                 record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
             rel_stepsize = 1.0 / int(steps)
-        super().__init__(norm=norm, eps=eps, rms_eps=rms_eps, steps=steps, step_size=step_size,
+        super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, momentum=momentum, loss=loss,
-                         kappa=kappa, keep_best=keep_best, record_history=record_history)
+                         kappa=kappa, keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
 
 
 @register("fgsm", help="FGSM: one signed (Linf) or normalised (L2) gradient step of size eps")

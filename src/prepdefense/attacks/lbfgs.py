@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
+from ..draws import DrawKey
 from .base import Attack, AttackResult
-from .gradient import check_attack_inputs
 from .losses import is_successful
+from .verdict import round_record
 
 __all__ = ["LBFGS", "lbfgs_adversarial_loss"]
 
@@ -94,19 +95,10 @@ class LBFGS(Attack):
         self.initial_const = float(initial_const)
         self.record_history = bool(record_history)
 
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> AttackResult:
-        """Attack ``model`` on ``x`` (``generator`` is unused: the attack is deterministic)."""
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
+        """Attack one batch (deterministic: ``key`` is unused)."""
         from scipy.optimize import fmin_l_bfgs_b
 
-        check_attack_inputs(x, labels, targets)
         x = x.detach()
         n = x.shape[0]
         dev, dtype, shape = x.device, x.dtype, x.shape
@@ -154,12 +146,7 @@ class LBFGS(Attack):
             if self.record_history:
                 with torch.no_grad():
                     pred = model(best_adv).argmax(dim=1)
-                history.append({
-                    "round": step + 1,
-                    "accuracy": float((pred == labels).float().mean()),
-                    "asr": float(is_successful(pred, labels, targets).float().mean()),
-                    "mean_const": float(const.mean()),
-                })
+                history.append(round_record(step + 1, pred, labels, targets, mean_const=float(const.mean())))
 
         with torch.no_grad():
             success = is_successful(model(best_adv), labels, targets)

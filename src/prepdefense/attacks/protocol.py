@@ -14,10 +14,11 @@ per round (the mean over draws of the per-draw cross-entropy, differentiated).
 
 An image stops
 
-* at *success*: it is classified as its target with ``l2_rms < l2_bound`` (0.05). Success is
-  judged on one forward pass of the deployed (defended) model with a fresh draw of the defense,
-  a generator not used for the gradient;
-* at the *bound*: the next iterate would have ``l2_rms >= l2_bound``; that iterate is discarded
+* at *success*: it is classified as its target with ``l2_rms < eps`` (0.05, the paper's RMS
+  bound). Success is judged on one forward pass of the deployed (defended) model with a fresh
+  draw of the defense (the run key's sub-stream ``("round", r, "judge")``, never used for the
+  gradient, whose draws are ``("round", r, "gradient")``);
+* at the *bound*: the next iterate would have ``l2_rms >= eps``; that iterate is discarded
   and the image keeps its last iterate inside the bound. The round at which this happens is
   recorded per image (``info["bound_round"]``), with its mean.
 
@@ -36,36 +37,31 @@ Untargeted use (``targets=None``) ascends the cross-entropy of the true label in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, l2_rms
-from ..seeding import child_seed, ensure_generator, make_generator
 from . import register
-from .base import AttackResult
+from .base import Attack, AttackResult, forward
 from .bpda import with_bpda
 from .eot import EOT
+from .verdict import merge_histories, round_record
 
 __all__ = ["ProtocolBPDA", "merge_histories"]
 
 
-def _forward(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if getattr(model, "randomized", False):
-        return model(x, generator=generator)
-    return model(x)
-
-
-class ProtocolBPDA:
+class ProtocolBPDA(Attack):
     """BPDA / BPDA+EOT exactly as the paper runs them (see the module docstring).
 
     Args:
         rounds: rounds to run (Fig. 4 draws 50).
         lr: step size on the raw gradient (0.1).
         eot: draws of the defense averaged per gradient (1: BPDA; 30: BPDA+EOT).
-        l2_bound: normalised-L2 bound (0.05).
+        eps: the normalised-L2 (RMS) bound (0.05).
         approx: BPDA approximation (None: identity / real gradient, see ``BPDA``).
         until_bound: continue past ``rounds`` until every image has stopped.
         max_rounds: safety cap for ``until_bound``.
@@ -76,13 +72,16 @@ class ProtocolBPDA:
     Shape: x (N, C, H, W) in [0,1]; labels, targets (N,) int64.
     """
 
+    HYPERPARAMETERS = ("rounds", "lr", "eot", "eps", "approx", "until_bound", "max_rounds", "chunk", "batch_size")
+    name = "bpda"
+
     def __init__(
         self,
         *,
         rounds: int = 50,
         lr: float = 0.1,
         eot: int = 1,
-        l2_bound: float = PAPER_L2_BOUND,
+        eps: float = PAPER_L2_BOUND,
         approx: Any = None,
         until_bound: bool = False,
         max_rounds: int = 1000,
@@ -90,43 +89,43 @@ class ProtocolBPDA:
         batch_size: Optional[int] = None,
         progress: Optional[Callable[[int, int, Dict[str, Any]], None]] = None,
     ) -> None:
-        if rounds < 1 or eot < 1 or lr <= 0 or l2_bound <= 0:
-            raise ValueError("rounds and eot must be >= 1, lr and l2_bound > 0")
+        if rounds < 1 or eot < 1 or lr <= 0 or eps <= 0:
+            raise ValueError("rounds and eot must be >= 1, lr and eps > 0")
         self.rounds = int(rounds)
         self.lr = float(lr)
         self.eot = int(eot)
-        self.l2_bound = float(l2_bound)
+        self.eps = float(eps)
         self.approx = approx
         self.until_bound = bool(until_bound)
         self.max_rounds = max(int(max_rounds), self.rounds)
         self.chunk = chunk
         self.batch_size = batch_size
         self.progress = progress
+        self.name = "bpda-eot" if self.eot > 1 else "bpda"
 
-    # -- one batch ---------------------------------------------------------------------------
-    def _gradient(self, grad_model: nn.Module, x: torch.Tensor, goal: torch.Tensor, targeted: bool, g: torch.Generator) -> torch.Tensor:
+    def _gradient(self, grad_model: nn.Module, x: torch.Tensor, goal: torch.Tensor, targeted: bool, key: DrawKey) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             if self.eot > 1 and getattr(grad_model, "randomized", False):
-                z = EOT(grad_model, self.eot, chunk=self.chunk, reduce="none")(x, generator=g)  # (n, N, K)
+                z = EOT(grad_model, self.eot, chunk=self.chunk, reduce="none")(x, generator=key)  # (n, N, K)
                 n = z.shape[0]
                 ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), goal.repeat(n), reduction="none").view(n, -1).mean(0)
             else:
-                ce = F.cross_entropy(_forward(grad_model, x, g), goal, reduction="none")
+                ce = F.cross_entropy(forward(grad_model, x, key), goal, reduction="none")
             (grad,) = torch.autograd.grad(ce.sum(), x)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         # Targeted: descend CE to the target; untargeted: ascend CE of the label.
         return grad if targeted else -grad
 
-    def _run_batch(self, model, x, labels, targets, g, total_rounds, on_round):
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         targeted = targets is not None
         goal = targets if targeted else labels
         grad_model = with_bpda(model, self.approx)
+        total_rounds = self.max_rounds if self.until_bound else self.rounds
         n = x.shape[0]
-        device = x.device
         x_adv = x.clone()
         with torch.no_grad():
-            pred = _forward(model, x_adv, make_generator(child_seed(g))).argmax(1)
+            pred = forward(model, x_adv, key.child("round", 0, "judge")).argmax(1)
         hit0 = pred == targets if targeted else pred != labels
         active = ~hit0  # an image that already meets the goal is a success at round 0
         stop_round = torch.full((n,), -1, dtype=torch.long)
@@ -134,18 +133,16 @@ class ProtocolBPDA:
         reason = ["success" if bool(h) else "running" for h in hit0.cpu()]
         bound_round = torch.full((n,), -1, dtype=torch.long)
         history: List[Dict[str, Any]] = []
-        initial = self._record(0, pred, labels, targets, active)
+        initial = round_record(0, pred, labels, targets, n_running=int(active.sum()))
         r = 0
         while r < total_rounds and (r < self.rounds or bool(active.any())):
             r += 1
-            grad_g = make_generator(child_seed(g))
-            judge_g = make_generator(child_seed(g))
             idx = active.nonzero(as_tuple=True)[0]
             if idx.numel():
                 xa = x_adv[idx]
-                grad = self._gradient(grad_model, xa, goal[idx], targeted, grad_g)
+                grad = self._gradient(grad_model, xa, goal[idx], targeted, key.child("round", r, "gradient").select(idx.cpu()))
                 x_new = (xa - self.lr * grad).clamp(0.0, 1.0)
-                within = l2_rms(x_new, x[idx]) < self.l2_bound
+                within = l2_rms(x_new, x[idx]) < self.eps
                 over = idx[~within]
                 if over.numel():
                     active[over] = False
@@ -157,7 +154,7 @@ class ProtocolBPDA:
                 if keep.numel():
                     x_adv[keep] = x_new[within]
                     with torch.no_grad():
-                        p = _forward(model, x_adv[keep], judge_g).argmax(1)
+                        p = forward(model, x_adv[keep], key.child("round", r, "judge").select(keep.cpu())).argmax(1)
                     pred[keep] = p
                     done = keep[(p == targets[keep]) if targeted else (p != labels[keep])]
                     if done.numel():
@@ -165,114 +162,49 @@ class ProtocolBPDA:
                         stop_round[done.cpu()] = r
                         for i in done.tolist():
                             reason[i] = "success"
-            rec = self._record(r, pred, labels, targets, active)
+            rec = round_record(r, pred, labels, targets, n_running=int(active.sum()))
             history.append(rec)
-            if on_round is not None:
-                on_round(r, rec)
-        return x_adv, pred, history, initial, stop_round, bound_round, reason
-
-    @staticmethod
-    def _record(r: int, pred, labels, targets, active) -> Dict[str, Any]:
-        n = int(pred.numel())
-        n_correct = int((pred == labels).sum())
-        n_target = int((pred == targets).sum()) if targets is not None else int((pred != labels).sum())
-        return {
-            "round": r,
-            "accuracy": n_correct / n,
-            "asr": n_target / n,
-            "n": n,
-            "n_correct": n_correct,
-            "n_success": n_target,
-            "n_running": int(active.sum()),
-        }
-
-    # -- public call ---------------------------------------------------------------------------
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> AttackResult:
-        g = ensure_generator(generator)
-        total = self.max_rounds if self.until_bound else self.rounds
-        bs = self.batch_size or x.shape[0]
-        parts = []
-        batches = list(range(0, x.shape[0], bs))
-        for bi, start in enumerate(batches):
-            sl = slice(start, start + bs)
-            bg = make_generator(child_seed(g))
-
-            def on_round(r, rec, _bi=bi):
-                if self.progress is not None:
-                    self.progress(_bi * total + r, total * len(batches), rec)
-
-            parts.append(self._run_batch(model, x[sl], labels[sl], None if targets is None else targets[sl], bg, total, on_round))
-        x_adv = torch.cat([p[0] for p in parts])
-        pred = torch.cat([p[1] for p in parts])
-        history = merge_histories([p[2] for p in parts])
-        initial = merge_histories([[p[3]] for p in parts])[0]
-        stop_round = torch.cat([p[4] for p in parts])
-        bound_round = torch.cat([p[5] for p in parts])
-        reason = sum((p[6] for p in parts), [])
-        success = (pred == targets) if targets is not None else (pred != labels)
-        reached = bound_round[bound_round >= 0]
+            if self.progress is not None:
+                self.progress(r, total_rounds, rec)
+        success = (pred == targets) if targeted else (pred != labels)
         info = {
-            "rounds_run": len(history),
             "initial": initial,
             "stop_round": stop_round.tolist(),
             "stop_reason": reason,
             "bound_round": bound_round.tolist(),
-            "mean_bound_round": float(reached.float().mean()) if reached.numel() else None,
-            "n_reached_bound": int(reached.numel()),
-            "rounds_to_all_stopped": int(stop_round.max()) if bool((stop_round >= 0).all()) else None,
             "l2": l2_rms(x_adv, x).tolist(),
             "final_prediction": pred.tolist(),
-            "lr": self.lr,
-            "eot": self.eot,
-            "l2_bound": self.l2_bound,
-            "targeted": targets is not None,
         }
         return AttackResult(adversarial=x_adv, success=success.cpu(), history=history, info=info)
 
+    def merge_info(self, parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:
+        merged = super().merge_info(parts, sizes)
+        merged["initial"] = merge_histories([[p["initial"]] for p in parts])[0]
+        return merged
 
-def merge_histories(histories: Sequence[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
-    """Merge per-batch round records into records over all images.
-
-    A batch whose run ended earlier (every image stopped) contributes its last record to the
-    later rounds: its images keep their state.
-    """
-    histories = [h for h in histories if h]
-    if not histories:
-        return []
-    length = max(len(h) for h in histories)
-    merged = []
-    for i in range(length):
-        recs = [h[min(i, len(h) - 1)] for h in histories]
-        n = sum(r["n"] for r in recs)
-        c = sum(r["n_correct"] for r in recs)
-        s = sum(r["n_success"] for r in recs)
-        merged.append(
-            {
-                "round": i + 1 if histories[0][0]["round"] == 1 else recs[0]["round"],
-                "accuracy": c / n,
-                "asr": s / n,
-                "n": n,
-                "n_correct": c,
-                "n_success": s,
-                "n_running": sum(r["n_running"] for r in recs),
-            }
-        )
-    return merged
-
+    def finish(self, result: AttackResult, model, x, labels, targets, key) -> AttackResult:
+        info = result.info
+        stop_round = torch.tensor(info["stop_round"])
+        bound_round = torch.tensor(info["bound_round"])
+        reached = bound_round[bound_round >= 0]
+        n = len(info["stop_round"])
+        info.update({
+            "rounds_run": len(result.history),
+            "mean_bound_round": float(reached.float().mean()) if reached.numel() else None,
+            "n_reached_bound": int(reached.numel()),
+            "rounds_to_all_stopped": int(stop_round.max()) if n and bool((stop_round >= 0).all()) else None,
+            "lr": self.lr,
+            "eot": self.eot,
+            "eps": self.eps,
+            "targeted": targets is not None,
+        })
+        return result
 
 @register("bpda", help="BPDA, paper protocol (Section 6.2): raw-gradient steps lr 0.1, stop at success or the l2 bound")
-def bpda(*, rounds: int = 50, lr: float = 0.1, l2_bound: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
-    return ProtocolBPDA(rounds=rounds, lr=lr, eot=1, l2_bound=l2_bound, approx=approx, **kw)
+def bpda(*, rounds: int = 50, lr: float = 0.1, eps: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
+    return ProtocolBPDA(rounds=rounds, lr=lr, eot=1, eps=eps, approx=approx, **kw)
 
 
 @register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, gradient averaged over 30 draws")
-def bpda_eot(*, rounds: int = 50, lr: float = 0.1, eot: int = 30, l2_bound: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
-    return ProtocolBPDA(rounds=rounds, lr=lr, eot=eot, l2_bound=l2_bound, approx=approx, **kw)
+def bpda_eot(*, rounds: int = 50, lr: float = 0.1, eot: int = 30, eps: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
+    return ProtocolBPDA(rounds=rounds, lr=lr, eot=eot, eps=eps, approx=approx, **kw)

@@ -1,0 +1,145 @@
+"""The verdict: judging adversarial images on fresh draws of a random defense, the 95%
+intervals reported with it, and merging per-batch round histories.
+
+PROTOCOL.md "Conventions": for a random defense report the expected value over R >= 10
+independent draws, not only one draw. Figures over N images:
+
+* ``robust_accuracy_expected``: the mean over images of the fraction of draws classified
+  correctly; ``robust_accuracy_worst``: the fraction of images classified correctly under
+  *every* draw (an image counts as broken if any draw is fooled);
+* ``asr_expected`` / ``asr_worst``: the same for success (targeted: predicted as the target;
+  untargeted: not predicted as the label), worst = fooled under *some* draw.
+
+Intervals (over the image sample, draws held fixed): Wilson score intervals for the
+worst-case figures (one Bernoulli per image; ``scipy.stats.binomtest``) and a percentile
+bootstrap over images (``scipy.stats.bootstrap``, 2000 resamples, seeded) for the expected
+figures (a mean of per-image fractions).
+
+Draw ``r`` of the verdict is the model's draw under the run key's sub-stream
+``("verdict", r)``: never used while attacking, and for each image a function of the seed and
+its id alone, so a kept image is judged the same whatever batch it was attacked in, and the
+draw that fooled it can be replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from ..draws import DrawKey
+
+__all__ = ["round_record", "wilson_interval", "bootstrap_interval", "judge_on_draws", "summarize", "merge_histories", "VERDICT_STREAM"]
+
+#: Sub-stream of the run key the verdict draws from.
+VERDICT_STREAM = "verdict"
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default); (nan, nan) for n = 0."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
+
+
+def bootstrap_interval(values: Sequence[float], *, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> Tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampling images, seeded so
+    reports repeat). A constant sample gives the degenerate interval at its value."""
+    v = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu().flatten())
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    m = float(v.mean())
+    if v.size == 1 or np.all(v == v[0]):
+        return (m, m)
+    res = stats.bootstrap((v,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
+                          random_state=np.random.default_rng(seed), vectorized=True)
+    return (min(float(res.confidence_interval.low), m), max(float(res.confidence_interval.high), m))
+
+
+@torch.no_grad()
+def judge_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: DrawKey) -> Dict[str, torch.Tensor]:
+    """Classify ``x`` under ``draws`` fresh draws of ``model`` (one for a deterministic model).
+
+    Returns per-image matrices on the CPU, shape (N, R): ``prediction``, ``correct`` and
+    ``fooled`` (targeted: predicted as the target; untargeted: not the label).
+    """
+    r = int(draws) if getattr(model, "randomized", False) else 1
+    verdict = key.child(VERDICT_STREAM)
+    if getattr(model, "randomized", False):
+        preds = [model(x, generator=verdict.child(i)).argmax(1) for i in range(r)]
+    else:
+        preds = [model(x).argmax(1)]
+    pred = torch.stack(preds, dim=1).cpu() if preds else torch.zeros(x.shape[0], 0, dtype=torch.long)
+    correct = pred == labels.cpu()[:, None]
+    fooled = pred == targets.cpu()[:, None] if targets is not None else ~correct
+    return {"prediction": pred, "correct": correct, "fooled": fooled}
+
+
+def summarize(correct: torch.Tensor, fooled: torch.Tensor, *, seed: int = 0) -> Dict[str, Any]:
+    """The verdict's figures (module docstring) from per-image (N, R) matrices."""
+    n, r = correct.shape
+    acc_frac = correct.float().mean(1)
+    fool_frac = fooled.float().mean(1)
+    acc_worst = int(correct.all(1).sum())
+    fool_worst = int(fooled.any(1).sum())
+    return {
+        "draws": r,
+        "n": n,
+        "robust_accuracy_expected": float(acc_frac.mean()) if n else float("nan"),
+        "robust_accuracy_expected_ci95": bootstrap_interval(acc_frac, seed=seed),
+        "robust_accuracy_worst": acc_worst / n if n else float("nan"),
+        "robust_accuracy_worst_ci95": wilson_interval(acc_worst, n),
+        "asr_expected": float(fool_frac.mean()) if n else float("nan"),
+        "asr_expected_ci95": bootstrap_interval(fool_frac, seed=seed + 1),
+        "asr_worst": fool_worst / n if n else float("nan"),
+        "asr_worst_ci95": wilson_interval(fool_worst, n),
+        "per_image_correct_fraction": acc_frac.tolist(),
+        "per_image_fooled_fraction": fool_frac.tolist(),
+    }
+
+
+def evaluate_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: DrawKey) -> Dict[str, Any]:
+    """:func:`judge_on_draws` then :func:`summarize`; the (N, R) matrices are kept under
+    ``correct`` and ``fooled``."""
+    judged = judge_on_draws(model, x, labels, targets, draws=draws, key=key)
+    out = summarize(judged["correct"], judged["fooled"], seed=key.seed % (2**32))
+    out["correct"], out["fooled"] = judged["correct"], judged["fooled"]
+    return out
+
+
+def round_record(round_: int, pred: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], **extra: Any) -> Dict[str, Any]:
+    """One per-round history record: ACC (prediction == label) and ASR (targeted: == target;
+    untargeted: != label), with the counts :func:`merge_histories` needs."""
+    n = int(pred.numel())
+    correct = int((pred == labels).sum())
+    success = int((pred == targets).sum()) if targets is not None else n - correct
+    return {"round": int(round_), "accuracy": correct / n if n else float("nan"), "asr": success / n if n else float("nan"),
+            "n": n, "n_correct": correct, "n_success": success, **extra}
+
+
+def merge_histories(histories: Sequence[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Merge per-batch round records (each with counts ``n``, ``n_correct``, ``n_success``)
+    into records over all images.
+
+    A batch whose run ended earlier (every image stopped) contributes its last record to the
+    later rounds: its images keep their state.
+    """
+    histories = [h for h in histories if h]
+    if not histories:
+        return []
+    length = max(len(h) for h in histories)
+    merged = []
+    for i in range(length):
+        recs = [h[min(i, len(h) - 1)] for h in histories]
+        n = sum(r["n"] for r in recs)
+        c = sum(r["n_correct"] for r in recs)
+        s = sum(r["n_success"] for r in recs)
+        rec = {"round": max(r["round"] for r in recs), "accuracy": c / n, "asr": s / n, "n": n, "n_correct": c, "n_success": s}
+        if all("n_running" in r for r in recs):
+            rec["n_running"] = sum(r["n_running"] for r in recs)
+        merged.append(rec)
+    return merged
