@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prepdefense.experiments import registry
 from prepdefense.experiments import units as U
 from prepdefense.experiments.report import SECTION_HEADINGS
 from prepdefense.experiments.reproduce import ReproduceConfig, reproduce
@@ -254,7 +255,7 @@ def test_resume_after_sigkill(tmp_path, image_folder):
 
 def test_plan_and_presets():
     for name, preset in U.PRESETS.items():
-        plan = U.plan(preset)
+        plan = registry.plan(preset)
         ids = [u.id for u in plan]
         assert len(ids) == len(set(ids)), name
         assert {u.experiment for u in plan} >= {"table1", "table2", "table3", "table4", "fig4", "table6", "learned", "strong"}
@@ -265,10 +266,10 @@ def test_plan_and_presets():
     # Shortened presets start the binary search higher (0.01 cannot climb in 2 x 25 iterations).
     assert U.PRESETS["quick"].attack_spec("C&W").kwargs["initial_const"] == 10.0
     assert U.PRESETS["quick"].shrunk  # the report must say what was shrunk
-    assert U.parse_only("table5") == ("table5",)
-    assert {u.experiment for u in U.plan(paper, U.parse_only("table5"))} == {"strong"}
+    assert registry.parse_only("table5") == ("table5",)
+    assert {u.experiment for u in registry.plan(paper, registry.parse_only("table5"))} == {"strong"}
     with pytest.raises(ValueError):
-        U.parse_only("tabel1")
+        registry.parse_only("tabel1")
     # Unit seeds depend on the run seed and the unit id only.
     assert U.unit_seed(0, "a") == U.unit_seed(0, "a") != U.unit_seed(1, "a") != U.unit_seed(0, "b")
 
