@@ -30,6 +30,7 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """The inputs through ``dct-distort`` with the unit's delta, judged on R fresh draws."""
     delta = float(unit.params["delta"])
     x, labels, targets, ids = ctx.shard(unit.shard)
     xa = inputs_for(ctx, unit.attack, unit.shard)
@@ -39,6 +40,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
 
 
 def report_table4(rep: ReportContext) -> str:
+    """Table 4: ACC and ASR per delta, ours (paper)."""
     recs = rep.records("table4")
     by = defaultdict(list)
     for r in recs:

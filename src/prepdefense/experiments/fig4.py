@@ -82,6 +82,7 @@ def protocol_attack(ctx: RunContext, unit: Unit, *, rounds: int, max_rounds: int
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """The protocol attack with the preset's Fig. 4 rounds (continued to the bound up to its cap) and EOT."""
     p = ctx.preset
     return protocol_attack(ctx, unit, rounds=p.bpda_rounds, max_rounds=p.bpda_max_rounds, eot=p.eot)
 
@@ -108,6 +109,7 @@ def fig4_curves(rep: ReportContext) -> Dict[Tuple[str, str], Dict[str, Any]]:
 
 
 def report_fig4(rep: ReportContext) -> str:
+    """Fig. 4 a-d (one PNG per panel) and ACC/ASR at round 50 (or the last) and at the end."""
     curves = fig4_curves(rep)
     rounds = int(rep.preset.get("bpda_rounds", 50) or 50)
     at = min(50, rounds)
@@ -144,7 +146,7 @@ def report_fig4(rep: ReportContext) -> str:
                      fmt(h_at and h_at["accuracy"]), fmt(h_at and h_at["asr"]), fmt(end and end["accuracy"]), fmt(end and end["asr"]),
                      end["round"] if end else "-", f"{len(br)}/{c['n']}", fmt(mean(br), 0) if br else "-", c["n"]])
     write_csv(rep.tables / "fig4.csv", ["defense", "attack", "round", "accuracy", "asr", "n"],
-               [[d, a, h["round"], h["accuracy"], h["asr"], h["n"]] for (a, d), c in sorted(curves.items()) for h in c["history"]])
+              [[d, a, h["round"], h["accuracy"], h["asr"], h["n"]] for (a, d), c in sorted(curves.items()) for h in c["history"]])
     text = [
         "## Fig. 4: BPDA and BPDA+EOT",
         "",

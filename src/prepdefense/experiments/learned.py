@@ -88,6 +88,7 @@ def approximator(ctx: RunContext, defense_name: str) -> Tuple[nn.Module, Dict[st
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """``train``: train (or reload) the approximator; ``bpda-learned``: its quality against g(x) and BPDA through it."""
     if unit.attack == "train":
         _, info = approximator(ctx, unit.defense)
         return [], {"train": to_jsonable({k: v for k, v in info.items() if k != "train_ids"})}
@@ -100,7 +101,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
     defense = ctx.defense(unit.defense)
     quality = lb.evaluate_approximator(net, defense, x, ctx.generator(unit.id, "quality"))
     recs, summary = protocol_attack(ctx, Unit(unit.experiment, unit.defense, "bpda", unit.shard),
-                                     rounds=ctx.preset.learned_rounds, max_rounds=ctx.preset.learned_rounds, eot=1, approx=net)
+                                    rounds=ctx.preset.learned_rounds, max_rounds=ctx.preset.learned_rounds, eot=1, approx=net)
     summary["approximator"] = to_jsonable(quality)
     summary["train"] = to_jsonable({k: v for k, v in train_info.items() if k != "train_ids"})
     summary["n"] = len(ids)
@@ -108,6 +109,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
 
 
 def report_learned(rep: ReportContext) -> str:
+    """Section 6.4: the approximator's l2/SSIM to g(x) and the ASR of BPDA through it, beside the paper's."""
     recs = rep.records("learned")
     units = rep.ok_units("learned")
     train = next((u["summary"].get("train") for u in units if u["key"]["attack"] == "train"), None)

@@ -46,6 +46,7 @@ TITLE = "# Reproduction report: An Efficient Preprocessing-based Approach to Mit
 
 
 def _banner(rep: ReportContext) -> str:
+    """The shrunk-run warning (empty for the paper preset)."""
     if rep.preset_name == "paper":
         return ""
     shr = rep.preset.get("shrunk") or []
@@ -57,6 +58,7 @@ def _banner(rep: ReportContext) -> str:
 
 
 def report_about(rep: ReportContext) -> str:
+    """The model, images, seed and preset, and what ACC and ASR mean here."""
     ident = rep.cfg.get("identity", {})
     sample = rep.cfg.get("sample", {})
     lines = [
@@ -78,6 +80,7 @@ def report_about(rep: ReportContext) -> str:
 
 
 def report_samples(rep: ReportContext) -> str:
+    """The strip of sample images (``sample_strip.py``), or why it is missing."""
     text = ["## Sample images", ""]
     path = rep.figures / "samples.png"
     if path.is_file():
@@ -91,6 +94,7 @@ def report_samples(rep: ReportContext) -> str:
 
 
 def report_metadata(rep: ReportContext) -> str:
+    """Versions, device, revision, sessions and the time each experiment took."""
     md = rep.cfg.get("metadata", {})
     last = (rep.cfg.get("last_session") or {}).get("metadata", md)
     versions = last.get("versions", md.get("versions", {}))

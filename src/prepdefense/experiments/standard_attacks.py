@@ -74,6 +74,7 @@ def standard_adversarial(ctx: RunContext, label: str, shard: int) -> Dict[str, A
 
 
 def run_table2(ctx: RunContext, unit: Unit) -> Records:
+    """The bare model's predictions on the (cached) Table 2 examples of ``unit.attack``."""
     entry = standard_adversarial(ctx, unit.attack, unit.shard)
     x, labels, targets, ids = ctx.shard(unit.shard)
     adv = entry["adversarial"].to(ctx.device)
@@ -92,6 +93,7 @@ def inputs_for(ctx: RunContext, label: str, shard: int) -> torch.Tensor:
 
 
 def run_table3(ctx: RunContext, unit: Unit) -> Records:
+    """The clean images or the Table 2 examples through our defense, judged on R fresh draws."""
     x, labels, targets, ids = ctx.shard(unit.shard)
     xa = inputs_for(ctx, unit.attack, unit.shard)
     model = ctx.defended(unit.defense)
@@ -99,7 +101,8 @@ def run_table3(ctx: RunContext, unit: Unit) -> Records:
     return image_records(ids, labels, targets, preds, x=x, adv=xa), {"draws": int(preds.shape[0])}
 
 
-def table2_records(rep: ReportContext):
+def table2_records(rep: ReportContext) -> Dict[str, List[Dict[str, Any]]]:
+    """Table 2 records grouped by attack label."""
     recs = rep.records("table2")
     by = defaultdict(list)
     for r in recs:
@@ -108,6 +111,7 @@ def table2_records(rep: ReportContext):
 
 
 def report_table2(rep: ReportContext) -> str:
+    """Table 2: distances, ACC and ASR of each standard attack on the bare model, beside the paper's."""
     by = table2_records(rep)
     specs = rep.spec_notes()
     header = ["Attack", "setting", "Linf (paper)", "Linf (ours)", "l2 (paper)", "l2 (ours)", "ACC (paper)", "ACC (ours)", "ASR (paper)", "ASR (ours)", "n"]
@@ -143,6 +147,7 @@ def report_table2(rep: ReportContext) -> str:
 
 
 def report_table3(rep: ReportContext) -> str:
+    """Table 3: the Table 2 examples bare and through our defense, beside the paper's."""
     recs = rep.records("table3")
     by = defaultdict(list)
     for r in recs:

@@ -60,6 +60,8 @@ def adaptive_params(ctx: RunContext, norm: str) -> Dict[str, Any]:
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """``adaptive``: the strong attack judged on R fresh draws (its examples on our defense cached);
+    ``diagnostics``: the Carlini et al. checks."""
     norm = unit.params["norm"]
     x, labels, targets, ids = ctx.shard(unit.shard)
     model = ctx.defended(unit.defense)
@@ -131,6 +133,7 @@ def strong_stats(rep: ReportContext) -> Dict[Tuple[str, str], Dict[str, Any]]:
 
 
 def report_strong(rep: ReportContext) -> str:
+    """Expected and worst-case robust accuracy per defense and norm, with 95% intervals."""
     strong = strong_stats(rep)
     order = defense_order(d for (d, _n) in strong)
     header = ["Defense", "paper's claim", "RMS 0.05: expected", "RMS 0.05: worst case", "Linf 8/255: expected", "Linf 8/255: worst case", "n", "draws R"]
@@ -162,6 +165,7 @@ def report_strong(rep: ReportContext) -> str:
 
 
 def report_diagnostics(rep: ReportContext) -> str:
+    """The diagnostics per diagnosed defense, and warnings about zero or non-finite gradients."""
     units = [u for u in rep.ok_units("strong") if u["key"]["attack"] == "diagnostics"]
     text = ["## Diagnostics of the strong attack", "",
             "Carlini et al. (2019) checklist run beside the strong attack: the same attack on the undefended model, "
@@ -183,6 +187,7 @@ def report_diagnostics(rep: ReportContext) -> str:
 
 
 def report_verdict(rep: ReportContext) -> str:
+    """Per defense: broken, much weaker than claimed, or holding, set against the paper's claim."""
     strong, curves = strong_stats(rep), fig4_curves(rep)
     text = ["## Verdict", ""]
     quick = rep.preset_name != "paper"

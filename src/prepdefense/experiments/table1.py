@@ -40,6 +40,7 @@ def table1_indices(ctx: RunContext) -> List[int]:
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """One shard of the Table 1 images: per image, the l2/SSIM of two defended outputs and the defended prediction."""
     idx_all = table1_indices(ctx)
     sl = shard_slice(unit.shard, ctx.preset.shard_size, len(idx_all))
     x, labels, ids = ctx.load_indices(idx_all[sl])
@@ -55,6 +56,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
 
 
 def report_table1(rep: ReportContext) -> str:
+    """Table 1: our l2, SSIM and ACC per defense beside the paper's."""
     recs = rep.records("table1")
     by = defaultdict(list)
     for r in recs:

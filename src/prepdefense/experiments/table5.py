@@ -27,6 +27,7 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
 
 
 def report_table5(rep: ReportContext) -> str:
+    """Table 5: the literature's rows quoted, ours measured (Fig. 4's BPDA+EOT and the strong attack)."""
     curves, strong = fig4_curves(rep), strong_stats(rep)
     header = ["Solution", "Requirement", "Attack", "Linf = 0.031", "l2 = 0.05", "source"]
     rows = [list(r) + ["quoted from the paper (literature)"] for r in P.TABLE5]

@@ -25,11 +25,13 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
+    """BPDA for the preset's Table 6 rounds."""
     p = ctx.preset
     return protocol_attack(ctx, unit, rounds=p.table6_rounds, max_rounds=p.table6_rounds, eot=p.eot)
 
 
 def report_table6(rep: ReportContext) -> str:
+    """Table 6: ACC and ASR after the BPDA rounds per combination, beside the paper's."""
     groups = defaultdict(list)
     for u in rep.ok_units("table6"):
         groups[u["key"]["defense"]].append(u)
