@@ -303,10 +303,10 @@ TOY_MODULE_SRC = textwrap.dedent(
     from prepdefense.experiments.context import image_records, predict_draws
     from prepdefense.experiments.experiment import Experiment, Section
     from prepdefense.experiments.reporting import fmt, md_table, mean
-    from prepdefense.experiments.units import Unit, n_shards
+    from prepdefense.experiments.units import Unit
 
     def plan(preset, selected):
-        return [Unit("toy", "none", "clean", s) for s in range(n_shards(preset.n_images, preset.shard_size))]
+        return [Unit("toy", "none", "clean", s) for s in preset.shards()]
 
     def run(ctx, unit):
         x, labels, targets, ids = ctx.shard(unit.shard)

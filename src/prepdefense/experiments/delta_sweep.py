@@ -15,18 +15,17 @@ from .context import RunContext, image_records, predict_draws
 from .experiment import Experiment, Records, Section
 from .reporting import ReportContext, fmt, md_table, mean, write_csv
 from .standard_attacks import inputs_for
-from .units import OUR_DEFENSE, Preset, Unit, n_shards, shard_len
+from .units import OUR_DEFENSE, Preset, Unit
 
 __all__ = ["EXPERIMENT", "plan", "run", "report_table4"]
 
 
 def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """One unit per delta, input (clean, then each standard attack) and image shard."""
-    size, n, r = preset.shard_size, preset.n_images, preset.eval_draws
-    return [Unit("table4", OUR_DEFENSE, label, s, variant=f"delta={delta:g}", cost=shard_len(s, size, n) * 0.35 * r)
+    return [Unit("table4", OUR_DEFENSE, label, s, variant=f"delta={delta:g}", cost=preset.shard_images(s) * 0.35 * preset.eval_draws)
             for delta in preset.deltas
             for label in ("clean",) + tuple(a.label for a in preset.table2_attacks)
-            for s in range(n_shards(n, size))]
+            for s in preset.shards()]
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
@@ -81,8 +80,7 @@ def report_table4(rep: ReportContext) -> str:
         "",
         md_table(header, rows_asr),
     ]
-    av = rep.availability("table4")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "table4")
 
 
 EXPERIMENT = Experiment(

@@ -16,19 +16,17 @@ from .context import RunContext, image_records, make_attack, predict_draws, slug
 from .experiment import Experiment, Records, Section
 from .plots import plot_curves
 from .reporting import ReportContext, defense_label, fmt, md_table, mean, merge_histories, write_csv
-from .units import OUR_DEFENSE, Preset, Unit, ensemble_size, n_shards, shard_len
+from .units import OUR_DEFENSE, Preset, Unit, ensemble_size
 
 __all__ = ["EXPERIMENT", "plan", "run", "protocol_attack", "fig4_curves", "report_fig4", "adversarial_cache_name"]
 
 
 def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """BPDA units for Fig. 4 a/b, then BPDA+EOT units for c/d, per defense and image shard."""
-    size, n = preset.shard_size, preset.n_images
-    shards = range(n_shards(n, size))
-    units = [Unit("fig4", d, "bpda", s, cost=shard_len(s, size, n) * preset.bpda_max_rounds * 1.35 * ensemble_size(preset, d))
-             for d in preset.fig4_bpda_defenses for s in shards]
-    units += [Unit("fig4", d, "bpda-eot", s, cost=shard_len(s, size, n) * preset.bpda_max_rounds * (preset.eot + 0.35) * ensemble_size(preset, d))
-              for d in preset.fig4_eot_defenses for s in shards]
+    units = [Unit("fig4", d, "bpda", s, cost=preset.shard_images(s) * preset.bpda_max_rounds * 1.35 * ensemble_size(preset, d))
+             for d in preset.fig4_bpda_defenses for s in preset.shards()]
+    units += [Unit("fig4", d, "bpda-eot", s, cost=preset.shard_images(s) * preset.bpda_max_rounds * (preset.eot + 0.35) * ensemble_size(preset, d))
+              for d in preset.fig4_eot_defenses for s in preset.shards()]
     return units
 
 
@@ -160,10 +158,7 @@ def report_fig4(rep: ReportContext) -> str:
     for panel, tag, ylabel, name in figs:
         text.append(f"![Fig. 4({panel}) {ylabel} under {tag}](figures/{name})")
     text += ["", md_table(header, rows)]
-    av = rep.availability("fig4")
-    if av:
-        text += ["", av]
-    return "\n".join(text)
+    return rep.with_availability(text, "fig4")
 
 
 EXPERIMENT = Experiment(

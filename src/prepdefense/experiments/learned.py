@@ -22,18 +22,17 @@ from .experiment import Experiment, Records, Section
 from .fig4 import protocol_attack
 from .reporting import ReportContext, fmt, md_table, mean, write_csv
 from .store import to_jsonable
-from .units import OUR_DEFENSE, Preset, Unit, n_shards, shard_len, unit_seed
+from .units import OUR_DEFENSE, Preset, Unit, unit_seed
 
 __all__ = ["EXPERIMENT", "plan", "run", "approximator", "report_learned"]
 
 
 def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """The training unit, then one BPDA unit per image shard."""
-    size, n = preset.shard_size, preset.n_images
     patch_frac = 1.0 if not preset.learned_patch else min(1.0, (preset.learned_patch / 224.0) ** 2)
     units = [Unit("learned", OUR_DEFENSE, "train", 0, cost=preset.learned_steps * preset.learned_batch * (0.3 + 1.5 * patch_frac))]
-    units += [Unit("learned", OUR_DEFENSE, "bpda-learned", s, cost=shard_len(s, size, n) * preset.learned_rounds * 3.0)
-              for s in range(n_shards(n, size))]
+    units += [Unit("learned", OUR_DEFENSE, "bpda-learned", s, cost=preset.shard_images(s) * preset.learned_rounds * 3.0)
+              for s in preset.shards()]
     return units
 
 
@@ -143,8 +142,7 @@ def report_learned(rep: ReportContext) -> str:
             "on the evaluation images.", "", md_table(header, rows)]
     if train:
         text += ["", "Training: " + ", ".join(f"{k} {v}" for k, v in train.items() if not isinstance(v, (list, dict)))]
-    av = rep.availability("learned")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "learned")
 
 
 EXPERIMENT = Experiment(

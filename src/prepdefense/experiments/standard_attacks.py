@@ -20,23 +20,21 @@ from . import paper_numbers as P
 from .context import RunContext, image_records, make_attack, predict_draws, slug
 from .experiment import Experiment, Records, Section
 from .reporting import ReportContext, fmt, md_table, mean, write_csv
-from .units import OUR_DEFENSE, Preset, Unit, n_shards, shard_len
+from .units import OUR_DEFENSE, Preset, Unit
 
 __all__ = ["TABLE2", "TABLE3", "standard_adversarial", "adversarial_cache_name", "inputs_for", "table2_records"]
 
 
 def plan_table2(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """One unit per standard attack and image shard (the bare model)."""
-    size, n = preset.shard_size, preset.n_images
-    return [Unit("table2", "none", spec.label, s, cost=shard_len(s, size, n) * spec.cost_per_image)
-            for spec in preset.table2_attacks for s in range(n_shards(n, size))]
+    return [Unit("table2", "none", spec.label, s, cost=preset.shard_images(s) * spec.cost_per_image)
+            for spec in preset.table2_attacks for s in preset.shards()]
 
 
 def plan_table3(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """One unit per input (clean, then each standard attack's examples) and image shard."""
-    size, n, r = preset.shard_size, preset.n_images, preset.eval_draws
-    return [Unit("table3", OUR_DEFENSE, label, s, cost=shard_len(s, size, n) * 0.35 * r)
-            for label in ("clean",) + tuple(a.label for a in preset.table2_attacks) for s in range(n_shards(n, size))]
+    return [Unit("table3", OUR_DEFENSE, label, s, cost=preset.shard_images(s) * 0.35 * preset.eval_draws)
+            for label in ("clean",) + tuple(a.label for a in preset.table2_attacks) for s in preset.shards()]
 
 
 def adversarial_cache_name(label: str, shard: int) -> str:
@@ -142,8 +140,7 @@ def report_table2(rep: ReportContext) -> str:
         "",
         md_table(header, rows),
     ]
-    av = rep.availability("table2")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "table2")
 
 
 def report_table3(rep: ReportContext) -> str:
@@ -180,8 +177,7 @@ def report_table3(rep: ReportContext) -> str:
         "",
         md_table(header, rows),
     ]
-    av = rep.availability("table3")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "table3")
 
 
 TABLE2 = Experiment(

@@ -20,7 +20,7 @@ from .experiment import Experiment, Records, Section
 from .fig4 import fig4_curves
 from .reporting import ReportContext, bootstrap_mean_interval, defense_label, defense_order, fmt_ci, md_table, write_csv
 from .store import to_jsonable
-from .units import OUR_DEFENSE, Preset, Unit, ensemble_size, n_shards, shard_len
+from .units import OUR_DEFENSE, Preset, Unit, ensemble_size
 
 __all__ = ["EXPERIMENT", "BROKEN_BELOW", "plan", "plan_units", "run", "strong_stats", "adversarial_cache_name",
            "report_strong", "report_diagnostics", "report_verdict"]
@@ -31,14 +31,13 @@ BROKEN_BELOW = 0.10  # expected robust accuracy at or under which we call a defe
 def plan_units(preset: Preset, defenses: Sequence[str]) -> List[Unit]:
     """The adaptive-attack units of ``defenses`` (every norm, the preset's image shards), then the
     diagnostics units of those among them that the preset diagnoses."""
-    size, n = preset.shard_size, preset.n_images
-    shards = list(range(n_shards(n, size)))
+    shards = list(preset.shards())
     s_shards = shards[: preset.strong_shards] if preset.strong_shards else shards
     per_image = len(preset.adaptive_losses) * preset.adaptive_steps * preset.adaptive_eot + 0.35 * preset.adaptive_draws
-    units = [Unit("strong", d, "adaptive", s, variant=f"norm={norm}", cost=shard_len(s, size, n) * ensemble_size(preset, d) * per_image)
+    units = [Unit("strong", d, "adaptive", s, variant=f"norm={norm}", cost=preset.shard_images(s) * ensemble_size(preset, d) * per_image)
              for d in defenses for norm in preset.strong_norms for s in s_shards]
     units += [Unit("strong", d, "diagnostics", s_shards[0], variant=f"norm={norm}",
-                   cost=shard_len(s_shards[0], size, n) * preset.adaptive_steps * (preset.adaptive_eot + 4))
+                   cost=preset.shard_images(s_shards[0]) * preset.adaptive_steps * (preset.adaptive_eot + 4))
               for d in preset.diagnostics_defenses if d in defenses for norm in preset.diagnostics_norms]
     return units
 
@@ -160,8 +159,7 @@ def report_strong(rep: ReportContext) -> str:
             "**Expected** = mean over images of the fraction of draws still classified correctly; **worst case** = fraction of images "
             "classified correctly under every draw. Brackets: 95% intervals over images (percentile bootstrap for the expected value, "
             "Wilson for the worst case).", "", md_table(header, rows)]
-    av = rep.availability("strong", what="the strong adaptive attack", also_selected_by=("table5",))
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "strong", what="the strong adaptive attack", also_selected_by=("table5",))
 
 
 def report_diagnostics(rep: ReportContext) -> str:

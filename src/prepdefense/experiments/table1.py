@@ -82,8 +82,7 @@ def report_table1(rep: ReportContext) -> str:
         "",
         md_table(header, rows),
     ]
-    av = rep.availability("table1")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "table1")
 
 
 EXPERIMENT = Experiment(

@@ -12,16 +12,15 @@ from .context import RunContext
 from .experiment import Experiment, Records, Section
 from .fig4 import protocol_attack
 from .reporting import ReportContext, defense_label, fmt, md_table, merge_histories, write_csv
-from .units import Preset, Unit, n_shards, shard_len
+from .units import Preset, Unit
 
 __all__ = ["EXPERIMENT", "plan", "run", "report_table6"]
 
 
 def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     """One BPDA unit per combination and image shard."""
-    size, n = preset.shard_size, preset.n_images
-    return [Unit("table6", d, "bpda", s, cost=shard_len(s, size, n) * preset.table6_rounds * 1.35)
-            for d in preset.table6_defenses for s in range(n_shards(n, size))]
+    return [Unit("table6", d, "bpda", s, cost=preset.shard_images(s) * preset.table6_rounds * 1.35)
+            for d in preset.table6_defenses for s in preset.shards()]
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
@@ -49,8 +48,7 @@ def report_table6(rep: ReportContext) -> str:
     text = ["## Table 6: combinations after BPDA rounds", "",
             "The paper's BPDA protocol against the four combinations of a quantization step and a randomisation step.", "",
             md_table(header, rows)]
-    av = rep.availability("table6")
-    return "\n".join(text + (["", av] if av else []))
+    return rep.with_availability(text, "table6")
 
 
 EXPERIMENT = Experiment(

@@ -120,6 +120,14 @@ class Preset:
                 return a
         raise KeyError(f"no standard attack {label!r} in preset {self.name!r}")
 
+    def shards(self) -> range:
+        """The image shards of the protocol sample (``shard_size`` images each, the last maybe fewer)."""
+        return range(n_shards(self.n_images, self.shard_size))
+
+    def shard_images(self, shard: int) -> int:
+        """How many protocol images shard ``shard`` holds."""
+        return shard_len(shard, self.shard_size, self.n_images)
+
     def with_overrides(self, **fields: Any) -> "Preset":
         return dataclasses.replace(self, **fields)
 
