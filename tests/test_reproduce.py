@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prepdefense.experiments import registry
 from prepdefense.experiments import units as U
 from prepdefense.experiments.report import SECTION_HEADINGS
 from prepdefense.experiments.reproduce import ReproduceConfig, reproduce
@@ -254,7 +255,7 @@ def test_resume_after_sigkill(tmp_path, image_folder):
 
 def test_plan_and_presets():
     for name, preset in U.PRESETS.items():
-        plan = U.plan(preset)
+        plan = registry.plan(preset)
         ids = [u.id for u in plan]
         assert len(ids) == len(set(ids)), name
         assert {u.experiment for u in plan} >= {"table1", "table2", "table3", "table4", "fig4", "table6", "learned", "strong"}
@@ -265,10 +266,10 @@ def test_plan_and_presets():
     # Shortened presets start the binary search higher (0.01 cannot climb in 2 x 25 iterations).
     assert U.PRESETS["quick"].attack_spec("C&W").kwargs["initial_const"] == 10.0
     assert U.PRESETS["quick"].shrunk  # the report must say what was shrunk
-    assert U.parse_only("table5") == ("table5",)
-    assert {u.experiment for u in U.plan(paper, U.parse_only("table5"))} == {"strong"}
+    assert registry.parse_only("table5") == ("table5",)
+    assert {u.experiment for u in registry.plan(paper, registry.parse_only("table5"))} == {"strong"}
     with pytest.raises(ValueError):
-        U.parse_only("tabel1")
+        registry.parse_only("tabel1")
     # Unit seeds depend on the run seed and the unit id only.
     assert U.unit_seed(0, "a") == U.unit_seed(0, "a") != U.unit_seed(1, "a") != U.unit_seed(0, "b")
 
@@ -291,3 +292,75 @@ def test_demo_pipeline_on_given_images(tmp_path):
     assert sorted(r["image_id"] for r in recs) == ["a", "b"]
     assert "given images" in json.loads((tmp_path / "demo" / "run.json").read_text())["identity"]["data"]
     assert (tmp_path / "demo" / "report.md").is_file()
+
+
+# A toy experiment written as the module a contributor would add (issue 9, item 5): its units,
+# its run and its report section. Registering it is the one other line (see the test).
+TOY_MODULE_SRC = textwrap.dedent(
+    '''
+    """Toy experiment: the bare model's accuracy on the protocol sample, one unit per shard."""
+
+    from prepdefense.experiments.context import image_records, predict_draws
+    from prepdefense.experiments.experiment import Experiment, Section
+    from prepdefense.experiments.reporting import fmt, md_table, mean
+    from prepdefense.experiments.units import Unit
+
+    def plan(preset, selected):
+        return [Unit("toy", "none", "clean", s) for s in preset.shards()]
+
+    def run(ctx, unit):
+        x, labels, targets, ids = ctx.shard(unit.shard)
+        preds = predict_draws(ctx.classifier, x, draws=1, generator=ctx.generator(unit.id))
+        return image_records(ids, labels, targets, preds), {"n": len(ids)}
+
+    def report(rep):
+        acc = mean(float(r["correct"]) for r in rep.records("toy"))
+        return rep.with_availability(["## Toy: clean accuracy", "", md_table(["ACC", "n"], [[fmt(acc), len(rep.records("toy"))]])], "toy")
+
+    EXPERIMENT = Experiment(name="toy", title="Toy: clean accuracy", plan=plan, run=run,
+                            sections=(Section(75, report),), aliases=("toy-accuracy",))
+    '''
+)
+
+
+@pytest.fixture
+def toy_experiment():
+    import types
+
+    module = types.ModuleType("toy_experiment")
+    exec(TOY_MODULE_SRC, module.__dict__)  # noqa: S102 - the module a contributor would write
+    registry.register(module.EXPERIMENT)  # the one registration line
+    try:
+        yield module
+    finally:
+        registry.unregister("toy")
+
+
+def test_a_registered_experiment_is_planned_run_stored_and_reported(tmp_path, image_folder, toy_experiment):
+    assert "toy" in registry.names() and registry.parse_only("toy-accuracy") == ("toy",)
+    ov = {"n_images": 4, "shard_size": 2}
+    assert [u.id for u in registry.plan(U.PRESETS["smoke"].with_overrides(**ov), registry.parse_only("toy"))] == ["toy/none/clean/s0", "toy/none/clean/s1"]
+    out = tmp_path / "out"
+    res = _run(out, image_folder, only=["toy"], overrides=ov)
+    assert (res.planned, res.ran, res.failed) == (2, 2, 0)
+    st = ResultStore(out)
+    assert sorted(u["unit_id"] for u in st.units("toy", status="ok")) == ["toy/none/clean/s0", "toy/none/clean/s1"]
+    recs = [json.loads(l) for l in (out / "results" / "toy.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["correct"] for r in recs)  # the sample holds correctly classified images
+    text = (out / "report.md").read_text()
+    assert "## Toy: clean accuracy" in text and "| 1.00 | 4 |" in text
+    # Placed by its rank (75): after Table 6 (70), before Section 6.4 (80); the other sections stay.
+    assert text.index("## Table 6") < text.index("## Toy") < text.index("## Section 6.4")
+    for heading in SECTION_HEADINGS:
+        assert heading in text, heading
+    assert "Toy: clean accuracy | 2 | 0 |" in text  # the duration table names it by its title
+    # Resumed: nothing left to run.
+    res2 = _run(out, image_folder, only=["toy"], overrides=ov)
+    assert (res2.already_done, res2.ran) == (2, 0)
+
+
+def test_registry_refuses_a_taken_name(toy_experiment):
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(toy_experiment.EXPERIMENT)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        registry.parse_only("toy,tabel1")

@@ -9,31 +9,14 @@ import warnings
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
-from torch import nn
 
-from .. import data, defenses, models
-from ..defenses import Defended
-from ..seeding import make_generator
+from .. import data
 
+# Built in the experiments layer (``reproduce`` needs them too); re-exported for the sub-commands.
+from ..experiments.components import UsageError, build_defended, build_model, resolve_device
 
-from ..errors import PrepDefenseError
-
-
-class UsageError(PrepDefenseError):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``auto`` (or None) -> CUDA when available, else CPU; otherwise the named device."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return dev
+__all__ = ["UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
+           "add_common_data_args", "one_line_skip_warnings"]
 
 
 def progress(iterable: Iterable, *, total: Optional[int] = None, desc: str = "", enabled: bool = True, unit: str = "it"):
@@ -84,31 +67,3 @@ def one_line_skip_warnings() -> Iterator[None]:
         warnings.simplefilter("always", data.SkippedFileWarning)
         warnings.showwarning = show
         yield
-
-
-def build_model(name: str, weights: Optional[str], device: torch.device) -> nn.Module:
-    """``models.create`` with unknown names turned into a one-line usage error."""
-    kwargs = {"weights": weights} if weights else {}
-    try:
-        model = models.create(name, **kwargs)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown model {name!r}") from None
-    except TypeError as e:
-        if "weights" not in str(e):
-            raise
-        raise UsageError(f"model {name!r} takes no --weights") from None
-    return model.to(device).eval()
-
-
-def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
-    """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
-    name = (defense_name or "none").strip().lower()
-    if name == "none":
-        return model
-    try:
-        defense = defenses.create(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
-    except ValueError as e:
-        raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
-    return Defended(defense, model, generator=make_generator(seed)).to(device)

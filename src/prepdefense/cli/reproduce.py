@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..experiments import registry
 from ..experiments import units as U
 from .common import UsageError
 
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out and start over")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
     p.add_argument("--only", default=None,
-                   help=f"comma-separated experiments to run: {', '.join(U.EXPERIMENTS)} (default: all)")
+                   help=f"comma-separated experiments to run: {', '.join(registry.names())} (default: all)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the stored results")
     p.set_defaults(func=run)
 
@@ -48,7 +49,7 @@ def run(args) -> int:
     from ..experiments.reproduce import ReproduceConfig, reproduce
 
     try:
-        only = U.parse_only(args.only) if args.only else None
+        only = registry.parse_only(args.only) if args.only else None
     except ValueError as e:
         raise UsageError(str(e)) from None
     data = args.data

@@ -31,15 +31,13 @@ the stereo motorcycle pair (a near duplicate), and every grayscale photo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-
-if TYPE_CHECKING:
-    from .loading import ImageEntry
+from .entry import ImageEntry
 
 #: (scikit-image photo name, ImageNet label).
 BUILTIN_IMAGES: Tuple[Tuple[str, int], ...] = (
@@ -66,6 +64,4 @@ def _opener(name: str) -> Callable[[], Image.Image]:
 
 def builtin_entries() -> List[ImageEntry]:
     """The built-in images as dataset entries (id ``skimage:<name>``)."""
-    from .loading import ImageEntry
-
     return [ImageEntry(f"skimage:{name}", label, _opener(name)) for name, label in BUILTIN_IMAGES]

@@ -30,7 +30,6 @@ import csv
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from .builtin import builtin_entries
+from .entry import ImageEntry
 
 #: Files whose shorter side is below this many pixels are skipped (too small to classify).
 MIN_SIDE = 32
@@ -197,15 +198,6 @@ def decode_image(opener: Callable[[], Image.Image], size: int, crop_fraction: fl
 
 
 # ---------------------------------------------------------------- datasets
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    """One labelled image: its id (relative path or builtin name), label and how to open it."""
-
-    id: str
-    label: int
-    opener: Callable[[], Image.Image]
 
 
 def _file_opener(path: Path) -> Callable[[], Image.Image]:
@@ -398,8 +390,6 @@ def load_dataset(
     if size < MIN_SIDE:
         raise DataError(f"size must be at least {MIN_SIDE}, got {size}")
     if str(source) == "builtin":
-        from .builtin import builtin_entries
-
         entries, skipped, name = builtin_entries(), 0, "builtin"
     else:
         entries, skipped = folder_entries(source)

@@ -10,20 +10,19 @@ Every file is written atomically (temporary file + ``os.replace``).
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .. import data, defenses
 from ..defenses import Defended
 from ..seeding import child_seed, make_generator
+from .demo_attack import attack_builtin, attack_section
+from .images import png_bytes, side_by_side, to_pil
 from .store import atomic_write_bytes, atomic_write_text
 
 #: A top-k list: (ImageNet index, class name, probability).
@@ -112,30 +111,6 @@ def classify_builtin(
     ]
 
 
-def _to_pil(img: torch.Tensor) -> Image.Image:
-    a = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(a)
-
-
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def side_by_side(images: Sequence[torch.Tensor], gap: int = 4) -> Image.Image:
-    """Images (3, H_i, W_i) in a row on a white background, top-aligned."""
-    pils = [_to_pil(t) for t in images]
-    height = max(p.height for p in pils)
-    width = sum(p.width for p in pils) + gap * (len(pils) - 1)
-    panel = Image.new("RGB", (width, height), (255, 255, 255))
-    x = 0
-    for p in pils:
-        panel.paste(p, (x, 0))
-        x += p.width + gap
-    return panel
-
-
 def save_demo_images(items: Sequence[DemoImage], out_dir: Path, defense_name: str) -> None:
     """Write, per image, the clean PNG, the two defended draws and a clean|draw1|draw2 panel."""
     img_dir = Path(out_dir) / "images"
@@ -147,10 +122,10 @@ def save_demo_images(items: Sequence[DemoImage], out_dir: Path, defense_name: st
             "draw2": f"images/{it.name}_{tag}_draw2.png",
             "panel": f"images/{it.name}_{tag}_panel.png",
         }
-        atomic_write_bytes(img_dir / Path(files["clean"]).name, _png_bytes(_to_pil(it.clean)))
+        atomic_write_bytes(img_dir / Path(files["clean"]).name, png_bytes(to_pil(it.clean)))
         for j, d in enumerate(it.draws, start=1):
-            atomic_write_bytes(img_dir / Path(files[f"draw{j}"]).name, _png_bytes(_to_pil(d)))
-        atomic_write_bytes(img_dir / Path(files["panel"]).name, _png_bytes(side_by_side([it.clean, *it.draws])))
+            atomic_write_bytes(img_dir / Path(files[f"draw{j}"]).name, png_bytes(to_pil(d)))
+        atomic_write_bytes(img_dir / Path(files["panel"]).name, png_bytes(side_by_side([it.clean, *it.draws])))
         it.files = files
 
 
@@ -226,8 +201,6 @@ def run_demo(
 ) -> Tuple[Path, List[DemoImage], Optional[Dict]]:
     """Classify the built-in images bare and defended, attack them with a short BPDA+EOT run
     (``attack_rounds=0`` skips it), save the images and the report."""
-    from .demo_attack import attack_builtin, attack_section
-
     name = (defense_name or default_defense_name()).strip().lower()
     defense = defenses.create(name).to(device)
     items = classify_builtin(model, defense, seed=seed, device=device)

@@ -21,7 +21,7 @@ from ..attacks.adaptive import evaluate_on_draws
 from ..defenses import Defended
 from ..metrics import l2_rms
 from ..seeding import child_seed, make_generator, randint
-from .demo import _png_bytes, side_by_side
+from .images import png_bytes, side_by_side
 from .plots import plot_curves
 from .store import atomic_write_bytes
 
@@ -133,7 +133,7 @@ def attack_section(
     for i, image_id in enumerate(ids):
         stem = image_id.split(":", 1)[-1].replace("/", "_")
         fname = f"{stem}_attack.png"
-        atomic_write_bytes(out_dir / fname, _png_bytes(side_by_side([x[i].cpu(), defended_clean[i].cpu(), adv[i], defended_adv[i].cpu()])))
+        atomic_write_bytes(out_dir / fname, png_bytes(side_by_side([x[i].cpu(), defended_clean[i].cpu(), adv[i], defended_adv[i].cpu()])))
         frac = results[defense_name].verdict["per_image_fooled_fraction"][i]
         lines += [
             f"### {stem}: target {names[int(targets[i])]} ({int(targets[i])})",

@@ -1,9 +1,10 @@
-"""Units of work of ``prepdefense reproduce`` and the plan of each preset (issue 5, items 1-2, 4).
+"""Units of work of ``prepdefense reproduce`` and the presets that size them (issue 5, items 1-2, 4).
 
 A unit is one (experiment x defense x attack [x variant] x image shard): it runs on its
 own, from the run's seed and its own id (so its result does not depend on which units ran
 before it, on which machine, or in which order), and writes one atomic file (``store.py``).
-A *preset* fixes the sizes: ``paper`` (the paper's: 100 images, 50 BPDA rounds continued
+Each experiment's module plans its own units (``experiment.py``; the list of experiments is
+``registry.py``). A *preset* fixes the sizes: ``paper`` (the paper's: 100 images, 50 BPDA rounds continued
 to the l2 bound, EOT 30, PGD-1000, C&W 5x1000, adaptive 200 steps with EOT 30 judged on
 R = 10 draws), ``quick`` (everything shrunk to finish within about 20 minutes on 2 CPU
 cores, and the report lists what was shrunk), and ``smoke`` (tiny, for tests).
@@ -14,42 +15,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 __all__ = [
-    "EXPERIMENTS",
-    "EXPERIMENT_TITLES",
     "AttackSpec",
     "Preset",
     "PRESETS",
     "Unit",
     "get_preset",
-    "parse_only",
-    "plan",
     "unit_seed",
+    "n_shards",
+    "shard_slice",
+    "shard_len",
+    "dedupe_units",
+    "ensemble_size",
     "OUR_DEFENSE",
 ]
 
 #: The paper's defense (Section 5): DCT quantization with the learned table, then grid distortion.
 OUR_DEFENSE = "dct-distort"
-
-#: Experiments, in the order the plan runs them (cheap, reusable ones first).
-EXPERIMENTS: Tuple[str, ...] = ("table1", "table2", "table3", "table4", "fig4", "table6", "learned", "strong", "table5")
-
-EXPERIMENT_TITLES: Dict[str, str] = {
-    "table1": "Table 1: randomness of the defenses",
-    "fig4": "Fig. 4: BPDA and BPDA+EOT, ACC and ASR per round",
-    "table2": "Table 2: standard attacks on the bare model",
-    "table3": "Table 3: the same adversarial examples against our defense",
-    "table4": "Table 4: distortion limit delta sweep",
-    "table5": "Table 5: broader comparison on bounded attacks",
-    "table6": "Table 6: combinations after BPDA rounds",
-    "learned": "Section 6.4: learned BPDA",
-    "strong": "Strong adaptive attack",
-}
-
-_ALIASES = {"6.4": "learned", "learned-bpda": "learned", "adaptive": "strong", "fig.4": "fig4", "figure4": "fig4"}
-
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -135,6 +119,14 @@ class Preset:
             if a.label == label:
                 return a
         raise KeyError(f"no standard attack {label!r} in preset {self.name!r}")
+
+    def shards(self) -> range:
+        """The image shards of the protocol sample (``shard_size`` images each, the last maybe fewer)."""
+        return range(n_shards(self.n_images, self.shard_size))
+
+    def shard_images(self, shard: int) -> int:
+        """How many protocol images shard ``shard`` holds."""
+        return shard_len(shard, self.shard_size, self.n_images)
 
     def with_overrides(self, **fields: Any) -> "Preset":
         return dataclasses.replace(self, **fields)
@@ -288,35 +280,12 @@ def get_preset(name: str) -> Preset:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def parse_only(only: Optional[Iterable[str] | str]) -> Tuple[str, ...]:
-    """``--only table1,fig4`` -> the experiments in plan order (all when empty or "all")."""
-    if only is None:
-        return EXPERIMENTS
-    if isinstance(only, str):
-        only = [only]
-    names: List[str] = []
-    for item in only:
-        for part in str(item).replace(" ", ",").split(","):
-            part = part.strip().lower()
-            if not part:
-                continue
-            if part == "all":
-                return EXPERIMENTS
-            part = _ALIASES.get(part, part)
-            if part not in EXPERIMENTS:
-                raise ValueError(f"unknown experiment {part!r}; known: {', '.join(EXPERIMENTS)} (or all)")
-            names.append(part)
-    if not names:
-        return EXPERIMENTS
-    return tuple(e for e in EXPERIMENTS if e in names)
-
-
 @dataclass(frozen=True)
 class Unit:
     """One unit of work; ``id`` is its key in the store.
 
     Attributes:
-        experiment: which table/figure it feeds (``EXPERIMENTS``); the unit's file lives
+        experiment: which table/figure it feeds (``registry.names()``); the unit's file lives
             under ``units/<experiment>/``.
         defense: defense name (``none`` for the bare model).
         attack: attack label (``clean`` for no attack, ``bpda``, ``bpda-eot``, a Table 2
@@ -371,75 +340,18 @@ def shard_slice(shard: int, shard_size: int, n_images: int) -> slice:
     return slice(start, min(n_images, start + shard_size))
 
 
-def plan(preset: Preset, experiments: Sequence[str] = EXPERIMENTS) -> List[Unit]:
-    """Every unit the selected experiments need, in run order, without duplicates.
+def shard_len(shard: int, shard_size: int, n_images: int) -> int:
+    """How many images shard ``shard`` holds (the last one may be short)."""
+    return len(range(*shard_slice(shard, shard_size, n_images).indices(n_images)))
 
-    Table 5's measured row is the strong adaptive attack on our defense, so selecting
-    ``table5`` alone plans those ``strong`` units (and the report reads Fig. 4's BPDA+EOT
-    curve for our defense when present).
-    """
-    selected = set(experiments)
-    n, size = preset.n_images, preset.shard_size
-    shards = range(n_shards(n, size))
-    per = lambda s: len(range(*shard_slice(s, size, n).indices(n)))  # noqa: E731
-    units: List[Unit] = []
-    r = preset.eval_draws
 
-    def ens(defense: str) -> int:  # Guo et al.'s crop classifies an ensemble of crops per draw
-        return preset.crop_ensemble if defense == "crop" else 1
+def ensemble_size(preset: Preset, defense: str) -> int:
+    """Classifications per draw of ``defense`` (Guo et al.'s crop classifies an ensemble of crops)."""
+    return preset.crop_ensemble if defense == "crop" else 1
 
-    if "table1" in selected:
-        t1_shards = range(n_shards(preset.table1_images, size))
-        for d in (OUR_DEFENSE,) + ALL_BASELINES:
-            for s in t1_shards:
-                units.append(Unit("table1", d, "clean", s, cost=len(range(*shard_slice(s, size, preset.table1_images).indices(preset.table1_images))) * (2 + 0.35 * r)))
-    if "table2" in selected:
-        for spec in preset.table2_attacks:
-            for s in shards:
-                units.append(Unit("table2", "none", spec.label, s, cost=per(s) * spec.cost_per_image))
-    if "table3" in selected:
-        for label in ("clean",) + tuple(a.label for a in preset.table2_attacks):
-            for s in shards:
-                units.append(Unit("table3", OUR_DEFENSE, label, s, cost=per(s) * 0.35 * r))
-    if "table4" in selected:
-        for delta in preset.deltas:
-            for label in ("clean",) + tuple(a.label for a in preset.table2_attacks):
-                for s in shards:
-                    units.append(Unit("table4", OUR_DEFENSE, label, s, variant=f"delta={delta:g}", cost=per(s) * 0.35 * r))
-    if "fig4" in selected:
-        for d in preset.fig4_bpda_defenses:
-            for s in shards:
-                units.append(Unit("fig4", d, "bpda", s, cost=per(s) * preset.bpda_max_rounds * 1.35 * ens(d)))
-        for d in preset.fig4_eot_defenses:
-            for s in shards:
-                units.append(Unit("fig4", d, "bpda-eot", s, cost=per(s) * preset.bpda_max_rounds * (preset.eot + 0.35) * ens(d)))
-    if "table6" in selected:
-        for d in preset.table6_defenses:
-            for s in shards:
-                units.append(Unit("table6", d, "bpda", s, cost=per(s) * preset.table6_rounds * 1.35))
-    if "learned" in selected:
-        patch_frac = 1.0 if not preset.learned_patch else min(1.0, (preset.learned_patch / 224.0) ** 2)
-        units.append(Unit("learned", OUR_DEFENSE, "train", 0, cost=preset.learned_steps * preset.learned_batch * (0.3 + 1.5 * patch_frac)))
-        for s in shards:
-            units.append(Unit("learned", OUR_DEFENSE, "bpda-learned", s, cost=per(s) * preset.learned_rounds * 3.0))
-    strong_defs: List[str] = []
-    if "strong" in selected:
-        strong_defs = list(preset.strong_defenses)
-    elif "table5" in selected:
-        strong_defs = [OUR_DEFENSE]
-    if strong_defs:
-        s_shards = list(shards)[: preset.strong_shards] if preset.strong_shards else list(shards)
-        for d in strong_defs:
-            for norm in preset.strong_norms:
-                for s in s_shards:
-                    units.append(Unit("strong", d, "adaptive", s, variant=f"norm={norm}",
-                                      cost=per(s) * ens(d) * (len(preset.adaptive_losses) * preset.adaptive_steps * preset.adaptive_eot + 0.35 * preset.adaptive_draws)))
-        for d in preset.diagnostics_defenses:
-            if d not in strong_defs:
-                continue
-            for norm in preset.diagnostics_norms:
-                units.append(Unit("strong", d, "diagnostics", s_shards[0], variant=f"norm={norm}",
-                                  cost=per(s_shards[0]) * preset.adaptive_steps * (preset.adaptive_eot + 4)))
+
+def dedupe_units(units: Iterable[Unit]) -> List[Unit]:
+    """``units`` in order, each id once (two experiments may plan the same unit)."""
     seen = set()
     out = []
     for u in units:

@@ -1,0 +1,64 @@
+"""The pieces a run is built from: the device, the classifier and the defended classifier.
+
+Shared by ``prepdefense reproduce`` (``reproduce.py``) and every sub-command (``cli/common.py``
+re-exports these names), so the experiments never import from the CLI above them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import defenses, models
+from ..defenses import Defended
+from ..errors import PrepDefenseError
+from ..seeding import make_generator
+
+__all__ = ["UsageError", "resolve_device", "build_model", "build_defended"]
+
+
+class UsageError(PrepDefenseError):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``auto`` (or None) -> CUDA when available, else CPU; otherwise the named device."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"bad --device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+def build_model(name: str, weights: Optional[str], device: torch.device) -> nn.Module:
+    """``models.create`` with unknown names turned into a one-line usage error."""
+    kwargs = {"weights": weights} if weights else {}
+    try:
+        model = models.create(name, **kwargs)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown model {name!r}") from None
+    except TypeError as e:
+        if "weights" not in str(e):
+            raise
+        raise UsageError(f"model {name!r} takes no --weights") from None
+    return model.to(device).eval()
+
+
+def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
+    """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
+    name = (defense_name or "none").strip().lower()
+    if name == "none":
+        return model
+    try:
+        defense = defenses.create(name)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
+    except ValueError as e:
+        raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
+    return Defended(defense, model, generator=make_generator(seed)).to(device)
