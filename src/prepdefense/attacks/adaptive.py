@@ -49,7 +49,7 @@ from torch import nn
 
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND, l2_rms, linf
 from ..seeding import child_seed, ensure_generator, make_generator, rand, randn
-from . import register
+from ._registry import register
 from .base import AttackResult
 from .bpda import with_bpda
 from .eot import EOT
@@ -353,6 +353,4 @@ class AdaptiveAttack:
         return AttackResult(adversarial=x_adv, success=success, history=[], info=info)
 
 
-@register("adaptive", help="strong adaptive attack: EOT-PGD with BPDA, CE+margin, best iterate, verdict on fresh draws")
-def adaptive(**kw: Any) -> AdaptiveAttack:
-    return AdaptiveAttack(**kw)
+register("adaptive", help="strong adaptive attack: EOT-PGD with BPDA, CE+margin, best iterate, verdict on fresh draws")(AdaptiveAttack)

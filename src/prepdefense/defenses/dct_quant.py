@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import cpu_workers
-from . import register
+from ._registry import register
 from .base import Defense
 from .block_dct import (
     BLOCK,
@@ -329,11 +329,5 @@ class DCTQuantize(Defense):
         return f"table={self.table_source}"
 
 
-@register("dct-quant", help="Step 1 of the paper's defense: 8x8 DCT quantization (table='default')")
-def dct_quant(table: TableSpec = "default") -> DCTQuantize:
-    return DCTQuantize(table=table)
-
-
-@register("fd", help="Feature Distillation (released-code FD table): 8x8 DCT quantization")
-def feature_distillation() -> DCTQuantize:
-    return DCTQuantize(table="fd")
+register("dct-quant", help="Step 1 of the paper's defense: 8x8 DCT quantization (table='default')")(DCTQuantize)
+register("fd", help="Feature Distillation (released-code FD table): 8x8 DCT quantization", fixed={"table": "fd"})(DCTQuantize)
