@@ -9,12 +9,18 @@ gradient through differentiable ones), and through EOT over ``--eot`` draws when
 ``--transfer`` instead generates on the undefended model and feeds the result to the defended
 one (the setting of the paper's Table 3).
 
+Flags: the run's own (``--data`` ... ``--json``) and the attack's, built from its declared
+hyperparameters (:mod:`.attack_flags`); a flag the chosen attack does not take is a usage
+error naming those it does.
+
 Verdict: the adversarial images are classified by the defended model under ``--draws`` fresh
 draws of the defense (one for a deterministic defense); ``accuracy``/``asr`` are the expected
 values over those draws, ``accuracy_worst``/``asr_worst`` the worst case (an image counts as
 broken if any draw is fooled). ``--json`` prints one object with these, ``n``, ``history``
-(per-round accuracy and ASR for iterative attacks), the ``adaptive`` attack's intervals and
-diagnostics, and model/defense/attack/seed/device/versions.
+(per-round accuracy and ASR for iterative attacks), the ``adaptive`` attack's intervals,
+the model passes of the attack (``attack_passes``), the checks run after it with the images
+each ran on and their cost (:mod:`.attack_checks`; by default for ``adaptive``, at most 25%
+of the attack's passes), and model/defense/attack/seed/device/versions.
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ def run(args) -> int:
     name = args.attack.strip().lower()
     if name not in attacks.names():
         raise UsageError(f"unknown attack {name!r}; known: {', '.join(attacks.names())}")
-    attack_kwargs(name, args)  # a flag the attack does not take fails here, before any loading
+    kwargs, _ = attack_kwargs(name, args)  # a flag the attack does not take fails here, before any loading
     targeted = args.targeted
     if targeted is None:
         targeted = supports_targeted(name)
@@ -173,7 +179,6 @@ def run(args) -> int:
         bar.update(done - bar.n)
 
     attack, model_eot = build_attack(name, args, progress_cb=on_progress)
-    kwargs, _ = attack_kwargs(name, args)
     g = make_generator(args.seed)
     attack_g = make_generator(child_seed(g))
     verdict_g = make_generator(child_seed(g))

@@ -103,8 +103,8 @@ class Checks:
         self.draws = int(draws)
         self.main_info = main_info
         self.randomized = bool(getattr(defended, "randomized", False))
-        takers = attack_flags()["steps"].takers if "steps" in attack_flags() else {}
-        self.steps_hp = takers.get(name)
+        steps_flag = attack_flags().get("steps")
+        self.steps_hp = steps_flag.takers.get(name) if steps_flag else None
         self.steps = int(self._value(self.steps_hp) or 0) if self.steps_hp else 0
         self.own_eot = "eot" in self.params
         self.eot = int(self._value("eot") if self.own_eot else (model_eot or 1))
@@ -126,15 +126,16 @@ class Checks:
         steps = self.steps if steps is None else steps
         eot = self.eot if eot is None else eot
         randomized = self.randomized and not bare
-        judge = 0 if "draws" in self.params else self._eff(self.draws, randomized)
-        if "restarts" in self.params:  # upper bound: no restart skips an image
+        # Judging the re-run on fresh draws: by the attack itself (it takes ``draws``) or here.
+        judge = self._eff(self.draws, randomized)
+        if "restarts" in self.params:  # the adaptive attack; an upper bound: no restart skips an image
             restarts = int(self._value("restarts") or len(self._value("losses") or ("ce",)))
-            own_judge = self._eff(self.draws, randomized)
-            return n * (restarts * (steps + 1) * self._eff(eot, randomized) + own_judge)
+            return n * (restarts * (steps + 1) * self._eff(eot, randomized) + judge)
+        # Other attacks: the measured per-image cost, scaled by steps and EOT draws.
         per_image = self.attack_passes / max(1, len(self.fooled_fraction))
         scale = (steps + 1) / (self.steps + 1) if self.steps else 1.0
         scale *= self._eff(eot, randomized) / self._eff(self.eot, self.randomized)
-        return n * (per_image * scale + judge)
+        return n * (per_image * scale + (0 if "draws" in self.params else judge))
 
     def _rebuild(self, **overrides: Any) -> Any:
         kw = {**self.kwargs, **overrides}
@@ -142,7 +143,7 @@ class Checks:
             kw["progress"] = None
         return attacks.create(self.name, **kw)
 
-    def _unbounded_overrides(self, x: torch.Tensor) -> Optional[Dict[str, Any]]:
+    def _unbounded_overrides(self) -> Optional[Dict[str, Any]]:
         """A radius covering the whole [0,1] box, in the attack's own unit (None: no radius)."""
         if "eps" not in self.params:
             return None
@@ -151,7 +152,8 @@ class Checks:
             return {"rms_eps": 1.0, "eps": None} if norm == "l2" else {"eps": 1.0, "rms_eps": None}
         return {"eps": 1.0}  # Linf radius, or the adaptive attack's normalised L2
 
-    def _success(self, result: Any, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], judge: nn.Module, g: torch.Generator) -> float:
+    def _success(self, result: Any, labels: torch.Tensor, targets: Optional[torch.Tensor], judge: nn.Module, g: torch.Generator) -> float:
+        """Expected success over fresh draws: the attack's own verdict, else judged here."""
         if "asr_expected" in result.info:
             return float(result.info["asr_expected"])
         v = evaluate_on_draws(judge, result.adversarial.detach(), labels, targets, draws=self.draws, generator=g)
@@ -227,7 +229,7 @@ class Checks:
         def rerun(attack: Any, model: nn.Module, m: int, judge: nn.Module) -> float:
             t = None if targets is None else targets[:m]
             res = self.run_attack(attack, model, x[:m], labels[:m], t, make_generator(child_seed(g)))
-            return self._success(res, x[:m], labels[:m], t, judge, make_generator(child_seed(g)))
+            return self._success(res, labels[:m], t, judge, make_generator(child_seed(g)))
 
         # 3. the same attack on the undefended classifier
         def undefended(m: int) -> Dict[str, Any]:
@@ -242,7 +244,7 @@ class Checks:
         run_check("undefended", self.rerun_cost(1, bare=True), undefended)
 
         # 4. an unbounded run: must reach ~100%
-        big = self._unbounded_overrides(x)
+        big = self._unbounded_overrides()
         if big is None:
             out["skipped"]["unbounded"] = "the attack has no radius"
         else:
