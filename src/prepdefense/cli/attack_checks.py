@@ -14,7 +14,8 @@ is left of the budget; a check for which not even one image fits is skipped, and
 says so:
 
 1. ``randomized``: two draws of the defended model (2 passes per image);
-2. ``gradients``: single-draw gradients over ``min(30, eot)`` draws (that many per image);
+2. ``gradients``: single-draw gradients over ``min(30, max(4, eot))`` draws of a random
+   defense (that many passes per image; one for a deterministic one);
 3. ``undefended``: the attack at its own settings on the bare classifier (about 1/eot of the
    attack's per-image cost: one draw suffices for a deterministic model);
 4. ``unbounded``: the attack with a radius covering the [0,1] box, at a quarter of the
@@ -50,7 +51,7 @@ DEFAULT_SUBSET = 10
 HELP = (
     "checks after the attack (Carlini et al. 2019 checklist). 'default' (adaptive's default; "
     f"other attacks: off) adds at most {BUDGET:.0%} of the attack's model passes (forward+backward, "
-    "counted): two draws (2 passes/image) and single-draw gradients (min(30, eot) passes/image) on "
+    "counted): two draws (2 passes/image) and single-draw gradients (min(30, max(4, eot)) passes/image) on "
     "--diag-n images; the undefended-model run (~1/eot of the attack's cost per image), an unbounded "
     "run at 1/4 of the steps and draws, and a 2x-steps run (2x the attack's cost per image) on as "
     "many of --diag-n images as the budget holds, skipped with a note when not one fits. 'full': all "
@@ -199,8 +200,9 @@ class Checks:
 
         run_check("randomized", 2.0 if self.randomized else 0.0, randomized)
 
-        # 2. single-draw gradients against their mean
-        grad_draws = min(30, self.eot)
+        # 2. single-draw gradients against their mean: over the attack's EOT draws, and at
+        # least 4 (a random defense attacked with one draw still shows its gradient noise)
+        grad_draws = min(30, max(4, self.eot)) if self.randomized else 1
 
         def gradients(m: int) -> Dict[str, Any]:
             t = None if targets is None else targets[:m]
@@ -289,6 +291,10 @@ class Checks:
         return out
 
 
+def _images(n: int) -> str:
+    return f"[{n} image{'' if n == 1 else 's'}]"
+
+
 def format_checks(d: Dict[str, Any]) -> str:
     """The report as text: warnings first, each check with the images it ran on, then the cost."""
     head = (f"Diagnostics ({d['mode']}: at most {d['budget']:.0%} of the attack's model passes; --diagnostics full runs all)"
@@ -298,22 +304,22 @@ def format_checks(d: Dict[str, Any]) -> str:
     s = d.get("steps")
     if s:
         lines.append(f"  success with {s['k']} steps (main run): {s['success_k']:.3f}; with {s['2k']} steps: {s['success_2k']:.3f} "
-                     f"(doubling helps: {'yes' if s['doubling_helps'] else 'no'}) [{s['n']} images]")
+                     f"(doubling helps: {'yes' if s['doubling_helps'] else 'no'}) {_images(s['n'])}")
     if "undefended" in d:
-        lines.append(f"  same attack on the undefended model: success {d['undefended']['success']:.3f} [{d['undefended']['n']} images]")
+        lines.append(f"  same attack on the undefended model: success {d['undefended']['success']:.3f} {_images(d['undefended']['n'])}")
     u = d.get("unbounded")
     if u:
         radius = ", ".join(f"{k} {v:g}" for k, v in u.items() if k in ("eps", "rms_eps"))
         steps = f", {u['steps']} steps" if u.get("steps") else ""
-        lines.append(f"  unbounded run ({radius}{steps}, eot {u['eot']}): success {u['success']:.3f} [{u['n']} images]")
+        lines.append(f"  unbounded run ({radius}{steps}, eot {u['eot']}): success {u['success']:.3f} {_images(u['n'])}")
     ga = d.get("gradients")
     if ga:
         lines.append(
             f"  gradients over {ga['draws']} draws: mean cosine to the EOT mean {ga['mean_cosine_to_mean']:.3f}, "
-            f"|mean|/mean|g| {ga['mean_norm_ratio']:.3f}, zero {ga['zero_fraction']:.1%}, non-finite {ga['nonfinite_fraction']:.1%} [{ga['n']} images]"
+            f"|mean|/mean|g| {ga['mean_norm_ratio']:.3f}, zero {ga['zero_fraction']:.1%}, non-finite {ga['nonfinite_fraction']:.1%} {_images(ga['n'])}"
         )
     if "randomized" in d:
-        lines.append(f"  two draws disagree on {d['randomized']['prediction_disagreement']:.1%} of predictions [{d['randomized']['n']} images]")
+        lines.append(f"  two draws disagree on {d['randomized']['prediction_disagreement']:.1%} of predictions {_images(d['randomized']['n'])}")
     for key, why in d.get("skipped", {}).items():
         lines.append(f"  skipped {key}: {why}")
     lines.append(f"  cost: {d['passes']} model passes, {d['cost_ratio']:.0%} of the attack's {d['attack_passes']}")
