@@ -7,46 +7,19 @@ Model-side composition: ``BPDA(defense, approx=...)`` and ``EOT(model, n)``.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, List
 
-from ..registry import Registry
+# Each module registers its attacks on import (one line beside each class).
+from . import adaptive, carlini_wagner, deepfool, gradient, lbfgs, protocol  # noqa: F401
+from ._registry import REGISTRY, register
 from .base import AttackResult
-
-REGISTRY = Registry("attack")
-register = REGISTRY.register
-
-_MODULES = (
-    "gradient",
-    "carlini_wagner",
-    "lbfgs",
-    "deepfool",
-    "protocol",
-    "adaptive",
-)
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
 
 
 def names() -> List[str]:
-    _load()
     return REGISTRY.names()
 
 
 def create(name: str, **params: Any):
-    _load()
     return REGISTRY.create(name.strip().lower(), **params)
 
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import l2_rms, linf
-from . import register
+from ._registry import register
 from .base import AttackResult
 from .bpda import with_bpda
 from .gradient import GradientAttack
@@ -208,6 +208,4 @@ class AdaptiveAttack(GradientAttack):
         return result
 
 
-@register("adaptive", help="strong adaptive attack: EOT-PGD with BPDA, CE+margin, best iterate, verdict on fresh draws")
-def adaptive(**kw: Any) -> AdaptiveAttack:
-    return AdaptiveAttack(**kw)
+register("adaptive", help="strong adaptive attack: EOT-PGD with BPDA, CE+margin, best iterate, verdict on fresh draws")(AdaptiveAttack)

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import register
+from ._registry import register
 from ..draws import DrawKey
 from .base import Attack, AttackResult
 from .losses import is_successful, margin_loss
@@ -176,6 +176,4 @@ class CarliniWagnerL2(Attack):
         return AttackResult(adversarial=best_adv.detach(), success=success, history=history, info=info)
 
 
-@register("cw", help="Carlini-Wagner L2: Adam in tanh space, 5 binary-search steps over c, 1000 iterations, lr 0.1")
-def cw(**kwargs: Any) -> CarliniWagnerL2:
-    return CarliniWagnerL2(**kwargs)
+register("cw", help="Carlini-Wagner L2: Adam in tanh space, 5 binary-search steps over c, 1000 iterations, lr 0.1")(CarliniWagnerL2)

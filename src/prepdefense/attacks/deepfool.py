@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import register
+from ._registry import register
 from ..draws import DrawKey
 from .base import Attack, AttackResult
 from .verdict import round_record
@@ -134,6 +134,4 @@ class DeepFool(Attack):
         return AttackResult(adversarial=x_adv.detach(), success=success, history=history, info=info)
 
 
-@register("deepfool", help="DeepFool (untargeted, L2): overshoot 0.02, 50 iterations, top-10 candidate classes")
-def deepfool(**kwargs: Any) -> DeepFool:
-    return DeepFool(**kwargs)
+register("deepfool", help="DeepFool (untargeted, L2): overshoot 0.02, 50 iterations, top-10 candidate classes")(DeepFool)

@@ -60,7 +60,7 @@ from torch import nn
 from .. import seeding
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
-from . import register
+from ._registry import register
 from .base import Attack, AttackResult, forward
 from .eot import EOT
 from .losses import LOSSES, is_successful, objective
@@ -416,26 +416,8 @@ class MIFGSM(GradientAttack):
                          kappa=kappa, keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
 
 
-@register("fgsm", help="FGSM: one signed (Linf) or normalised (L2) gradient step of size eps")
-def fgsm(**kwargs: Any) -> FGSM:
-    return FGSM(**kwargs)
-
-
-@register("bim", help="I-FGSM / BIM: 10 projected FGSM steps of eps/10, no random start")
-def bim(**kwargs: Any) -> BIM:
-    return BIM(**kwargs)
-
-
-@register("i-fgsm", help="alias of bim")
-def i_fgsm(**kwargs: Any) -> BIM:
-    return BIM(**kwargs)
-
-
-@register("pgd", help="PGD: random start, 50 projected steps of 2.5*eps/steps (PGD-1000: --steps 1000)")
-def pgd(**kwargs: Any) -> PGD:
-    return PGD(**kwargs)
-
-
-@register("mi-fgsm", help="MI-FGSM: BIM with momentum 1.0 on the L1-normalised gradient")
-def mi_fgsm(**kwargs: Any) -> MIFGSM:
-    return MIFGSM(**kwargs)
+register("fgsm", help="FGSM: one signed (Linf) or normalised (L2) gradient step of size eps")(FGSM)
+register("bim", help="I-FGSM / BIM: 10 projected FGSM steps of eps/10, no random start")(BIM)
+register("i-fgsm", help="alias of bim")(BIM)
+register("pgd", help="PGD: random start, 50 projected steps of 2.5*eps/steps (PGD-1000: --steps 1000)")(PGD)
+register("mi-fgsm", help="MI-FGSM: BIM with momentum 1.0 on the L1-normalised gradient")(MIFGSM)

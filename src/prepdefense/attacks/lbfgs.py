@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
+from ._registry import register
 from ..draws import DrawKey
 from .base import Attack, AttackResult
 from .losses import is_successful
@@ -162,6 +162,4 @@ class LBFGS(Attack):
         return AttackResult(adversarial=best_adv.detach(), success=success, history=history, info=info)
 
 
-@register("lbfgs", help="L-BFGS (Szegedy et al.): box-constrained L-BFGS-B, 5 binary-search steps, 1000 iterations")
-def lbfgs(**kwargs: Any) -> LBFGS:
-    return LBFGS(**kwargs)
+register("lbfgs", help="L-BFGS (Szegedy et al.): box-constrained L-BFGS-B, 5 binary-search steps, 1000 iterations")(LBFGS)

@@ -37,6 +37,7 @@ Untargeted use (``targets=None``) ascends the cross-entropy of the true label in
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -45,7 +46,7 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, l2_rms
-from . import register
+from ._registry import register
 from .base import Attack, AttackResult, forward
 from .bpda import with_bpda
 from .eot import EOT
@@ -200,11 +201,5 @@ class ProtocolBPDA(Attack):
         })
         return result
 
-@register("bpda", help="BPDA, paper protocol (Section 6.2): raw-gradient steps lr 0.1, stop at success or the l2 bound")
-def bpda(*, rounds: int = 50, lr: float = 0.1, eps: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
-    return ProtocolBPDA(rounds=rounds, lr=lr, eot=1, eps=eps, approx=approx, **kw)
-
-
-@register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, gradient averaged over 30 draws")
-def bpda_eot(*, rounds: int = 50, lr: float = 0.1, eot: int = 30, eps: float = PAPER_L2_BOUND, approx: Any = None, **kw: Any) -> ProtocolBPDA:
-    return ProtocolBPDA(rounds=rounds, lr=lr, eot=eot, eps=eps, approx=approx, **kw)
+register("bpda", help="BPDA, paper protocol (Section 6.2): raw-gradient steps lr 0.1, stop at success or the l2 bound", fixed={"eot": 1})(ProtocolBPDA)
+register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, gradient averaged over 30 draws")(partial(ProtocolBPDA, eot=30))

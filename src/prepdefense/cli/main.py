@@ -9,21 +9,15 @@ function it runs. Errors the user can fix (a missing folder, a bad name) are rai
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import List, Optional
 
 from .. import __version__
 from ..errors import PrepDefenseError
+from . import attack, demo, learn_table, predict, randomness, reproduce
 
-_SUBCOMMANDS = (
-    "predict",
-    "demo",
-    "randomness",
-    "attack",
-    "learn_table",
-    "reproduce",
-)
+#: Sub-commands in the order ``--help`` lists them.
+_SUBCOMMANDS = (predict, demo, randomness, attack, learn_table, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prepdefense {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}":
-                continue
-            raise
+    for module in _SUBCOMMANDS:
         module.add_parser(sub)
     return parser
 

@@ -7,57 +7,36 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, List
 
-from ..registry import Registry
+# Each module registers its defenses on import (one line beside each class).
+from . import (  # noqa: F401
+    bit_depth,
+    dct_distort,
+    dct_quant,
+    grid_distort,
+    identity,
+    jpeg,
+    pixel_deflection,
+    random_crop,
+    random_resize_pad,
+    shield,
+    total_variation,
+)
+from ._registry import REGISTRY, register
 from .base import Defense, check_images
 from .compose import Compose
 from .defended import Defended
 
-REGISTRY = Registry("defense")
-register = REGISTRY.register
-
-# Modules that register defenses on import; each is one concern.
-_MODULES = (
-    "identity",
-    "dct_quant",
-    "grid_distort",
-    "dct_distort",
-    "jpeg",
-    "shield",
-    "bit_depth",
-    "random_resize_pad",
-    "total_variation",
-    "pixel_deflection",
-    "random_crop",
-)
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet must not break the others
-            if e.name != f"{__name__}.{mod}":
-                raise
-
 
 def names() -> List[str]:
     """Registered single defense names (compose any of them with ``+``)."""
-    _load()
     return REGISTRY.names()
 
 
 def create(name: str, **params: Any) -> Defense:
     """Build a defense by name. ``params`` go to a single defense; a ``+`` chain takes
     each part's defaults (build parts yourself and use :class:`Compose` to tune them)."""
-    _load()
     name = name.strip().lower()
     if name in ("none", ""):
         return REGISTRY.create("none")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from ._registry import register
 from .base import Defense, check_images
 
 __all__ = ["BitDepthReduction", "reduce_bit_depth"]
@@ -48,6 +48,4 @@ class BitDepthReduction(Defense):
         return f"bits={self.bits}"
 
 
-@register("bdr", help="bit-depth reduction to 3 bits (feature squeezing, Xu et al. 2018)")
-def bdr(bits: int = 3) -> BitDepthReduction:
-    return BitDepthReduction(bits=bits)
+register("bdr", help="bit-depth reduction to 3 bits (feature squeezing, Xu et al. 2018)")(BitDepthReduction)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from ._registry import register
 from .base import Defense
 from ..draws import Params
 from .dct_quant import DCTQuantize
@@ -64,6 +64,4 @@ class DCTDistort(Defense):
         return f"table={self.table_source}, delta={self.distort.delta}, cells={self.distort.cells}"
 
 
-@register("dct-distort", help="the paper's defense: DCT quantization then random grid distortion")
-def dct_distort(table: TableSpec = "default", delta: float = 0.15, cells: int = 10) -> DCTDistort:
-    return DCTDistort(table=table, delta=delta, cells=cells)
+register("dct-distort", help="the paper's defense: DCT quantization then random grid distortion")(DCTDistort)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import register
+from ._registry import register
 from .base import Defense
 from .kernels.dct_quant import Operators, compute_dtype, quantization_operators, quantize_and_read
 from .quant_tables import TableSpec, resolve_table
@@ -85,11 +85,5 @@ class DCTQuantize(Defense):
         return f"table={self.table_source}"
 
 
-@register("dct-quant", help="Step 1 of the paper's defense: 8x8 DCT quantization (table='default')")
-def dct_quant(table: TableSpec = "default") -> DCTQuantize:
-    return DCTQuantize(table=table)
-
-
-@register("fd", help="Feature Distillation (released-code FD table): 8x8 DCT quantization")
-def feature_distillation() -> DCTQuantize:
-    return DCTQuantize(table="fd")
+register("dct-quant", help="Step 1 of the paper's defense: 8x8 DCT quantization (table='default')")(DCTQuantize)
+register("fd", help="Feature Distillation (released-code FD table): 8x8 DCT quantization", fixed={"table": "fd"})(DCTQuantize)

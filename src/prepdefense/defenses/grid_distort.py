@@ -44,7 +44,7 @@ import torch
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 
 __all__ = [
@@ -211,6 +211,4 @@ class GridDistort(Defense):
         return f"delta={self.delta}, cells={self.cells}"
 
 
-@register("grid-distort", help="Step 2 of the paper's defense: random grid distortion (delta=0.15, cells=10)")
-def grid_distort_defense(delta: float = 0.15, cells: int = 10) -> GridDistort:
-    return GridDistort(delta=delta, cells=cells)
+register("grid-distort", help="Step 2 of the paper's defense: random grid distortion (delta=0.15, cells=10)")(GridDistort)

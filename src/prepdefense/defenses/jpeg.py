@@ -35,7 +35,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import register
+from ._registry import register
 from .base import Defense, check_images
 from .block_dct import from_blocks, pad_to_blocks, to_blocks
 
@@ -342,6 +342,4 @@ class JPEG(Defense):
         return f"quality={self.quality}, subsampling={self.subsampling}"
 
 
-@register("jpeg", help="JPEG compression at quality 75 (Pillow/libjpeg-compatible, batched)")
-def jpeg(quality: int = 75, subsampling: Union[str, int] = "4:2:0") -> JPEG:
-    return JPEG(quality=quality, subsampling=subsampling)
+register("jpeg", help="JPEG compression at quality 75 (Pillow/libjpeg-compatible, batched)")(JPEG)

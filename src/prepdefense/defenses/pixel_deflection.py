@@ -30,7 +30,7 @@ import torch
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 
 __all__ = ["PixelDeflection", "deflection_params", "sample_deflections", "deflect_pixels", "wavelet_denoise", "pixel_deflection"]
@@ -149,7 +149,4 @@ class PixelDeflection(Defense):
         return wavelet_denoise(deflect_pixels(x, params), sigma=self.sigma, ycbcr=self.ycbcr)
 
 
-@register("pd", help="Pixel Deflection: 600 deflections in a 10-pixel window + BayesShrink wavelet denoising")
-def pixel_deflection(deflections: int = 600, window: int = 10, sigma: float = 0.04, ycbcr: bool = True) -> PixelDeflection:
-    """``pd``: see :class:`PixelDeflection`."""
-    return PixelDeflection(deflections, window, sigma, ycbcr)
+register("pd", help="Pixel Deflection: 600 deflections in a 10-pixel window + BayesShrink wavelet denoising")(PixelDeflection)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 
 __all__ = ["RandomCrop", "crop_side", "crop_and_resize"]
@@ -104,6 +104,4 @@ class RandomCrop(Defense):
         return f"side={side}, ensemble={self.ensemble}, bilinear"
 
 
-@register("crop", help="Guo et al. 2018: random 90/299 crop resized back, ensemble of 30")
-def crop(side: Optional[int] = None, crop_fraction: float = REFERENCE_CROP / REFERENCE_SIDE, ensemble: int = 30) -> RandomCrop:
-    return RandomCrop(side=side, crop_fraction=crop_fraction, ensemble=ensemble)
+register("crop", help="Guo et al. 2018: random 90/299 crop resized back, ensemble of 30")(RandomCrop)

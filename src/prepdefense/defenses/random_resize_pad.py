@@ -23,7 +23,7 @@ import torch
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 
 __all__ = ["RandomResizePad", "padded_side", "resize_pad"]
@@ -112,6 +112,4 @@ class RandomResizePad(Defense):
         return f"size in [S, round(S*331/299)), pad_value={self.pad_value}, nearest"
 
 
-@register("rand", help="Xie et al. 2018: random resize to [S, S*331/299) and random pad (0.5)")
-def rand(pad_value: float = PAD_VALUE) -> RandomResizePad:
-    return RandomResizePad(pad_value=pad_value)
+register("rand", help="Xie et al. 2018: random resize to [S, S*331/299) and random pad (0.5)")(RandomResizePad)

@@ -15,7 +15,7 @@ import torch
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 from .jpeg import jpeg_compress_qualities
 
@@ -76,6 +76,4 @@ class SHIELD(Defense):
         return f"qualities={self.qualities}, block={BLOCK}"
 
 
-@register("shield", help="SHIELD: each 8x8 block from a JPEG at a random quality in {20,40,60,80}")
-def shield(qualities: Sequence[int] = (20, 40, 60, 80), subsampling="4:2:0") -> SHIELD:
-    return SHIELD(qualities=qualities, subsampling=subsampling)
+register("shield", help="SHIELD: each 8x8 block from a JPEG at a random quality in {20,40,60,80}")(SHIELD)

@@ -57,10 +57,10 @@ import torch.nn.functional as F
 
 from .. import seeding
 from ..draws import Params
-from . import register
+from ._registry import register
 from .base import Defense
 
-__all__ = ["TotalVariation", "tv_bregman", "total_variation_defense"]
+__all__ = ["TotalVariation", "tv_bregman"]
 
 # Relative truncation error of the triangular solve of one Gauss-Seidel sweep.
 _SWEEP_TOL = 1e-7
@@ -290,14 +290,4 @@ class TotalVariation(Defense):
         return out.clamp_(0.0, 1.0)
 
 
-@register("tv", help="Guo et al. pixel dropout (p=0.5) + Bregman TV minimisation (lambda_tv 0.03)")
-def total_variation_defense(
-    keep_prob: float = 0.5,
-    lambda_tv: float = 0.03,
-    weight: Optional[float] = None,
-    isotropic: bool = False,
-    max_iter: int = 100,
-    eps: float = 1e-3,
-) -> TotalVariation:
-    """``tv``: see :class:`TotalVariation`."""
-    return TotalVariation(keep_prob, lambda_tv, weight, isotropic, max_iter, eps)
+register("tv", help="Guo et al. pixel dropout (p=0.5) + Bregman TV minimisation (lambda_tv 0.03)")(TotalVariation)

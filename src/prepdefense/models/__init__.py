@@ -7,42 +7,24 @@ input side in pixels). Nothing downloads at run time: weights come from installe
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, List
 
 from torch import nn
 
-from ..registry import Registry
+# Each module registers its models on import; torchvision itself is imported only when a
+# torchvision model is built.
+from . import efficientnet_lite, torchvision_models  # noqa: F401
+from ._registry import REGISTRY, register
 
-REGISTRY = Registry("model")
-register = REGISTRY.register
 DEFAULT_MODEL = "efficientnet-lite0"
-
-_MODULES = ("efficientnet_lite", "torchvision_models")
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
 
 
 def names() -> List[str]:
-    _load()
     return REGISTRY.names()
 
 
 def create(name: str = DEFAULT_MODEL, **kwargs: Any) -> nn.Module:
     """Build model ``name`` in eval mode with its weights loaded."""
-    _load()
     return REGISTRY.create(name, **kwargs).eval()
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelUnavailableError
-from . import register
+from ._registry import register
 
 #: Per stage: (repeats, kernel, stride, expand ratio, output channels) of EfficientNet-B0/Lite0.
 LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (

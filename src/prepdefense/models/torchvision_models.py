@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelUnavailableError
-from . import register
+from ._registry import register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

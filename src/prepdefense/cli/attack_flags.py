@@ -1,0 +1,238 @@
+"""The attack's own flags of ``prepdefense attack``, built from the registry (issue 9, item 7).
+
+Every registered attack declares its hyperparameters as keyword-only constructor arguments
+with defaults (:meth:`prepdefense.registry.Registry.parameters`). Each hyperparameter is a
+flag ``--name-with-dashes`` whose type comes from its annotation and default; a few keep
+the spelling the command always had (:data:`ALIASES`: ``--steps`` is ``rounds`` for
+bpda/bpda-eot and ``max_iterations`` for lbfgs; ``--eps`` is ``l2_bound`` for the protocol
+attacks and the RMS radius ``rms_eps`` of the gradient attacks under ``--norm l2``).
+The parser holds the union of these flags; :func:`attack_kwargs` then rejects any flag the
+chosen attack does not take, naming the ones it does (exit 2 through ``UsageError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .. import attacks
+from ..attacks.losses import LOSSES
+from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
+from .common import UsageError
+
+#: Hyperparameters the command sets itself, never from an attack flag.
+RUN_SET = {
+    "approx": "BPDA approximation: identity / real gradient (None)",
+    "chunk": "--eot-chunk",
+    "batch_size": "--batch-size",
+    "progress": "the progress bar",
+    "record_history": "always on (per-round history)",
+    "draws": "--draws",
+}
+
+#: Hyperparameter -> the flag (dest) that sets it, where the command keeps an older spelling.
+ALIASES = {"rounds": "steps", "max_iterations": "steps", "l2_bound": "eps", "rms_eps": "eps"}
+
+#: What each flag means, in the command's units; a hyperparameter missing here is described
+#: generically from its name.
+DESCRIPTIONS = {
+    "norm": "threat model, l2 or linf (an L2-only attack takes l2 only)",
+    "eps": (
+        "bound: for --norm l2 the NORMALISED (RMS) L2 of the paper, sqrt(sum d^2 / (C*H*W)) "
+        f"(default {PAPER_L2_BOUND}); for linf the max-abs radius (adaptive, pgd: 8/255 = {PAPER_LINF_BOUND:.4f}; "
+        "fgsm, bim, mi-fgsm: 0.03). bpda/bpda-eot: the l2 bound at which an image stops"
+    ),
+    "steps": "iterations (rounds for bpda/bpda-eot; max_iterations for lbfgs)",
+    "eot": (
+        "EOT draws per gradient: the attack's own (adaptive, bpda-eot) or, for the other attacks "
+        "except bpda (one draw by definition), the model-side EOT wrapper (default 1)"
+    ),
+    "step_size": "absolute step (linf: per pixel; l2: RMS length); overrides --rel-stepsize",
+    "rel_stepsize": "step as a fraction of the radius",
+    "random_start": "start from a uniform draw in the ball",
+    "momentum": "MI-FGSM decay of the L1-normalised gradient accumulator",
+    "loss": "objective: " + " or ".join(LOSSES),
+    "losses": "comma-separated objectives, one restart each (" + ", ".join(LOSSES) + ")",
+    "kappa": "confidence of the margin (C&W) loss",
+    "keep_best": "return each image's best successful iterate instead of the last",
+    "restarts": "restarts in all, cycling through --losses (default: one per loss)",
+    "step_fraction": "initial step as a fraction of the radius (cosine-decayed to 1% of it)",
+    "lr": "step size (bpda: on the raw gradient; cw: Adam's learning rate)",
+    "until_bound": "bpda/bpda-eot: continue past --steps until every image stops (success or l2 bound)",
+    "max_rounds": "cap on the rounds of --until-bound",
+    "binary_search_steps": "binary-search steps over the constant c",
+    "initial_const": "initial constant c",
+    "abort_early": "stop a binary-search step when the loss stops falling",
+    "overshoot": "DeepFool overshoot",
+    "candidates": "DeepFool candidate classes (top-k)",
+}
+
+
+@dataclass
+class Flag:
+    """One attack flag: its dest, how argparse reads it, and the attacks that take it
+    (attack -> the hyperparameter it sets, or ``None`` for the model-side EOT wrapper)."""
+
+    dest: str
+    kind: str  # "int", "float", "str", "bool", "list"
+    choices: Optional[Tuple[str, ...]] = None
+    takers: Dict[str, Optional[str]] = field(default_factory=dict)
+    defaults: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+def _kind(annotation: Any, default: Any) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = text.replace("typing.", "")
+    if isinstance(default, bool) or text == "bool":
+        return "bool"
+    if text.startswith(("Sequence", "Tuple", "List", "tuple", "list")) or isinstance(default, (tuple, list)):
+        return "list"
+    for kind in ("int", "float", "str"):
+        if text in (kind, f"Optional[{kind}]") or type(default).__name__ == kind:
+            return kind
+    return "str"
+
+
+def _attack_class(name: str) -> Optional[type]:
+    return attacks.REGISTRY.entry(name).target
+
+
+def _takes_model_side_eot(name: str) -> bool:
+    """An attack without an ``eot`` of its own runs on an EOT-wrapped model, unless its
+    registration pins ``eot`` (``bpda``: one draw by definition)."""
+    entry = attacks.REGISTRY.entry(name)
+    return "eot" not in attacks.REGISTRY.parameters(name) and "eot" not in entry.fixed
+
+
+def attack_flags() -> Dict[str, Flag]:
+    """Every attack flag, by dest, with the attacks that take it."""
+    flags: Dict[str, Flag] = {}
+    for name in attacks.names():
+        params = attacks.REGISTRY.parameters(name)
+        for p in params.values():
+            if p.name in RUN_SET:
+                continue
+            dest = ALIASES.get(p.name, p.name)
+            flag = flags.get(dest)
+            if flag is None:
+                kind = _kind(p.annotation, p.default)
+                choices = {"norm": ("l2", "linf"), "loss": tuple(LOSSES)}.get(dest)
+                flag = flags[dest] = Flag(dest, kind, choices)
+            flag.takers.setdefault(name, p.name)
+            if p.default is not inspect.Parameter.empty:
+                flag.defaults.setdefault(name, p.default)
+        if "norm" not in params:  # an L2-only attack (cw, deepfool, lbfgs, bpda): --norm l2 is fine
+            flags.setdefault("norm", Flag("norm", "str", ("l2", "linf"))).takers[name] = None
+        if _takes_model_side_eot(name):
+            flags.setdefault("eot", Flag("eot", "int")).takers[name] = None
+    return flags
+
+
+def _fmt_default(v: Any) -> str:
+    if v is None:
+        return "auto"
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def add_attack_flags(p: argparse.ArgumentParser) -> None:
+    """Add the union of the attacks' flags (default None: the attack's own default)."""
+    group = p.add_argument_group(
+        "attack hyperparameters",
+        "Built from each attack's declared hyperparameters; a flag the chosen --attack does not take "
+        "is an error that lists the ones it does. Default: the attack's own.",
+    )
+    for dest, flag in sorted(attack_flags().items()):
+        what = DESCRIPTIONS.get(dest, f"the attack's {dest!r}")
+        own = ", ".join(f"{a} {_fmt_default(v)}" for a, v in flag.defaults.items())
+        text = f"{what} [{', '.join(sorted(flag.takers))}]" + (f" (defaults: {own})" if own else "")
+        kw: Dict[str, Any] = {"dest": dest, "default": None, "help": text.replace("%", "%%")}
+        if flag.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif flag.kind == "list":
+            kw.update(type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()), metavar="A,B")
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[flag.kind]
+            if flag.choices:
+                kw["choices"] = flag.choices
+        group.add_argument(flag.option, **kw)
+
+
+def valid_flags(name: str) -> List[str]:
+    """The attack flags ``name`` takes, as spelled on the command line."""
+    return [f.option for d, f in sorted(attack_flags().items()) if name in f.takers]
+
+
+def attacks_by_flags() -> str:
+    """One line per attack: its description and its flags (for ``--help``)."""
+    lines = ["attacks and their flags:"]
+    for name in attacks.names():
+        lines.append(f"  {name}: {attacks.REGISTRY.describe(name)}")
+        lines.append(f"      {' '.join(valid_flags(name)) or '(none)'}")
+    return "\n".join(lines)
+
+
+def attack_kwargs(name: str, args: argparse.Namespace, *, progress: Optional[Callable[..., None]] = None) -> Tuple[Dict[str, Any], Optional[int]]:
+    """Map the parsed flags onto ``name``'s hyperparameters.
+
+    Returns ``(kwargs for attacks.create, model-side EOT draws or None)``. Raises
+    ``UsageError`` for a flag ``name`` does not take (naming those it does) or a value it
+    cannot have.
+    """
+    flags = attack_flags()
+    given = {d: getattr(args, d) for d in flags if getattr(args, d, None) is not None}
+    wrong = [flags[d].option for d in sorted(given) if name not in flags[d].takers]
+    if wrong:
+        takes = ", ".join(valid_flags(name)) or "none"
+        raise UsageError(
+            f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --attack {name}; "
+            f"its flags: {takes} (and the run options in --help)"
+        )
+    params = attacks.REGISTRY.parameters(name)
+    cls = _attack_class(name)
+    kw: Dict[str, Any] = {}
+    model_eot = None
+    norm = given.get("norm")
+    if "norm" not in params and norm is not None and norm not in getattr(cls, "norms", ("l2",)):
+        raise UsageError(f"{name} is an L2 attack; --norm {norm} does not apply (use adaptive or pgd)")
+    for dest, value in given.items():
+        hp = flags[dest].takers[name]
+        if hp is None:  # --norm l2 of an L2 attack, or the model-side EOT wrapper
+            if dest == "eot":
+                model_eot = int(value)
+            continue
+        if dest == "eps" and "rms_eps" in params and "eps" in params:
+            # The gradient attacks' own eps is Euclidean under l2; the command speaks RMS.
+            eff_norm = norm or params["norm"].default
+            hp = "rms_eps" if eff_norm == "l2" else "eps"
+        kw[hp] = value
+    run_set = {
+        "chunk": getattr(args, "eot_chunk", None),
+        "batch_size": getattr(args, "batch_size", None),
+        "progress": progress,
+        "record_history": True,
+        "draws": max(1, int(getattr(args, "draws", 1) or 1)),
+    }
+    for hp, value in run_set.items():
+        if hp in params and value is not None:
+            kw[hp] = value
+    return kw, model_eot
+
+
+def handles_defense(name: str) -> bool:
+    """Whether the attack differentiates the defended model itself (BPDA, EOT, batching):
+    it declares a BPDA approximation ``approx``."""
+    return "approx" in attacks.REGISTRY.parameters(name)
+
+
+def supports_targeted(name: str) -> bool:
+    return bool(getattr(_attack_class(name), "supports_targeted", True))
