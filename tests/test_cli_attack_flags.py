@@ -109,8 +109,6 @@ def test_each_flag_of_each_attack_reaches_it(name):
             if dest == "eot":
                 assert model_eot == 1234
             continue
-        if dest == "eps" and hasattr(attack, "rms_eps"):
-            hp = "eps"  # linf by default: --eps is the Linf radius
         if hasattr(attack, hp):
             assert getattr(attack, hp) == pytest.approx(value) if isinstance(value, float) else getattr(attack, hp) == value, (name, dest)
 
@@ -119,12 +117,12 @@ def test_old_spellings_still_work():
     p = build_parser()
     args = p.parse_args(["attack", "--defense", "none", "--attack", "bpda", "--steps", "4", "--eps", "0.04", "--until-bound", "--norm", "l2"])
     a, _ = attack_cli.build_attack("bpda", args)
-    assert (a.rounds, a.l2_bound, a.until_bound, a.eot) == (4, 0.04, True, 1)
+    assert (a.rounds, a.eps, a.until_bound, a.eot) == (4, 0.04, True, 1)
     args = p.parse_args(["attack", "--defense", "none", "--attack", "lbfgs", "--steps", "7"])
     assert attack_cli.build_attack("lbfgs", args)[0].max_iterations == 7
     args = p.parse_args(["attack", "--defense", "none", "--attack", "pgd", "--norm", "l2", "--eps", "0.05", "--steps", "5", "--eot", "2"])
     a, model_eot = attack_cli.build_attack("pgd", args)
-    assert (a.norm, a.rms_eps, a.steps, model_eot) == ("l2", 0.05, 5, 2)
+    assert (a.norm, a.eps, a.steps, a.eot, model_eot) == ("l2", 0.05, 5, 2, None)  # pgd's own EOT
     args = p.parse_args(["attack", "--defense", "none", "--attack", "adaptive", "--steps", "3", "--eot", "2", "--draws", "4"])
     a, model_eot = attack_cli.build_attack("adaptive", args)
     assert (a.steps, a.eot, a.draws, a.norm, model_eot) == (3, 2, 4, "l2", None)

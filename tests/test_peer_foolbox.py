@@ -46,7 +46,10 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
 
 
 def _pgd_pair(model, fmodel, x, labels, *, norm, eps, steps, step, random_start, generator=None):
-    ours = PGD(norm=norm, eps=eps, steps=steps, step_size=step, random_start=random_start)(
+    """``eps``/``step`` in foolbox's units (Linf, or Euclidean L2); ours takes L2 in the paper's
+    RMS unit, the Euclidean figure over sqrt(C*H*W)."""
+    scale = 1.0 if norm == "linf" else x[0].numel() ** 0.5
+    ours = PGD(norm=norm, eps=eps / scale, steps=steps, step_size=step / scale, random_start=random_start)(
         model, x, labels=labels, generator=generator)
     cls = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
     _, clipped, theirs = cls(abs_stepsize=step, steps=steps, random_start=random_start)(fmodel, x, labels, epsilons=eps)

@@ -117,8 +117,6 @@ class AdaptiveAttack(GradientAttack):
         self.approx = approx
         self.chunk = chunk
         self.progress = progress
-        self._done = 0
-        self._total = 0
 
     def step_length(self, t: int, alpha: float) -> float:
         """Cosine decay from ``alpha`` to 1% of it over the ``steps``."""
@@ -133,16 +131,6 @@ class AdaptiveAttack(GradientAttack):
 
     def steps_per_batch(self) -> int:
         return self.restarts * self.steps
-
-    def _tick(self) -> None:
-        self._done += 1
-        if self.progress is not None:
-            self.progress(self._done, self._total)
-
-    def __call__(self, model, x, *, labels, targets=None, generator=None, ids=None) -> AttackResult:
-        bs = self.batch_size or max(x.shape[0], 1)
-        self._done, self._total = 0, self.steps_per_batch() * math.ceil(x.shape[0] / bs)
-        return super().__call__(model, x, labels=labels, targets=targets, generator=generator, ids=ids)
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         grad_model = with_bpda(model, self.approx)
@@ -160,11 +148,11 @@ class AdaptiveAttack(GradientAttack):
             idx = (best_freq < 1.0).nonzero(as_tuple=True)[0]  # only images not fooled by every draw
             if idx.numel() == 0:
                 for _ in range(self.steps):
-                    self._tick()
+                    self._advance()
                 continue
             sub = lambda t: None if t is None else t[idx]  # noqa: E731
             out = self.pgd(grad_model, x[idx], labels[idx], sub(targets), attack_key.child("restart", r).select(idx.cpu()),
-                           loss=loss_name, tick=self._tick)
+                           loss=loss_name, tick=self._advance)
             better = (out.best_frequency > best_freq[idx]) | ((out.best_frequency == best_freq[idx]) & (out.best_tie < best_tie[idx]))
             sel = idx[better]
             best_x[sel] = out.best[better]

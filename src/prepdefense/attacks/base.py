@@ -154,6 +154,18 @@ class Attack:
         """Progress units one batch takes (for ``progress``)."""
         return 1
 
+    def _advance(self, *, to: Optional[int] = None, extra: Any = None) -> None:
+        """Report progress: one unit done (or all units up to ``to``) as
+        ``progress(done, total)`` (``progress(done, total, extra)`` when ``extra`` is given)."""
+        done = getattr(self, "_progress_done", 0)
+        new = done + 1 if to is None else max(done, to)
+        if new == done:
+            return
+        self._progress_done = new
+        if self.progress is not None:
+            total = getattr(self, "_progress_total", new)
+            self.progress(new, total) if extra is None else self.progress(new, total, extra)
+
     # -- the skeleton --------------------------------------------------------------------------
     def __call__(
         self,
@@ -191,10 +203,14 @@ class Attack:
         n = x.shape[0]
         size = self.batch_size or max(n, 1)
         slices = [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        per_batch = self.steps_per_batch()
+        self._progress_done, self._progress_total = 0, per_batch * len(slices)
         with eval_mode(model):
             results = []
             for b, sl in enumerate(slices):
+                self._progress_base = b * per_batch
                 results.append(self.run(model, x[sl], labels[sl], None if targets is None else targets[sl], key.select(sl)))
+                self._advance(to=(b + 1) * per_batch)
             result = self._merge(results, [sl.stop - sl.start for sl in slices]) if results else AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool))
             return self.finish(result, model, x, labels, targets, key)
 

@@ -156,12 +156,7 @@ def run_diagnostics(
 
     if unbounded:
         # A radius covering the whole [0,1] box in the attack's own unit.
-        if getattr(attack, "rms_eps", None) is not None:
-            big = {"rms_eps": 1.0}
-        elif getattr(attack, "norm", "linf") == "l2" and not getattr(attack, "eps_is_normalised", False):
-            big = {"eps": float(x[0].numel()) ** 0.5}  # Euclidean radius of the whole box
-        else:
-            big = {"eps": 1.0}  # Linf radius, or the adaptive attack's normalised L2
+        big = {"eps": 1.0}  # Linf radius, or normalised (RMS) L2: the whole [0,1] box either way
         a = _with(attack, **big)
         if a is None:
             out["unbounded"] = {"skipped": "attack has no 'eps'"}

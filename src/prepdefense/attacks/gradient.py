@@ -308,7 +308,7 @@ class GradientAttack(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) int64 -> result.adversarial
         (N, C, H, W), result.success (N,) bool."""
-        out = self.pgd(model, x, labels, targets, key, tick=self._tick)
+        out = self.pgd(model, x, labels, targets, key, tick=self._advance)
         adversarial = out.final
         if self.keep_best:
             adversarial = torch.where((out.best_frequency > 0).view(-1, 1, 1, 1), out.best, out.final)
@@ -318,10 +318,6 @@ class GradientAttack(Attack):
         info = {"attack": self.name, "hyperparameters": self.hyperparameters(), "radius": self.radius(x),
                 "step": self.absolute_step(x), "gradient_stats": _gradient_stats(out)}
         return AttackResult(adversarial=adversarial.detach(), success=success.detach(), history=out.history, info=info)
-
-    def _tick(self) -> None:
-        if self.progress is not None:
-            self.progress(1, None)
 
 
 def _gradient_stats(out: PGDRun) -> Dict[str, int]:

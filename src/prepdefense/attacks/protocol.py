@@ -165,8 +165,7 @@ class ProtocolBPDA(Attack):
                             reason[i] = "success"
             rec = round_record(r, pred, labels, targets, n_running=int(active.sum()))
             history.append(rec)
-            if self.progress is not None:
-                self.progress(r, total_rounds, rec)
+            self._advance(to=self._progress_base + r, extra=rec)
         success = (pred == targets) if targeted else (pred != labels)
         info = {
             "initial": initial,
@@ -177,6 +176,9 @@ class ProtocolBPDA(Attack):
             "final_prediction": pred.tolist(),
         }
         return AttackResult(adversarial=x_adv, success=success.cpu(), history=history, info=info)
+
+    def steps_per_batch(self) -> int:
+        return self.max_rounds if self.until_bound else self.rounds
 
     def merge_info(self, parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:
         merged = super().merge_info(parts, sizes)

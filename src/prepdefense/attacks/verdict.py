@@ -30,9 +30,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from ..draws import DrawKey
+from ..draws import DrawKey, KeyLike, as_key
 
-__all__ = ["round_record", "wilson_interval", "bootstrap_interval", "judge_on_draws", "summarize", "merge_histories", "VERDICT_STREAM"]
+__all__ = ["predictions_on_draws", "round_record", "wilson_interval", "bootstrap_interval", "judge_on_draws", "summarize", "evaluate_on_draws", "merge_histories", "VERDICT_STREAM"]
 
 #: Sub-stream of the run key the verdict draws from.
 VERDICT_STREAM = "verdict"
@@ -61,19 +61,26 @@ def bootstrap_interval(values: Sequence[float], *, seed: int = 0, resamples: int
 
 
 @torch.no_grad()
-def judge_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: DrawKey) -> Dict[str, torch.Tensor]:
-    """Classify ``x`` under ``draws`` fresh draws of ``model`` (one for a deterministic model).
+def predictions_on_draws(model: nn.Module, x: torch.Tensor, *, draws: int, key: KeyLike) -> torch.Tensor:
+    """Predicted classes under ``draws`` fresh draws of ``model``, (N, R) on the CPU; draw
+    ``r`` is ``key``'s sub-stream ``("verdict", r)``. A deterministic model runs once (R = 1)."""
+    verdict = as_key(key, x.shape[0]).child(VERDICT_STREAM)
+    if getattr(model, "randomized", False):
+        preds = [model(x, generator=verdict.child(i)).argmax(1) for i in range(int(draws))]
+    else:
+        preds = [model(x).argmax(1)]
+    return torch.stack(preds, dim=1).cpu()
+
+
+@torch.no_grad()
+def judge_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: KeyLike) -> Dict[str, torch.Tensor]:
+    """Classify ``x`` under ``draws`` fresh draws of ``model`` (one for a deterministic model),
+    draw ``r`` under ``key``'s sub-stream ``("verdict", r)``.
 
     Returns per-image matrices on the CPU, shape (N, R): ``prediction``, ``correct`` and
     ``fooled`` (targeted: predicted as the target; untargeted: not the label).
     """
-    r = int(draws) if getattr(model, "randomized", False) else 1
-    verdict = key.child(VERDICT_STREAM)
-    if getattr(model, "randomized", False):
-        preds = [model(x, generator=verdict.child(i)).argmax(1) for i in range(r)]
-    else:
-        preds = [model(x).argmax(1)]
-    pred = torch.stack(preds, dim=1).cpu() if preds else torch.zeros(x.shape[0], 0, dtype=torch.long)
+    pred = predictions_on_draws(model, x, draws=draws, key=key)
     correct = pred == labels.cpu()[:, None]
     fooled = pred == targets.cpu()[:, None] if targets is not None else ~correct
     return {"prediction": pred, "correct": correct, "fooled": fooled}
@@ -102,9 +109,10 @@ def summarize(correct: torch.Tensor, fooled: torch.Tensor, *, seed: int = 0) -> 
     }
 
 
-def evaluate_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: DrawKey) -> Dict[str, Any]:
+def evaluate_on_draws(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, draws: int, key: KeyLike) -> Dict[str, Any]:
     """:func:`judge_on_draws` then :func:`summarize`; the (N, R) matrices are kept under
     ``correct`` and ``fooled``."""
+    key = as_key(key, x.shape[0])
     judged = judge_on_draws(model, x, labels, targets, draws=draws, key=key)
     out = summarize(judged["correct"], judged["fooled"], seed=key.seed % (2**32))
     out["correct"], out["fooled"] = judged["correct"], judged["fooled"]

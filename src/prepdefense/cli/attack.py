@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from .. import __version__, attacks, data
-from ..attacks.adaptive import evaluate_on_draws
+from ..attacks.verdict import evaluate_on_draws
+from ..draws import DRAW_SCHEME, DrawKey, KeyLike, image_id
 from ..attacks.base import AttackResult
 from ..attacks.bpda import with_bpda
 from ..attacks.eot import EOT
-from ..attacks.protocol import merge_histories
 from ..metrics import l2_rms, linf
 from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
@@ -98,22 +98,6 @@ def build_attack(name: str, args, *, progress_cb=None) -> Tuple[Any, Optional[in
         raise UsageError(f"bad settings for {name}: {e}") from None
 
 
-def _merge_results(results: List[AttackResult]) -> AttackResult:
-    adv = torch.cat([r.adversarial for r in results])
-    succ = torch.cat([r.success.cpu() for r in results])
-    hist: List[Dict[str, Any]] = []
-    if all(r.history for r in results):
-        per = []
-        for r in results:
-            n = r.adversarial.shape[0]
-            per.append([
-                {"round": h.get("round", h.get("step", i + 1)), "n": n, "n_correct": round(h["accuracy"] * n), "n_success": round(h["asr"] * n), "n_running": 0}
-                for i, h in enumerate(r.history)
-            ])
-        hist = [{k: v for k, v in h.items() if k in ("round", "accuracy", "asr", "n")} for h in merge_histories(per)]
-    return AttackResult(adversarial=adv, success=succ, history=hist, info=results[0].info if len(results) == 1 else {})
-
-
 def _versions() -> Dict[str, str]:
     import numpy
 
@@ -132,17 +116,11 @@ def _check_values(args) -> None:
 
 
 def run_attack(attack: Any, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor],
-               generator: torch.Generator, *, batch_size: int, batched: bool, tick=None) -> AttackResult:
-    """One attack call, or (``batched``) one per ``batch_size`` images, merged."""
-    if not batched:
-        return attack(model, x, labels=labels, targets=targets, generator=generator)
-    parts = []
-    for start in range(0, x.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        parts.append(attack(model, x[sl], labels=labels[sl], targets=None if targets is None else targets[sl], generator=make_generator(child_seed(generator))))
-        if tick is not None:
-            tick()
-    return _merge_results(parts)
+               generator: KeyLike, *, batch_size: int) -> AttackResult:
+    """One attack call in batches of ``batch_size`` (the attack's own, when it was set)."""
+    if attack.batch_size is None:
+        attack.batch_size = batch_size
+    return attack(model, x, labels=labels, targets=targets, generator=generator)
 
 
 def run(args) -> int:
@@ -179,9 +157,10 @@ def run(args) -> int:
         bar.update(done - bar.n)
 
     attack, model_eot = build_attack(name, args, progress_cb=on_progress)
+    # Every image's randomness follows its id (its file name), not its place in the sample
+    # or the batch: the run's key, with a sub-stream per use.
+    run_key = DrawKey.from_seed(args.seed, x.shape[0], [image_id(i) for i in sample.ids])
     g = make_generator(args.seed)
-    attack_g = make_generator(child_seed(g))
-    verdict_g = make_generator(child_seed(g))
 
     own_defense = handles_defense(name)  # the attack does BPDA, EOT and batching itself
 
@@ -193,15 +172,13 @@ def run(args) -> int:
             m = EOT(m, eot, chunk=args.eot_chunk)
         return m
 
-    def run_on(a, model, xs, ys, ts, gen, tick=None) -> AttackResult:
-        return run_attack(a, model, xs, ys, ts, gen, batch_size=args.batch_size, batched=not own_defense, tick=tick)
+    def run_on(a, model, xs, ys, ts, key) -> AttackResult:
+        return run_attack(a, model, xs, ys, ts, key, batch_size=args.batch_size)
 
     counter = PassCounter(classifier)
     try:
-        if not own_defense:
-            bar.total = math.ceil(x.shape[0] / args.batch_size)
         target_model = classifier if args.transfer else attacked_model(model_eot)
-        result = run_on(attack, target_model, x, labels, targets, attack_g, tick=lambda: bar.update(1))
+        result = run_on(attack, target_model, x, labels, targets, run_key.child("attack"))
         attack_passes = counter.images
         bar.close()
 
@@ -209,9 +186,9 @@ def run(args) -> int:
         if "asr_expected" in result.info and not args.transfer:
             full_verdict = result.info  # judged on fresh draws by the attack itself
         else:
-            full_verdict = evaluate_on_draws(defended, adv, labels, targets, draws=args.draws, generator=verdict_g)
+            full_verdict = evaluate_on_draws(defended, adv, labels, targets, draws=args.draws, key=run_key.child("judge"))
         verdict = {k: v for k, v in full_verdict.items() if k in _VERDICT_KEYS}
-        clean = evaluate_on_draws(defended, x, labels, targets, draws=args.draws, generator=make_generator(child_seed(g)))
+        clean = evaluate_on_draws(defended, x, labels, targets, draws=args.draws, key=run_key.child("clean"))
 
         out: Dict[str, Any] = {
             "accuracy": verdict["robust_accuracy_expected"],
@@ -240,6 +217,7 @@ def run(args) -> int:
             "data": str(args.data),
             "ids": list(sample.ids),
             "versions": _versions(),
+            "draw_scheme": DRAW_SCHEME,
             "attack_passes": attack_passes,
         }
         info = {k: v for k, v in result.info.items() if k not in _VERDICT_KEYS and not k.startswith("per_image") and k != "stop_reason"}

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import attacks
-from ..attacks.adaptive import evaluate_on_draws
+from ..attacks.verdict import evaluate_on_draws
 from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, gradient_agreement
 from ..seeding import child_seed, make_generator
 from .attack_flags import attack_flags
@@ -148,16 +148,13 @@ class Checks:
         """A radius covering the whole [0,1] box, in the attack's own unit (None: no radius)."""
         if "eps" not in self.params:
             return None
-        norm = self._value("norm") or "linf"
-        if "rms_eps" in self.params:
-            return {"rms_eps": 1.0, "eps": None} if norm == "l2" else {"eps": 1.0, "rms_eps": None}
-        return {"eps": 1.0}  # Linf radius, or the adaptive attack's normalised L2
+        return {"eps": 1.0}  # Linf radius, or normalised (RMS) L2: the whole [0,1] box either way
 
     def _success(self, result: Any, labels: torch.Tensor, targets: Optional[torch.Tensor], judge: nn.Module, g: torch.Generator) -> float:
         """Expected success over fresh draws: the attack's own verdict, else judged here."""
         if "asr_expected" in result.info:
             return float(result.info["asr_expected"])
-        v = evaluate_on_draws(judge, result.adversarial.detach(), labels, targets, draws=self.draws, generator=g)
+        v = evaluate_on_draws(judge, result.adversarial.detach(), labels, targets, draws=self.draws, key=g)
         return float(v["asr_expected"])
 
     # -- the run ----------------------------------------------------------------------------
@@ -309,7 +306,7 @@ def format_checks(d: Dict[str, Any]) -> str:
         lines.append(f"  same attack on the undefended model: success {d['undefended']['success']:.3f} {_images(d['undefended']['n'])}")
     u = d.get("unbounded")
     if u:
-        radius = ", ".join(f"{k} {v:g}" for k, v in u.items() if k in ("eps", "rms_eps"))
+        radius = ", ".join(f"{k} {v:g}" for k, v in u.items() if k == "eps")
         steps = f", {u['steps']} steps" if u.get("steps") else ""
         lines.append(f"  unbounded run ({radius}{steps}, eot {u['eot']}): success {u['success']:.3f} {_images(u['n'])}")
     ga = d.get("gradients")

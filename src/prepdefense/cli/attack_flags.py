@@ -4,8 +4,8 @@ Every registered attack declares its hyperparameters as keyword-only constructor
 with defaults (:meth:`prepdefense.registry.Registry.parameters`). Each hyperparameter is a
 flag ``--name-with-dashes`` whose type comes from its annotation and default; a few keep
 the spelling the command always had (:data:`ALIASES`: ``--steps`` is ``rounds`` for
-bpda/bpda-eot and ``max_iterations`` for lbfgs; ``--eps`` is ``l2_bound`` for the protocol
-attacks and the RMS radius ``rms_eps`` of the gradient attacks under ``--norm l2``).
+bpda/bpda-eot and ``max_iterations`` for lbfgs; ``--eps`` is every attack's ``eps``, for L2 in
+the paper's RMS unit).
 The parser holds the union of these flags; :func:`attack_kwargs` then rejects any flag the
 chosen attack does not take, naming the ones it does (exit 2 through ``UsageError``).
 """
@@ -33,7 +33,7 @@ RUN_SET = {
 }
 
 #: Hyperparameter -> the flag (dest) that sets it, where the command keeps an older spelling.
-ALIASES = {"rounds": "steps", "max_iterations": "steps", "l2_bound": "eps", "rms_eps": "eps"}
+ALIASES = {"rounds": "steps", "max_iterations": "steps"}
 
 #: What each flag means, in the command's units; a hyperparameter missing here is described
 #: generically from its name.
@@ -210,10 +210,6 @@ def attack_kwargs(name: str, args: argparse.Namespace, *, progress: Optional[Cal
             if dest == "eot":
                 model_eot = int(value)
             continue
-        if dest == "eps" and "rms_eps" in params and "eps" in params:
-            # The gradient attacks' own eps is Euclidean under l2; the command speaks RMS.
-            eff_norm = norm or params["norm"].default
-            hp = "rms_eps" if eff_norm == "l2" else "eps"
         kw[hp] = value
     run_set = {
         "chunk": getattr(args, "eot_chunk", None),

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..attacks.verdict import predictions_on_draws
+from ..draws import KeyLike
 from .. import seeding
 from ..errors import PrepDefenseError
 from ..metrics import l2_rms, linf
@@ -122,20 +124,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-").lower()
 
 
-def _call_model(model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if getattr(model, "randomized", False):
-        return model(x, generator=generator)
-    return model(x)
-
-
 @torch.no_grad()
-def predict_draws(model: nn.Module, x: torch.Tensor, *, draws: int, generator: torch.Generator) -> torch.Tensor:
+def predict_draws(model: nn.Module, x: torch.Tensor, *, draws: int, generator: KeyLike) -> torch.Tensor:
     """Predicted labels under ``draws`` independent draws of a random model: (R, N) on CPU.
 
     A deterministic model is run once (R = 1), since every draw would agree.
     """
-    r = int(draws) if getattr(model, "randomized", False) else 1
-    return torch.stack([_call_model(model, x, seeding.make_generator(seeding.child_seed(generator))).argmax(1).cpu() for _ in range(r)])
+    return predictions_on_draws(model, x, draws=draws, key=generator).t()
 
 
 def image_records(ids, labels, targets, preds: torch.Tensor, *, x=None, adv=None, extra: Optional[Dict[str, Sequence]] = None) -> List[Dict[str, Any]]:

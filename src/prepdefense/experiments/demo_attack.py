@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import attacks, data
-from ..attacks.adaptive import evaluate_on_draws
+from ..attacks.verdict import evaluate_on_draws
 from ..defenses import Defended
 from ..metrics import l2_rms
 from ..seeding import child_seed, make_generator, randint
@@ -71,7 +71,7 @@ def attack_builtin(
     for name, victim, n_eot in (("bare", model, 1), (defense_name, Defended(defense, model), eot)):
         attack = attacks.create("bpda-eot", rounds=rounds, eot=n_eot)
         res = attack(victim, x, labels=labels, targets=targets, generator=make_generator(child_seed(root)))
-        verdict = evaluate_on_draws(victim, res.adversarial, labels, targets, draws=draws, generator=make_generator(child_seed(root)))
+        verdict = evaluate_on_draws(victim, res.adversarial, labels, targets, draws=draws, key=make_generator(child_seed(root)))
         verdict = {k: v for k, v in verdict.items() if not isinstance(v, torch.Tensor)}
         out[name] = DemoAttackResult(name, res.history, res.info["initial"], verdict, l2_rms(res.adversarial, x).cpu().tolist(), res.adversarial.cpu())
     out["_targets"] = targets.cpu()  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..attacks.verdict import bootstrap_interval, merge_histories as verdict_merge_histories
 from . import paper_numbers as P
 from .store import ResultStore, atomic_write_text
 from .units import OUR_DEFENSE
@@ -38,15 +39,9 @@ __all__ = [
 # statistics
 # ---------------------------------------------------------------------------------------------
 def bootstrap_mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of ``values`` (seeded, so reports repeat)."""
-    import numpy as np
-
-    v = np.asarray(list(values), dtype=float)
-    if v.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+    """95% percentile-bootstrap interval of the mean of ``values`` (seeded, so reports repeat):
+    the verdict's one bootstrap (:func:`prepdefense.attacks.verdict.bootstrap_interval`)."""
+    return bootstrap_interval(list(values), seed=seed, resamples=resamples)
 
 
 def mean(values: Iterable[Any]) -> Optional[float]:
@@ -56,38 +51,36 @@ def mean(values: Iterable[Any]) -> Optional[float]:
 
 
 def merge_histories(histories: Sequence[Sequence[Dict[str, Any]]], initials: Sequence[Optional[Dict[str, Any]]] = ()) -> List[Dict[str, float]]:
-    """Per-round ACC/ASR over all shards; a shard that stopped early keeps its last state.
+    """Per-round ACC/ASR over all shards; a shard that stopped early keeps its last state
+    (:func:`prepdefense.attacks.verdict.merge_histories` on stored records, whose counts are
+    rebuilt from ``accuracy``/``asr`` and ``n`` where a record lacks them).
 
     Returns records with ``round``, ``accuracy``, ``asr``, ``n``; round 0 is the state before
     the attack when every shard recorded it.
     """
-    hs = [list(h) for h in histories if h]
+    hs = [[_with_counts(r) for r in h] for h in histories if h]
     if not hs:
         return []
-
-    def counts(rec):
-        n = int(rec.get("n", 0) or 0)
-        c = rec.get("n_correct")
-        s = rec.get("n_success")
-        c = float(c) if c is not None else float(rec.get("accuracy", 0.0)) * n
-        s = float(s) if s is not None else float(rec.get("asr", 0.0)) * n
-        return n, c, s
-
     out = []
-    inits = [i for i in initials if i]
-    if inits and len(inits) == len(hs):
-        tot = [counts(i) for i in inits]
-        n = sum(t[0] for t in tot)
-        if n:
-            out.append({"round": 0, "accuracy": sum(t[1] for t in tot) / n, "asr": sum(t[2] for t in tot) / n, "n": n})
-    length = max(len(h) for h in hs)
-    for i in range(length):
-        tot = [counts(h[min(i, len(h) - 1)]) for h in hs]
-        n = sum(t[0] for t in tot)
-        if not n:
-            continue
-        out.append({"round": i + 1, "accuracy": sum(t[1] for t in tot) / n, "asr": sum(t[2] for t in tot) / n, "n": n})
-    return out
+    inits = [_with_counts(i) for i in initials if i]
+    if inits and len(inits) == len(hs) and sum(i["n"] for i in inits):
+        out.extend({**r, "round": 0} for r in _merge([[i] for i in inits]))
+    out.extend({**r, "round": k + 1} for k, r in enumerate(_merge(hs)) if r["n"])
+    return [{k: r[k] for k in ("round", "accuracy", "asr", "n")} for r in out]
+
+
+def _with_counts(rec: Dict[str, Any]) -> Dict[str, Any]:
+    n = int(rec.get("n", 0) or 0)
+    c = rec.get("n_correct")
+    s = rec.get("n_success")
+    return {"round": rec.get("round", 0), "n": n,
+            "n_correct": float(c) if c is not None else float(rec.get("accuracy", 0.0)) * n,
+            "n_success": float(s) if s is not None else float(rec.get("asr", 0.0)) * n}
+
+
+def _merge(histories: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    nonempty = [h for h in histories if sum(r["n"] for r in h)]
+    return verdict_merge_histories(nonempty) if nonempty else []
 
 
 # ---------------------------------------------------------------------------------------------

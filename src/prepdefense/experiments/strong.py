@@ -106,7 +106,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
 def _strong_stats(rep: ReportContext) -> Dict[Tuple[str, str], Dict[str, Any]]:
     # Imported when a report is written, so that listing the experiments (``--help``) does
     # not load the attacks.
-    from ..attacks.adaptive import wilson_interval
+    from ..attacks.verdict import wilson_interval
 
     recs = [r for r in rep.records("strong") if r.get("attack") == "adaptive"]
     by = defaultdict(list)
