@@ -83,6 +83,7 @@ class AdaptiveAttack(GradientAttack):
     HYPERPARAMETERS = ("norm", "eps", "steps", "eot", "losses", "restarts", "step_fraction", "kappa", "draws",
                        "approx", "chunk", "batch_size", "random_start")
     name = "adaptive"
+    composes_bpda = True
 
     def __init__(
         self,

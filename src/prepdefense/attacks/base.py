@@ -28,10 +28,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..defenses.defended import Defended
 from ..draws import DrawKey, KeyLike, as_key
 from .verdict import merge_histories
 
-__all__ = ["Attack", "AttackResult", "check_attack_inputs", "eval_mode", "forward", "root_key"]
+__all__ = ["Attack", "AttackResult", "blocked_gradient", "check_attack_inputs", "eval_mode", "forward", "root_key"]
 
 
 @dataclass
@@ -94,6 +95,18 @@ def forward(model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
     return model(x)
 
 
+def blocked_gradient(model: nn.Module) -> Optional[nn.Module]:
+    """The defense that stops the gradient inside ``model`` (a ``Defended`` model, possibly in
+    ``EOT``, whose defense is not differentiable and not BPDA), or None."""
+    from .eot import EOT
+
+    while isinstance(model, EOT):
+        model = model.model
+    if isinstance(model, Defended) and not getattr(model.defense, "differentiable", False):
+        return model.defense
+    return None
+
+
 def _merge_info(parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:
     """See :meth:`Attack.merge_info`."""
     if len(parts) == 1:
@@ -132,6 +145,9 @@ class Attack:
     progress: Any = None
     supports_targeted: bool = True
     supports_untargeted: bool = True
+    #: The attack puts BPDA through a non-differentiable defense itself (``bpda``, ``adaptive``);
+    #: the others refuse a model whose defense has no gradient (:func:`blocked_gradient`).
+    composes_bpda: bool = False
 
     def hyperparameters(self) -> Dict[str, Any]:
         """Every setting, as recorded beside results."""
@@ -196,6 +212,13 @@ class Attack:
             raise ValueError(f"{self.name} is a targeted attack; pass targets")
         if targets is not None and not self.supports_targeted:
             raise ValueError(f"{self.name} is an untargeted attack; call it with targets=None")
+        blocked = None if self.composes_bpda else blocked_gradient(model)
+        if blocked is not None:
+            raise ValueError(
+                f"{self.name} differentiates the model, but its defense {type(blocked).__name__} is not differentiable "
+                f"(the gradient would be zero or missing); attack with_bpda(model) (prepdefense.attacks.bpda) or "
+                f"Defended(BPDA(defense), classifier), or use an attack that composes BPDA itself (bpda, bpda-eot, adaptive)"
+            )
         x = x.detach()
         labels = labels.to(x.device)
         targets = None if targets is None else targets.to(x.device)

@@ -75,6 +75,7 @@ class ProtocolBPDA(Attack):
 
     HYPERPARAMETERS = ("rounds", "lr", "eot", "eps", "approx", "until_bound", "max_rounds", "chunk", "batch_size")
     name = "bpda"
+    composes_bpda = True
 
     def __init__(
         self,
