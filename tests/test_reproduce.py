@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prepdefense.draws import DRAW_SCHEME
 from prepdefense.experiments import registry
 from prepdefense.experiments import units as U
 from prepdefense.experiments.report import SECTION_HEADINGS
@@ -182,6 +183,8 @@ def test_same_seed_same_records(tmp_path, image_folder):
     _run(tmp_path / "b", image_folder, only=["table2", "table3", "fig4"], overrides=ov)
     ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
     assert ra.keys() == rb.keys() and ra["table2"] and ra["table3"]
+    run_cfg = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run_cfg["identity"]["draw_scheme"] == DRAW_SCHEME == run_cfg["metadata"]["draw_scheme"]
     assert ra == rb
     _run(tmp_path / "c", image_folder, only=["table2", "table3", "fig4"], overrides=ov, seed=7)
     rc = records(tmp_path / "c")

@@ -17,6 +17,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..draws import DRAW_SCHEME
+
 __all__ = ["package_versions", "git_revision", "device_description", "now_iso", "collect_metadata"]
 
 _PACKAGES = (
@@ -89,9 +91,11 @@ def device_description(device: torch.device) -> str:
 
 
 def collect_metadata(device: torch.device) -> Dict[str, object]:
-    """Versions, git revision, device, platform and the time, as one JSON-ready dict."""
+    """Versions, git revision, device, platform, the draw scheme and the time, as one
+    JSON-ready dict."""
     return {
         "versions": package_versions(),
+        "draw_scheme": DRAW_SCHEME,
         "git_revision": git_revision(),
         "device": str(device),
         "device_description": device_description(device),

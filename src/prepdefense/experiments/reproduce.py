@@ -51,6 +51,7 @@ from .components import resolve_device
 from .context import RunContext, Sample
 from .experiment import Records
 from .metadata import collect_metadata, now_iso
+from ..draws import DRAW_SCHEME
 from .progress import Progress
 from .report import write_report
 from .sample_strip import sample_strip_figure
@@ -142,8 +143,9 @@ def run_unit(ctx: RunContext, unit: Unit) -> Dict[str, Any]:
 # the run
 # ---------------------------------------------------------------------------------------------
 def _identity(config: ReproduceConfig, preset: Preset, data_id: str) -> Dict[str, Any]:
+    # The draw scheme is part of what a run is: resuming under another scheme would mix draws.
     return {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
-            "preset": preset.name, "preset_sizes": preset.as_dict()}
+            "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME}
 
 
 def _data_id(data: Any) -> str:
