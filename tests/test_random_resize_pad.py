@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -59,3 +60,22 @@ def test_gradient_flows():
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     d(x, generator=make_generator(0)).sum().backward()
     assert x.grad is not None and float(x.grad.sum()) > 0
+
+
+def test_minimum_size_is_the_real_one_and_the_message_says_so():
+    """Issue 11, item 5: the canvas round(S*331/299) exceeds S exactly from S = 5 on."""
+    from prepdefense.defenses.random_resize_pad import MIN_SIDE
+
+    assert MIN_SIDE == 5
+    assert all(padded_side(s) <= s for s in range(1, MIN_SIDE))
+    assert all(padded_side(s) > s for s in range(MIN_SIDE, 4097))
+    d = defenses.create("rand")
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((4, 4), (4, 40), (40, 4), (1, 1)):
+        with pytest.raises(ValueError) as e:
+            d(torch.rand(1, 3, h, w), generator=g)
+        msg = str(e.value)
+        assert f"input {h}x{w} is too small" in msg and "at least 5" in msg and "\n" not in msg
+    for h, w in ((5, 5), (5, 9)):  # the smallest accepted inputs work
+        y = d(torch.rand(2, 3, h, w), generator=g)
+        assert y.shape == (2, 3, padded_side(h), padded_side(w))

@@ -44,8 +44,10 @@ from ..attacks.eot import EOT
 from ..metrics import l2_rms, linf
 from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
-from .attack_flags import add_attack_flags, attack_kwargs, attacks_by_flags, handles_defense, supports_targeted
-from .common import UsageError, print_json, progress, resolve_device
+from .attack_flags import (add_attack_flags, attack_kwargs, attacks_by_flags, check_attack_combinations,
+                           given_attack_flags, handles_defense, supports_targeted)
+from .common import (UsageError, check_data, check_defense, check_model, check_number, check_seed,
+                     one_line_skip_warnings, print_json, progress, resolve_device)
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -75,7 +77,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--draws", type=int, default=10, help="fresh draws of a random defense for the verdict (default 10)")
     p.add_argument("--diagnostics", nargs="?", const="default", default=None, choices=MODES, help=CHECKS_HELP.replace("%", "%%"))
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_const", const="off", help="same as --diagnostics off")
-    p.add_argument("--diag-n", type=int, default=DEFAULT_SUBSET, help=f"most images a check runs on (default {DEFAULT_SUBSET})")
+    p.add_argument("--diag-n", type=int, default=None, help=f"most images a check runs on (default {DEFAULT_SUBSET})")
     p.add_argument("--batch-size", type=int, default=16, help="images attacked together (default 16)")
     p.add_argument("--eot-chunk", type=int, default=None, help="EOT draws per classifier call (memory; default all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -108,11 +110,26 @@ def _check_values(args) -> None:
     for flag, v in (("--n", args.n), ("--batch-size", args.batch_size), ("--draws", args.draws), ("--diag-n", args.diag_n)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be at least 1, got {v}")
-    for flag, v in (("--steps", args.steps), ("--eot", args.eot)):
+    for flag, v in (("--steps", args.steps), ("--eot", args.eot), ("--eot-chunk", args.eot_chunk)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be at least 1, got {v}")
-    if args.eps is not None and not args.eps > 0:
-        raise UsageError(f"--eps must be positive, got {args.eps}")
+    check_number("--eps", args.eps, positive=True)
+    check_seed(args.seed)
+
+
+def _check_combinations(args, name: str, mode: str) -> None:
+    """Flags that contradict each other or do nothing in this run (issue 11, item 5)."""
+    if args.transfer:
+        if args.diagnostics not in (None, "off"):
+            raise UsageError(f"--diagnostics {args.diagnostics} checks an attack on the defended model; "
+                             "--transfer attacks the undefended one: drop one of them")
+        if check_defense(args.defense) == "none":
+            raise UsageError("--transfer generates on the undefended model and judges on the defended one; "
+                             "with --defense none they are the same model: name a defense or drop --transfer")
+    if args.diag_n is not None and mode == "off":
+        why = "--diagnostics off runs none" if args.diagnostics == "off" else f"{name} runs none unless asked"
+        raise UsageError(f"--diag-n sets how many images the checks run on, but {why}; "
+                         "drop --diag-n or add --diagnostics (default or full)")
 
 
 def run_attack(attack: Any, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor],
@@ -131,20 +148,30 @@ def run(args) -> int:
     if name not in attacks.names():
         raise UsageError(f"unknown attack {name!r}; known: {', '.join(attacks.names())}")
     kwargs, _ = attack_kwargs(name, args)  # a flag the attack does not take fails here, before any loading
+    check_attack_combinations(name, given_attack_flags(args))
     targeted = args.targeted
     if targeted is None:
         targeted = supports_targeted(name)
     elif targeted and not supports_targeted(name):
         raise UsageError(f"{name} is untargeted only; use --untargeted")
     mode = args.diagnostics or ("default" if name == "adaptive" else "off")
+    _check_combinations(args, name, mode)
     if args.transfer:
         mode = "off"
+    build_attack(name, args)  # a value the attack refuses fails here, before any loading
+    defense_name = check_defense(args.defense)
+    check_model(args.model, args.weights)
+    listed = check_data(args.data)
+    if args.n > listed:
+        raise UsageError(f"--n {args.n} asks for more images than --data {args.data} lists ({listed}); "
+                         f"lower --n or give a larger folder")
 
     device = resolve_device(args.device)
     t0 = time.time()
     classifier = build_model(args.model, args.weights, device)
-    defended = build_defended(classifier, args.defense, args.seed, device)
-    sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device)
+    defended = build_defended(classifier, defense_name, args.seed, device)
+    with one_line_skip_warnings():
+        sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device)
     x = sample.x.to(device)
     labels = sample.labels.to(device)
     targets = sample.targets.to(device) if targeted else None
@@ -231,7 +258,8 @@ def run(args) -> int:
                 defended=defended, classifier=classifier, counter=counter, attack_passes=attack_passes,
                 fooled_fraction=list(full_verdict["per_image_fooled_fraction"]), draws=args.draws, main_info=result.info,
             )
-            diag = checks.run(mode, x, labels, targets, generator=make_generator(child_seed(g)), subset=args.diag_n)
+            diag = checks.run(mode, x, labels, targets, generator=make_generator(child_seed(g)),
+                              subset=args.diag_n if args.diag_n is not None else DEFAULT_SUBSET)
             out["diagnostics"] = diag
             diag_text = format_checks(diag)
     finally:

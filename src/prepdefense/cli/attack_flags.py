@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -197,6 +198,7 @@ def attack_kwargs(name: str, args: argparse.Namespace, *, progress: Optional[Cal
             f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --attack {name}; "
             f"its flags: {takes} (and the run options in --help)"
         )
+    check_attack_values(name, given)
     params = attacks.REGISTRY.parameters(name)
     cls = _attack_class(name)
     kw: Dict[str, Any] = {}
@@ -222,6 +224,66 @@ def attack_kwargs(name: str, args: argparse.Namespace, *, progress: Optional[Cal
         if hp in params and value is not None:
             kw[hp] = value
     return kw, model_eot
+
+
+#: Least value of each integer attack flag (DeepFool compares the true class with at least one other).
+INT_MINIMUM = {"steps": 1, "eot": 1, "binary_search_steps": 1, "restarts": 1, "max_rounds": 1, "candidates": 2}
+#: Float attack flags that must be > 0; every other float flag must be >= 0. All must be finite.
+POSITIVE = ("eps", "lr", "initial_const", "step_size", "rel_stepsize", "step_fraction")
+
+
+def check_attack_values(name: str, given: Dict[str, Any]) -> None:
+    """The values of the attack flags ``given`` (dest -> value) that no attack can use, as
+    one-line usage errors naming the fix (issue 11, item 5)."""
+    flags = attack_flags()
+    for dest, value in given.items():
+        flag = flags[dest]
+        option = flag.option
+        if flag.kind == "int" and value < INT_MINIMUM.get(dest, 1):
+            raise UsageError(f"{option} must be at least {INT_MINIMUM.get(dest, 1)}, got {value}")
+        if flag.kind == "float":
+            if not math.isfinite(value):
+                raise UsageError(f"{option} must be a finite number, got {value}")
+            if dest in POSITIVE and not value > 0:
+                raise UsageError(f"{option} must be positive, got {value:g}")
+            if value < 0:
+                raise UsageError(f"{option} must be 0 or more, got {value:g}")
+        if dest == "losses":
+            bad = [v for v in value if v not in LOSSES]
+            if not value or bad:
+                raise UsageError(f"--losses {','.join(value) or repr('')}: give one or more of {', '.join(LOSSES)}, "
+                                 f"comma-separated" + (f" ({bad[0]!r} is not one)" if bad else ""))
+
+
+def given_attack_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The attack flags set on the command line (dest -> value)."""
+    return {d: getattr(args, d) for d in attack_flags() if getattr(args, d, None) is not None}
+
+
+def check_attack_combinations(name: str, given: Dict[str, Any]) -> None:
+    """Attack flags that contradict each other or do nothing together (issue 11, item 5);
+    ``prepdefense attack`` checks them before anything loads."""
+    flags = attack_flags()
+    if "step_size" in given and "rel_stepsize" in given:
+        raise UsageError("--step-size and --rel-stepsize both set the step; give only one")
+    if "max_rounds" in given:
+        if not given.get("until_bound"):
+            raise UsageError("--max-rounds caps the rounds of --until-bound; add --until-bound or drop --max-rounds")
+        steps = given.get("steps", attacks.REGISTRY.parameters(name)["rounds"].default)
+        if given["max_rounds"] < steps:
+            raise UsageError(f"--max-rounds {given['max_rounds']} is below the {steps} rounds of --steps; "
+                             f"raise --max-rounds or lower --steps")
+    if "kappa" in given and name in flags["kappa"].takers:
+        if "loss" in flags and name in flags["loss"].takers:
+            loss = given.get("loss", flags["loss"].defaults.get(name))
+            if loss != "margin":
+                raise UsageError(f"--kappa is the confidence of the margin loss, and {name} uses --loss {loss}; "
+                                 "add --loss margin or drop --kappa")
+        elif "losses" in flags and name in flags["losses"].takers:
+            losses = given.get("losses", flags["losses"].defaults.get(name)) or ()
+            if "margin" not in losses:
+                raise UsageError(f"--kappa is the confidence of the margin loss, and --losses {','.join(losses)} "
+                                 "has none; add margin to --losses or drop --kappa")
 
 
 def handles_defense(name: str) -> bool:

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from .. import data
+from .. import data, defenses, models
+from ..data.builtin import BUILTIN_IMAGES
 
 # Built in the experiments layer (``reproduce`` needs them too); re-exported for the sub-commands.
 from ..experiments.components import UsageError, build_defended, build_model, resolve_device
 
 __all__ = ["UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
-           "add_common_data_args", "one_line_skip_warnings"]
+           "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
+           "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
+           "MAX_SEED"]
 
 
 def progress(iterable: Iterable, *, total: Optional[int] = None, desc: str = "", enabled: bool = True, unit: str = "it"):
@@ -67,3 +73,132 @@ def one_line_skip_warnings() -> Iterator[None]:
         warnings.simplefilter("always", data.SkippedFileWarning)
         warnings.showwarning = show
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of the flags, run before anything is loaded: each raises a one-line UsageError that
+# says what is wrong and how to fix it (issue 11, item 5).
+# ---------------------------------------------------------------------------------------------
+
+#: Largest seed every generator takes (torch's ``manual_seed`` stops at 2**64 - 1, the per-image
+#: draw keys keep 63 bits): seeds are 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def check_at_least(flag: str, value: Optional[int], minimum: int = 1, *, hint: str = "") -> None:
+    """``value`` (when given) must be an integer >= ``minimum``."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}, got {value}{hint}")
+
+
+def check_number(flag: str, value: Optional[float], *, positive: bool = False, non_negative: bool = False) -> None:
+    """``value`` (when given) must be a finite number, and positive / non-negative when asked."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+    if positive and not value > 0:
+        raise UsageError(f"{flag} must be positive, got {value:g}")
+    if non_negative and value < 0:
+        raise UsageError(f"{flag} must be 0 or more, got {value:g}")
+
+
+def check_seed(seed: Optional[int], flag: str = "--seed") -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{flag} must be between 0 and 2**63-1 ({MAX_SEED}), got {seed}")
+
+
+def check_data(source: str, flag: str = "--data") -> int:
+    """A missing folder, a file, an empty folder or a bad labels.csv fails here, before any
+    model loads. Returns how many images the source lists (an upper bound on those read)."""
+    if str(source) == "builtin":
+        return len(BUILTIN_IMAGES)
+    if not str(source).strip():
+        raise UsageError(f"{flag} is empty; give an image folder or 'builtin'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data.SkippedFileWarning)
+        entries, _missing = data.loading.folder_entries(source)
+    return len(entries)
+
+
+def check_model(name: str, weights: Optional[str] = None) -> None:
+    """An unknown model name or a missing ``--weights`` file fails before anything loads."""
+    if name not in models.names():
+        raise UsageError(f"unknown --model {name!r}; known: {', '.join(models.names())}")
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise UsageError(f"--weights file not found: {weights}")
+        if not path.is_file():
+            raise UsageError(f"--weights {weights} is not a file; give the path of a weights file")
+
+
+def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bool = False) -> str:
+    """Check a defense name or ``a+b`` chain (and build it once, cheaply); returns it
+    normalised (stripped, lower case)."""
+    text = (name or "").strip().lower()
+    known = ", ".join(defenses.names())
+    if not text:
+        raise UsageError(f"{flag} is empty; give a defense ({known}), a chain such as fd+rand, or none")
+    if allow_all and text == "all":
+        return text
+    if "+" in text:
+        parts = [p.strip() for p in text.split("+")]
+        if not all(parts):
+            raise UsageError(
+                f"{flag} {name!r} has an empty part (a '+' at the start or end, or '++'); "
+                f"join defense names with single '+', e.g. fd+rand"
+            )
+        unknown = [p for p in parts if p not in defenses.names()]
+        if unknown:
+            raise UsageError(f"unknown defense {unknown[0]!r} in {flag} {name!r}; known: {known}")
+    try:
+        defenses.create(text)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {text!r}; known: {known}") from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"bad {flag} {name!r}: {e}") from None
+    return text
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_under(path: Path, flag: str, given: str) -> None:
+    base = _nearest_existing(path.parent if not path.exists() else path)
+    if not base.is_dir():
+        raise UsageError(f"{flag} {given}: {base} is a file, not a folder; choose a path under a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {given}: cannot write in {base} (permission denied); choose another path")
+
+
+def check_out_folder(out: str, flag: str = "--out") -> None:
+    """``out`` is (or can be made as) a folder: not an existing file, not under a file, writable."""
+    if not str(out).strip():
+        raise UsageError(f"{flag} is empty; give an output folder")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a folder; give a folder (it is created if missing)")
+    _check_writable_under(path, flag, out)
+
+
+def check_out_file(out: str, flag: str = "--out") -> None:
+    """``out`` is (or can be written as) a file: not an existing folder, not under a file, writable."""
+    if not str(out).strip():
+        raise UsageError(f"{flag} is empty; give a file to write, e.g. table.json")
+    path = Path(out).expanduser()
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        raise UsageError(f"{flag} {out} is a folder; give a file name, e.g. {path / 'table.json'}")
+    _check_writable_under(path, flag, out)
+
+
+def check_common(args) -> None:
+    """The flags of :func:`add_common_data_args`, checked before anything loads."""
+    check_at_least("--batch-size", args.batch_size)
+    check_at_least("--limit", args.limit)
+    check_seed(args.seed)
+    check_model(args.model, args.weights)

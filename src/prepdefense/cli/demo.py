@@ -9,10 +9,9 @@ image with a short BPDA+EOT run against both models (verdict on fresh draws), an
 
 from __future__ import annotations
 
-from .. import defenses
 from ..experiments.demo import default_defense_name, run_demo
-from .common import UsageError, print_json, resolve_device
-from .common import build_model, one_line_skip_warnings
+from .common import check_at_least, check_defense, check_model, check_out_folder, check_seed
+from .common import build_model, one_line_skip_warnings, print_json, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -40,19 +39,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    # Every flag is checked before anything loads (issue 11, item 5).
+    check_at_least("--rounds", args.rounds, 0, hint=" (0 skips the attack)")
+    check_at_least("--eot", args.eot)
+    check_seed(args.seed)
+    check_model(args.model, args.weights)
+    check_out_folder(args.out)
+    # fail early, with the known names, before loading anything
+    name = check_defense(args.defense if args.defense is not None else default_defense_name())
     device = resolve_device(args.device)
-    name = (args.defense or default_defense_name()).strip().lower()
-    try:
-        defenses.create(name)  # fail early, with the known names, before loading anything
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
-    except ValueError as e:
-        raise UsageError(f"bad --defense {args.defense!r}: {e}") from None
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device)
         report, items, attacked = run_demo(
             model, args.out, model_name=args.model, defense_name=name, seed=args.seed, device=device,
-            attack_rounds=max(0, args.rounds), attack_eot=max(1, args.eot),
+            attack_rounds=args.rounds, attack_eot=args.eot,
         )
     summary = {
         "report": str(report),

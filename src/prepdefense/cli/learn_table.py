@@ -10,7 +10,19 @@ was made by this command.
 
 from __future__ import annotations
 
-from .common import UsageError, print_json, progress, resolve_device
+from .common import (
+    UsageError,
+    check_at_least,
+    check_data,
+    check_model,
+    check_number,
+    check_out_file,
+    check_seed,
+    one_line_skip_warnings,
+    print_json,
+    progress,
+    resolve_device,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -46,11 +58,24 @@ def run(args) -> int:
     from .. import models
     from ..experiments.learn_table import learn_table
 
+    # Every flag is checked before the model loads and the (long) attack runs (issue 11, item 5).
     for name in ("n", "steps", "binary_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.exclude_n < 0:
-        raise UsageError("--exclude-n must be >= 0")
+        check_at_least(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_at_least("--exclude-n", args.exclude_n, 0, hint=" (0 disables the exclusion)")
+    check_number("--lr", args.lr, positive=True)
+    check_number("--initial-const", args.initial_const, positive=True)
+    check_seed(args.seed)
+    check_seed(args.exclude_sample_seed, "--exclude-sample-seed")
+    check_model(args.model)
+    check_out_file(args.out)
+    listed = check_data(args.data)
+    needed = args.n + args.exclude_n
+    if needed > listed:
+        raise UsageError(
+            f"--n {args.n} images to attack plus the --exclude-n {args.exclude_n} kept out need {needed}, "
+            f"but --data {args.data} lists {listed}; lower --n or --exclude-n (0 disables the exclusion), "
+            f"or give a larger folder"
+        )
     device = resolve_device(args.device)
     try:
         model = models.create(args.model)
@@ -65,13 +90,14 @@ def run(args) -> int:
         done[0] = n_done
 
     try:
-        summary = learn_table(
-            data=args.data, out=args.out, n=args.n, seed=args.seed,
-            exclude_sample_seed=args.exclude_sample_seed if args.exclude_n > 0 else None,
-            exclude_n=args.exclude_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
-            initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
-            model=model, device=device, on_batch=on_batch, note=args.note,
-        )
+        with one_line_skip_warnings():
+            summary = learn_table(
+                data=args.data, out=args.out, n=args.n, seed=args.seed,
+                exclude_sample_seed=args.exclude_sample_seed if args.exclude_n > 0 else None,
+                exclude_n=args.exclude_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
+                initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
+                model=model, device=device, on_batch=on_batch, note=args.note,
+            )
     finally:
         bar.close()
     if args.json:

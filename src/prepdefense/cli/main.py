@@ -3,7 +3,8 @@
 Each sub-command lives in its own module of this package, exposing
 ``add_parser(subparsers)`` (which registers the sub-command and sets ``func``) and the
 function it runs. Errors the user can fix (a missing folder, a bad name) are raised as
-:class:`~prepdefense.errors.PrepDefenseError` and printed as one line with a non-zero exit, never a traceback.
+:class:`~prepdefense.errors.PrepDefenseError` and printed as one line with exit status 2, never a traceback;
+argparse's own errors (a non-number, a missing required flag) are one line too (:class:`_Parser`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ from . import attack, demo, learn_table, predict, randomness, reproduce
 _SUBCOMMANDS = (predict, demo, randomness, attack, learn_table, reproduce)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: ``PROG: error: MESSAGE (see PROG --help)``, exit 2
+    (argparse's default prints the whole usage block before the message)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prepdefense",
         description=(
             "Input-preprocessing defenses against adversarial examples, and the adaptive "
@@ -41,7 +51,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        names = ", ".join(m.__name__.rsplit(".", 1)[-1].replace("_", "-") for m in _SUBCOMMANDS)
+        print(f"prepdefense: error: no command given; choose one of {names} (see 'prepdefense --help')",
+              file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

@@ -9,7 +9,6 @@ Prints the top-1 accuracy with the number of images scored and of files skipped;
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Tuple
 
 import torch
@@ -18,10 +17,12 @@ from torch import nn
 from .. import data
 from ..errors import DataError
 from .common import (
-    UsageError,
     add_common_data_args,
     build_defended,
     build_model,
+    check_common,
+    check_data,
+    check_defense,
     one_line_skip_warnings,
     print_json,
     progress,
@@ -59,19 +60,15 @@ def score(model: nn.Module, dataset: data.ImageDataset, *, batch_size: int, devi
 
 
 def run(args) -> int:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    # Every flag is checked before the model loads: a missing folder, a bad labels.csv, an
+    # unknown model or defense, a bad chain fail at once (skipped-file warnings come later).
+    check_common(args)
+    defense = check_defense(args.defense)
     device = resolve_device(args.device)
-    if str(args.data) != "builtin":
-        # A missing folder or a bad labels.csv fails before the model loads (warnings come later).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", data.SkippedFileWarning)
-            data.loading.folder_entries(args.data)
+    check_data(args.data)
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device)
-        classifier = build_defended(model, args.defense, args.seed, device)
+        classifier = build_defended(model, defense, args.seed, device)
         dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit)
         n, correct = score(classifier, dataset, batch_size=args.batch_size, device=device, show_progress=not args.json)
     if n == 0:

@@ -21,6 +21,9 @@ from .common import (
     UsageError,
     add_common_data_args,
     build_model,
+    check_common,
+    check_data,
+    check_defense,
     one_line_skip_warnings,
     print_json,
     progress,
@@ -61,12 +64,10 @@ def _row_text(row: Dict[str, Any]) -> str:
 
 
 def run(args) -> int:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    check_common(args)
+    name = check_defense(args.defense, allow_all=True)
     device = resolve_device(args.device)
-    name = args.defense.strip().lower()
+    check_data(args.data)  # before the model loads
     names: List[str] = defenses.names() if name == "all" else [name]
     built = [(n, _create_defense(n)) for n in names]
     rows = []

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..experiments import registry
 from ..experiments import units as U
-from .common import UsageError
+from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
+                     resolve_device)
 
 
 def add_parser(subparsers) -> None:
@@ -48,19 +49,39 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..experiments.reproduce import ReproduceConfig, reproduce
 
+    # Every flag is checked before anything is loaded or written (issue 11, item 5).
+    if args.only is not None and not [p for p in args.only.split(",") if p.strip()]:
+        raise UsageError(f"--only {args.only!r} names no experiment; give some of {', '.join(registry.names())}, "
+                         "comma-separated, or leave --only out to run them all")
     try:
         only = registry.parse_only(args.only) if args.only else None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.fresh and args.report_only:
+        raise UsageError("--fresh deletes the stored results that --report-only would report; use one of them")
+    check_out_folder(args.out)
+    if args.report_only and not (Path(args.out).expanduser() / "run.json").is_file():
+        raise UsageError(f"--report-only: {args.out} holds no run to report (no run.json); run without --report-only first")
+    check_seed(args.seed)
+    check_model(args.model, args.weights)
+    resolve_device(args.device)
     data = args.data
     if data != "builtin" and not Path(data).expanduser().is_dir():
         raise UsageError(f"--data {data!r} is not a folder (give a folder of images or 'builtin')")
+    listed = check_data(data)
+    n_images = U.get_preset(args.preset).n_images
+    if not args.report_only and listed < n_images:
+        raise UsageError(
+            f"--preset {args.preset} needs {n_images} images the model classifies correctly, but --data {data} "
+            f"lists {listed}; give a larger folder" + (" or --preset smoke" if args.preset != "smoke" else "")
+        )
     cfg = ReproduceConfig(
         out=Path(args.out), data=data, preset=args.preset, model=args.model, weights=args.weights,
         device=args.device, seed=args.seed, fresh=args.fresh, quiet=args.quiet, only=only,
         report_only=args.report_only,
     )
-    outcome = reproduce(cfg)
+    with one_line_skip_warnings():
+        outcome = reproduce(cfg)
     print(f"report: {outcome.report}")
     if outcome.failed:
         print(f"{outcome.failed} unit(s) failed; the report says which and why (run again to retry them)")

@@ -26,12 +26,16 @@ from ..draws import Params
 from ._registry import register
 from .base import Defense
 
-__all__ = ["RandomResizePad", "padded_side", "resize_pad"]
+__all__ = ["RandomResizePad", "padded_side", "resize_pad", "MIN_SIDE"]
 
 #: Xie et al.'s sizes: inputs of 299 are resized to [299, 331) and padded to 331.
 REFERENCE_SIDE = 299
 REFERENCE_PADDED = 331
 PAD_VALUE = 0.5
+#: Smallest side the defense takes: the least S with round(S * 331 / 299) > S, so that the
+#: canvas is larger than the image (S = 4 gives round(4.43) = 4; S = 5 gives round(5.54) = 6,
+#: and every larger S grows by at least one since S * 32 / 299 > 0.5).
+MIN_SIDE = 5
 
 
 def padded_side(side: int) -> int:
@@ -95,7 +99,7 @@ class RandomResizePad(Defense):
         n, _, h, w = x.shape
         ph, pw = padded_side(h), padded_side(w)
         if ph <= h or pw <= w:
-            raise ValueError(f"input {h}x{w} is too small for random resizing and padding (needs a side >= 10)")
+            raise ValueError(f"input {h}x{w} is too small for random resizing and padding: height and width must be at least {MIN_SIDE} (the padded side round(S*331/299) must exceed S)")
         height = seeding.randint(h, ph, (n,), generator)
         width = seeding.randint(w, pw, (n,), generator)
         # Offsets uniform in [0, P - s): exclusive upper bound as in Xie et al.'s code.

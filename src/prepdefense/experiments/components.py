@@ -29,10 +29,16 @@ def resolve_device(name: Optional[str]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"bad --device {name!r}: use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there is no CUDA device {dev.index} "
+                             f"({torch.cuda.device_count()} visible: cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
