@@ -24,6 +24,7 @@ resize 0.879. The data pipeline keeps the standard bilinear 256 -> 224.)
 from __future__ import annotations
 
 import math
+import pickle
 from typing import List, Sequence, Tuple
 
 import torch
@@ -175,6 +176,10 @@ def efficientnet_lite0(weights: str | None = None) -> EfficientNetLite:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelUnavailableError(f"efficientnet-lite0 weights file not found: {path}") from None
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelUnavailableError(f"efficientnet-lite0: cannot read weights file {path} ({first}); "
+                                    "give a state dict saved with torch.save") from None
     model = EfficientNetLite(LITE0_STAGES, num_classes=1000, input_size=224)
     try:
         model.load_state_dict(state, strict=True)

@@ -14,6 +14,7 @@ NCHW RGB like every model of the project.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Callable, Optional
 
 import torch
@@ -66,7 +67,7 @@ def _torchvision_model(name: str, builder: Callable[[], nn.Module], input_size: 
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         net.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError, KeyError) as e:
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelUnavailableError(f"{name}: {path} is not a compatible state dict ({first})") from None
     return NormalizedClassifier(net, input_size).eval()
