@@ -72,7 +72,7 @@ def test_inputs_checked_at_the_boundary(name):
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match="labels must have shape"):
         attack(model, x, labels=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="NCHW"):
+    with pytest.raises(ValueError, match=r"expected a batch \(N, C, H, W\)"):
         attack(model, x[0], labels=torch.zeros(2, dtype=torch.long))
 
 

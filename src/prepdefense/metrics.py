@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .validation import check_labels
+
 __all__ = [
     "l2_rms",
     "l2_euclidean_radius",
@@ -30,9 +32,19 @@ PAPER_LINF_BOUND = 8.0 / 255.0
 
 
 def _flat_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image differences (N, D); TypeError / ValueError for non-tensors, mismatched shapes,
+    no batch dimension or non-finite values (a NaN distance would pass every bound check)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor batch, got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
     if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return (a - b).reshape(a.shape[0], -1)
+        raise ValueError(f"the two batches must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() < 2:
+        raise ValueError(f"expected a batch (N, ...) of images, got shape {tuple(a.shape)}")
+    d = (a - b).reshape(a.shape[0], -1)
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("the batches contain NaN or infinite values; distances are undefined")
+    return d
 
 
 def l2_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,17 +115,30 @@ def ssim(
     return s.reshape(n, c, -1).mean(dim=2).mean(dim=1).to(a.dtype if a.is_floating_point() else torch.float32)
 
 
+def _predictions(logits_or_pred: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(logits_or_pred, torch.Tensor) or logits_or_pred.dim() not in (1, 2) or logits_or_pred.shape[0] != n:
+        shape = tuple(logits_or_pred.shape) if isinstance(logits_or_pred, torch.Tensor) else type(logits_or_pred).__name__
+        raise ValueError(f"expected (N, K) logits or (N,) predictions for {n} labels, got {shape}")
+    return logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
+
+
 def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """ACC: fraction of images whose prediction equals the true label."""
-    pred = logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
+    """ACC: fraction of images whose prediction equals the true label.
+
+    Shape: (N, K) logits or (N,) predictions, (N,) labels -> float (nan for N = 0)."""
+    labels = check_labels(labels, labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1)
+    pred = _predictions(logits_or_pred, labels.shape[0])
     return float((pred.cpu() == labels.cpu()).float().mean().item()) if labels.numel() else float("nan")
 
 
 def attack_success_rate(logits_or_pred: torch.Tensor, targets: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None) -> float:
     """ASR: fraction predicted as the attacker's target; for untargeted attacks
     (``targets`` None) the fraction no longer predicted as the true label."""
-    pred = logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
-    pred = pred.cpu()
+    ref = targets if targets is not None else labels
+    if ref is None:
+        raise ValueError("untargeted ASR needs the true labels")
+    ref = check_labels(ref, ref.shape[0] if isinstance(ref, torch.Tensor) and ref.dim() == 1 else -1, name="targets" if targets is not None else "labels")
+    pred = _predictions(logits_or_pred, ref.shape[0]).cpu()
     if targets is not None:
         return float((pred == targets.cpu()).float().mean().item()) if targets.numel() else float("nan")
     if labels is None:

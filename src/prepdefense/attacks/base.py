@@ -30,6 +30,7 @@ from torch import nn
 
 from ..defenses.defended import Defended
 from ..draws import DrawKey, KeyLike, as_key
+from ..validation import check_images, check_labels, check_targets
 from .verdict import merge_histories
 
 __all__ = ["Attack", "AttackResult", "blocked_gradient", "check_attack_inputs", "eval_mode", "forward", "root_key"]
@@ -54,16 +55,26 @@ class AttackResult:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def check_attack_inputs(x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> None:
-    """Raise a clear ``ValueError`` unless x is a float NCHW batch with matching labels/targets."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected a float NCHW image batch in [0,1], got {shape}")
-    n = x.shape[0]
-    if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else None}")
-    if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != (n,)):
-        raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+def check_attack_inputs(x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], *, num_classes: Optional[int] = None):
+    """The attack boundary (:mod:`prepdefense.validation`): returns ``(x, labels, targets)``,
+    ``x`` clamped into [0, 1] within the documented tolerance; TypeError / ValueError otherwise."""
+    x = check_images(x)
+    labels = check_labels(labels, x.shape[0], num_classes=num_classes)
+    targets = check_targets(targets, labels, num_classes=num_classes)
+    return x, labels, targets
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor, key: DrawKey) -> Optional[int]:
+    """K from one forward pass on one image (None for an empty batch or non-2-D output)."""
+    if x.shape[0] == 0:
+        return None
+    with torch.no_grad():
+        z = forward(model, x[:1], key.child("probe").select(slice(0, 1)))
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise ValueError(f"the model must map (N, C, H, W) images to (N, K) logits; it returned {tuple(getattr(z, 'shape', ()))}")
+    if not torch.isfinite(z).all():
+        raise ValueError("the model returned NaN or infinite logits on the first image; check the model and its input scaling")
+    return int(z.shape[1])
 
 
 def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence[int]] = None) -> DrawKey:
@@ -72,6 +83,9 @@ def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence
     key = as_key(generator, n)
     if ids is None:
         return key
+    ids = torch.as_tensor(ids, dtype=torch.int64) if not isinstance(ids, torch.Tensor) else ids
+    if ids.shape != (n,):
+        raise ValueError(f"ids must have one non-negative integer per image, shape ({n},), got {tuple(ids.shape)}")
     return DrawKey(key.seed, ids, key.path)
 
 
@@ -207,7 +221,7 @@ class Attack:
         Returns:
             an :class:`AttackResult` over all N images.
         """
-        check_attack_inputs(x, labels, targets)
+        x, labels, targets = check_attack_inputs(x, labels, targets)
         if targets is None and not self.supports_untargeted:
             raise ValueError(f"{self.name} is a targeted attack; pass targets")
         if targets is not None and not self.supports_targeted:
@@ -220,9 +234,12 @@ class Attack:
                 f"Defended(BPDA(defense), classifier), or use an attack that composes BPDA itself (bpda, bpda-eot, adaptive)"
             )
         x = x.detach()
+        key = root_key(generator, x.shape[0], ids)
+        with eval_mode(model):
+            k = _num_classes(model, x, key)
+        check_attack_inputs(x, labels, targets, num_classes=k)
         labels = labels.to(x.device)
         targets = None if targets is None else targets.to(x.device)
-        key = root_key(generator, x.shape[0], ids)
         n = x.shape[0]
         size = self.batch_size or max(n, 1)
         slices = [slice(s, min(s + size, n)) for s in range(0, n, size)]

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..defenses.base import ModuleDefense
 from ..defenses.defended import Defended
 from ..draws import KeyLike, Params, as_key
+from ..validation import check_images
 
 __all__ = ["EOT", "REDUCTIONS"]
 
@@ -130,6 +131,7 @@ class EOT(nn.Module):
         return (z.log_softmax(dim=2).exp().mean(dim=0)).clamp_min(1e-30).log()
 
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
+        x = check_images(x)
         return self.apply(x, self.sample_params(x, generator))
 
     def extra_repr(self) -> str:

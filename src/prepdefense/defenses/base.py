@@ -33,15 +33,9 @@ import torch
 from torch import nn
 
 from ..draws import DrawKey, KeyLike, Params, as_key
+from ..validation import check_images
 
 __all__ = ["Defense", "ModuleDefense", "as_defense", "check_images", "shaped_like"]
-
-
-def check_images(x: torch.Tensor) -> None:
-    """Raise a clear error unless ``x`` is a floating NCHW batch with 1 or 3 channels."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected a float NCHW image batch in [0,1], got {shape}")
 
 
 def shaped_like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -133,7 +127,9 @@ class Defense(nn.Module):
             return self.apply(x.detach(), params)
 
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
-        check_images(x)
+        """Shape: (N, C, H, W) in [0, 1] -> (N, C, H', W') in [0, 1] (see
+        :func:`prepdefense.validation.check_images` for what is checked and the tolerance)."""
+        x = check_images(x)
         params = self.sample_params(x, generator) if self.randomized else None
         return self.run(x, params)
 

@@ -65,5 +65,5 @@ class Defended(nn.Module):
         return (probs / self.ensemble).clamp_min(1e-12).log()
 
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
-        check_images(x)
+        x = check_images(x)
         return self.apply(x, self.sample_params(x, generator))

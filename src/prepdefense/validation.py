@@ -1,0 +1,130 @@
+"""The library's input boundary: what every public entry checks before it computes anything
+(issue 11). A wrong input gets one line saying what is wrong and how to fix it, never a wrong
+number or a raw torch error.
+
+Images (PROTOCOL.md "Conventions"): a floating tensor, NCHW, 1 to 4 channels (RGB is 3), finite,
+values in [0, 1]. Float rounding tolerance, explicit: values within
+:data:`RANGE_TOLERANCE` (1e-4) outside [0, 1] (what a normalise/denormalise round trip or
+a resize leaves) are accepted and clamped into [0, 1]; anything further out is an error,
+since it means the image is in 0..255 or still normalised.
+
+Labels and targets: integer tensors of shape (N,), values in [0, K) for a K-class model; a
+target equal to the image's true label is an error (success would be trivial).
+
+Errors: ``TypeError`` for the wrong kind of object or dtype, ``ValueError`` for the wrong
+shape, layout, range or values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_labels", "check_targets", "check_pair"]
+
+#: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
+RANGE_TOLERANCE = 1e-4
+#: Most channels an image may have (greyscale 1, RGB 3, RGBA 4; also 2 for tests of per-channel code).
+MAX_CHANNELS = 4
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[tuple] = None) -> torch.Tensor:
+    """Check an image batch and return it (clamped into [0, 1] when a value lies within
+    :data:`RANGE_TOLERANCE` outside; the input itself is never modified).
+
+    Args:
+        x: (N, C, H, W) floating tensor in [0, 1].
+        name: how the error messages call it.
+        clamp: return ``x.clamp(0, 1)`` when needed (False: only check).
+        channels: the channel counts allowed (default 1..:data:`MAX_CHANNELS`).
+
+    Raises:
+        TypeError: not a tensor, or not floating point.
+        ValueError: not 4-D, channels-last, a channel count not allowed, empty spatial size,
+            non-finite values, or values outside [0, 1] beyond the tolerance.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor image batch (N, C, H, W) in [0, 1], got {type(x).__name__}")
+    if x.dim() == 3:
+        raise ValueError(f"{name} has shape {_shape(x)}: expected a batch (N, C, H, W); for one image use {name}.unsqueeze(0)")
+    if x.dim() != 4:
+        raise ValueError(f"{name} has shape {_shape(x)}: expected an image batch (N, C, H, W)")
+    c = x.shape[1]
+    allowed = channels or tuple(range(1, MAX_CHANNELS + 1))
+    if c not in allowed:
+        if x.shape[-1] in allowed and x.shape[-1] != c:
+            raise ValueError(
+                f"{name} has shape {_shape(x)}, which looks channels-last (N, H, W, C); "
+                f"pass {name}.permute(0, 3, 1, 2) to get (N, C, H, W)"
+            )
+        raise ValueError(f"{name} has {c} channels (shape {_shape(x)}); expected {' or '.join(map(str, allowed))} in NCHW layout")
+    if not x.is_floating_point():
+        hint = f" (an 8-bit image: use {name}.float() / 255)" if x.dtype == torch.uint8 else f" (use {name}.float())"
+        raise TypeError(f"{name} has dtype {x.dtype}: images must be floating point in [0, 1]{hint}")
+    if x.numel() == 0:
+        if x.shape[0] == 0 and x.shape[2] > 0 and x.shape[3] > 0:
+            return x
+        raise ValueError(f"{name} has shape {_shape(x)}: images must have at least one pixel")
+    values = x.detach()
+    lo, hi = float(values.min()), float(values.max())
+    if not (torch.isfinite(torch.tensor([lo, hi])).all() and bool(torch.isfinite(values).all())):
+        raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        hint = "divide 0..255 images by 255" if hi > 1.5 else "undo the normalisation (models here take [0, 1] and normalise inside)"
+        raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; images must be in [0, 1] (tolerance {RANGE_TOLERANCE:g}): {hint}")
+    if clamp and (lo < 0 or hi > 1):
+        return x.clamp(0.0, 1.0)
+    return x
+
+
+def check_labels(labels, n: int, *, num_classes: Optional[int] = None, name: str = "labels") -> torch.Tensor:
+    """Check class indices for ``n`` images and return them.
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: not of shape (n,), or values outside [0, num_classes).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, shape ({n},), got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} has dtype {labels.dtype}: class indices must be integers (use {name}.long()); one-hot labels: {name}.argmax(1)")
+    if labels.shape != (n,):
+        hint = f"; one-hot labels: use {name}.argmax(1)" if labels.dim() == 2 and labels.shape[0] == n else ""
+        raise ValueError(f"{name} must have shape ({n},) for {n} images, got {_shape(labels)}{hint}")
+    if n:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            top = f"{num_classes - 1}" if num_classes is not None else "K-1"
+            raise ValueError(f"{name} has values in [{lo}, {hi}]; class indices must be in [0, {top}]")
+    return labels
+
+
+def check_targets(targets, labels: torch.Tensor, *, num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Check attack targets against the true labels (None: untargeted) and return them.
+
+    Raises:
+        TypeError / ValueError: as :func:`check_labels`, and a target equal to its image's label.
+    """
+    if targets is None:
+        return None
+    targets = check_labels(targets, labels.shape[0], num_classes=num_classes, name="targets")
+    same = (targets.to(labels.device) == labels).nonzero().flatten()
+    if same.numel():
+        raise ValueError(
+            f"targets equal the true labels for images {same.tolist()[:10]}; a targeted attack needs another class "
+            f"(pass targets=None for an untargeted attack)"
+        )
+    return targets
+
+
+def check_pair(a, b, *, names=("a", "b")) -> None:
+    """Two image batches of one shape (for distances and SSIM)."""
+    check_images(a, name=names[0], clamp=False)
+    check_images(b, name=names[1], clamp=False)
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have one shape, got {_shape(a)} and {_shape(b)}")
