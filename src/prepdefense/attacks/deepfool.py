@@ -115,7 +115,7 @@ class DeepFool(Attack):
             sel = torch.arange(idx.numel(), device=dev)
             w_l = w[sel, best]
             step = (dist[sel, best] + 1e-4) / w_norm[sel, best].clamp_min(1e-12)
-            r_i = step.view(-1, 1, 1, 1) * w_l
+            r_i = (step.view(-1, 1, 1, 1) * w_l).to(r_tot.dtype)  # a model may give logits in another dtype
             upd = idx[still]
             r_tot[upd] = r_tot[upd] + r_i[still]
             x_adv[upd] = (x[upd] + (1 + self.overshoot) * r_tot[upd]).clamp(0, 1)

@@ -278,7 +278,7 @@ class GradientAttack(Attack):
                 hit = pred == targets if targeted else pred != labels
                 freq = hit.float().mean(0)
                 goal_p = zd.softmax(2).mean(0).gather(1, goal[:, None]).squeeze(1)
-                tie = -goal_p if targeted else goal_p
+                tie = (-goal_p if targeted else goal_p).float()
                 better = (freq > best_freq) | ((freq == best_freq) & (tie < best_tie))
                 best[better] = x_adv[better]
                 best_freq = torch.where(better, freq, best_freq)
