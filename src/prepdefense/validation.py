@@ -17,6 +17,7 @@ shape, layout, range or values.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -70,9 +71,11 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
         if x.shape[0] == 0 and x.shape[2] > 0 and x.shape[3] > 0:
             return x
         raise ValueError(f"{name} has shape {_shape(x)}: images must have at least one pixel")
-    values = x.detach()
-    lo, hi = float(values.min()), float(values.max())
-    if not (torch.isfinite(torch.tensor([lo, hi])).all() and bool(torch.isfinite(values).all())):
+    # One pass: min and max propagate NaN, and an infinity is the min or the max, so the two
+    # extremes being finite means every value is (isfinite().all() would cost ~15x more).
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = float(lo_t), float(hi_t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         hint = "divide 0..255 images by 255" if hi > 1.5 else "undo the normalisation (models here take [0, 1] and normalise inside)"
