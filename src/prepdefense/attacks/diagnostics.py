@@ -212,12 +212,21 @@ def format_diagnostics(d: Dict[str, Any]) -> str:
     u = d.get("unbounded")
     if u and "skipped" not in u:
         lines.append(f"  unbounded run ({', '.join(f'{k} {v:g}' for k, v in u.items() if k != 'success')}): success {u['success']:.3f}")
+    lines += describe_randomness(d)
+    return "\n".join(lines)
+
+
+def describe_randomness(d: Dict[str, Any], suffix=lambda part: "") -> List[str]:
+    """The lines for the gradient-agreement and two-draws checks of a diagnostics dict
+    (shared by :func:`format_diagnostics` and the CLI's report; ``suffix(part)`` is appended)."""
+    lines = []
     ga = d.get("gradients")
     if ga:
         lines.append(
             f"  gradients over {ga['draws']} draws: mean cosine to the EOT mean {ga['mean_cosine_to_mean']:.3f}, "
             f"|mean|/mean|g| {ga['mean_norm_ratio']:.3f}, zero {ga['zero_fraction']:.1%}, non-finite {ga['nonfinite_fraction']:.1%}"
+            + suffix(ga)
         )
     if "randomized" in d:
-        lines.append(f"  two draws disagree on {d['randomized']['prediction_disagreement']:.1%} of predictions")
-    return "\n".join(lines)
+        lines.append(f"  two draws disagree on {d['randomized']['prediction_disagreement']:.1%} of predictions" + suffix(d["randomized"]))
+    return lines

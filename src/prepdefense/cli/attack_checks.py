@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import attacks
 from ..attacks.verdict import evaluate_on_draws
-from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, gradient_agreement
+from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, describe_randomness, gradient_agreement
 from ..seeding import child_seed, make_generator
 from .attack_flags import attack_flags
 
@@ -309,14 +309,7 @@ def format_checks(d: Dict[str, Any]) -> str:
         radius = ", ".join(f"{k} {v:g}" for k, v in u.items() if k == "eps")
         steps = f", {u['steps']} steps" if u.get("steps") else ""
         lines.append(f"  unbounded run ({radius}{steps}, eot {u['eot']}): success {u['success']:.3f} {_images(u['n'])}")
-    ga = d.get("gradients")
-    if ga:
-        lines.append(
-            f"  gradients over {ga['draws']} draws: mean cosine to the EOT mean {ga['mean_cosine_to_mean']:.3f}, "
-            f"|mean|/mean|g| {ga['mean_norm_ratio']:.3f}, zero {ga['zero_fraction']:.1%}, non-finite {ga['nonfinite_fraction']:.1%} {_images(ga['n'])}"
-        )
-    if "randomized" in d:
-        lines.append(f"  two draws disagree on {d['randomized']['prediction_disagreement']:.1%} of predictions {_images(d['randomized']['n'])}")
+    lines += describe_randomness(d, suffix=lambda part: f" {_images(part['n'])}")
     for key, why in d.get("skipped", {}).items():
         lines.append(f"  skipped {key}: {why}")
     lines.append(f"  cost: {d['passes']} model passes, {d['cost_ratio']:.0%} of the attack's {d['attack_passes']}")
