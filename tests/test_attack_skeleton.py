@@ -110,3 +110,26 @@ def test_non_differentiable_defense_is_refused_with_bpda_named(name):
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match="with_bpda"):
         attacks.create(name, **SMALL[name])(model, x, labels=torch.zeros(2, dtype=torch.long))
+
+
+class _Staircase(nn.Module):
+    """A classifier whose gradient is zero everywhere (it rounds its input inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _bn_model().eval()
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 4) / 4)
+
+
+@pytest.mark.parametrize("name", ["pgd", "adaptive", "bpda", "mi-fgsm"])
+def test_zero_gradients_are_reported_in_the_result(name):
+    """An attack that only ever gets zero gradients says so (issue 11, item 3)."""
+    model = _Staircase().eval()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    labels = model(x).argmax(1)
+    attack = attacks.create(name, **SMALL[name])
+    targets = (labels + 1) % 5 if name == "bpda" else None
+    stats = attack(model, x, labels=labels, targets=targets, generator=0).info["gradient_stats"]
+    assert stats["zero_gradients"] > 0 and stats["nonfinite_gradients"] == 0, stats

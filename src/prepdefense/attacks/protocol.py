@@ -115,7 +115,12 @@ class ProtocolBPDA(Attack):
             else:
                 ce = F.cross_entropy(forward(grad_model, x, key), goal, reduction="none")
             (grad,) = torch.autograd.grad(ce.sum(), x)
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        flat = grad.flatten(1)
+        bad = ~torch.isfinite(flat).all(1)
+        self._stats["nonfinite_gradients"] += int(bad.sum())
+        self._stats["zero_gradients"] += int(((flat.abs().amax(1) == 0) & ~bad).sum())
+        self._stats["gradient_evaluations"] += int(flat.shape[0])
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # counted above and reported
         # Targeted: descend CE to the target; untargeted: ascend CE of the label.
         return grad if targeted else -grad
 
@@ -123,6 +128,7 @@ class ProtocolBPDA(Attack):
         targeted = targets is not None
         goal = targets if targeted else labels
         grad_model = with_bpda(model, self.approx)
+        self._stats = {"zero_gradients": 0, "nonfinite_gradients": 0, "gradient_evaluations": 0}
         total_rounds = self.max_rounds if self.until_bound else self.rounds
         n = x.shape[0]
         x_adv = x.clone()
@@ -175,6 +181,7 @@ class ProtocolBPDA(Attack):
             "bound_round": bound_round.tolist(),
             "l2": l2_rms(x_adv, x).tolist(),
             "final_prediction": pred.tolist(),
+            "gradient_stats": dict(self._stats),
         }
         return AttackResult(adversarial=x_adv, success=success.cpu(), history=history, info=info)
 
