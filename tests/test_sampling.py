@@ -89,3 +89,23 @@ def test_protocol_sample_on_the_builtin_images_with_the_real_model(model):
     assert s.x.shape == (3, 3, 224, 224) and s.source == "builtin"
     with torch.no_grad():
         assert torch.equal(model(s.x).argmax(1), s.labels)
+
+
+def test_sampler_checks_its_arguments_and_leaves_the_model_in_its_mode(model, imagenet_sample_dir):
+    """Issue 11, item 1: the sampler validates what it is given and runs the model in eval mode."""
+    import copy
+
+    from prepdefense.errors import DataError
+
+    with pytest.raises(TypeError, match="n must be an integer"):
+        data.protocol_sample(model, imagenet_sample_dir, n=2.5, seed=0)
+    with pytest.raises(DataError, match="seed must be at least 0"):
+        data.protocol_sample(model, imagenet_sample_dir, n=2, seed=-1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        data.protocol_sample(lambda x: x, imagenet_sample_dir, n=2, seed=0)
+    mt = copy.deepcopy(model).train()
+    before = copy.deepcopy(mt.state_dict())
+    s = data.protocol_sample(mt, imagenet_sample_dir, n=2, seed=0, batch_size=4)
+    assert mt.training and len(s) == 2
+    assert all(torch.equal(v, mt.state_dict()[k]) for k, v in before.items())
+    assert s.ids == data.protocol_sample(model, imagenet_sample_dir, n=2, seed=0, batch_size=4).ids

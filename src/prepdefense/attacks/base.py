@@ -21,15 +21,15 @@ the result of every image is the same whatever the batch size.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..defenses.defended import Defended
 from ..draws import DrawKey, KeyLike, as_key
+from ..model_state import eval_mode
 from ..validation import check_images, check_labels, check_targets
 from .verdict import merge_histories
 
@@ -87,19 +87,6 @@ def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence
     if ids.shape != (n,):
         raise ValueError(f"ids must have one non-negative integer per image, shape ({n},), got {tuple(ids.shape)}")
     return DrawKey(key.seed, ids, key.path)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore every submodule's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def forward(model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..model_state import eval_mode
 from ..seeding import child_seed, make_generator
 from .loading import NUM_CLASSES, ImageDataset, iter_batches, load_dataset
 
@@ -66,7 +67,8 @@ def protocol_sample(
     """Pick ``n`` images the undefended ``model`` classifies correctly, and a target each.
 
     Args:
-        model: classifier taking [0,1] NCHW, already on ``device`` and in eval mode.
+        model: classifier taking [0,1] NCHW, already on ``device`` (run in eval mode here and
+            returned in its own mode).
         source_or_dataset: a folder, ``"builtin"``, or an :class:`ImageDataset`.
         n: how many images to pick (the protocol uses 100).
         seed: fixes both the visiting order and the targets.
@@ -77,10 +79,17 @@ def protocol_sample(
             the evaluation set).
 
     Raises:
-        DataError: fewer than ``n`` eligible images are classified correctly.
+        TypeError: ``model`` not a module, or ``n``/``seed``/``batch_size`` not integers.
+        DataError: ``n`` or ``batch_size`` below 1, a negative ``seed``, or fewer than ``n``
+            eligible images classified correctly.
     """
-    if n < 1:
-        raise DataError(f"n must be at least 1, got {n}")
+    for name, value, least in (("n", n, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        if int(value) < least:
+            raise DataError(f"{name} must be at least {least}, got {value}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module mapping [0,1] NCHW images to logits, got {type(model).__name__}")
     if isinstance(source_or_dataset, ImageDataset):
         ds = source_or_dataset
     else:
@@ -101,7 +110,7 @@ def protocol_sample(
     ids: List[str] = []
     tried = 0
     device = torch.device(device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # the user's model comes back in its own mode
         for x, y, batch_ids in iter_batches(ds, batch_size, indices=order):
             tried += len(batch_ids)
             pred = model(x.to(device)).argmax(dim=1).cpu()
