@@ -31,8 +31,8 @@ independent, so the remap is separable):
    ``r`` becomes ``L - 1 - r[::-1]`` (the same as flipping the image, distorting, flipping
    back). With ``delta = 0`` every map is the identity.
 
-Random draws (on the CPU generator, in this order): the corner ``randint(0, 4, (N,))``,
-then ``rand((N, 2, cells))`` in float64 turned into the row and column factors. As a defense,
+Random draws (on the CPU generator): ``1 + 2 * cells`` uniforms in float64 per image, the first
+giving the corner, then the row factors, then the column factors (:func:`sample_grid_params`). As a defense,
 each image draws from its own generator (``N = 1`` per image, :mod:`prepdefense.draws`).
 """
 
@@ -51,6 +51,7 @@ __all__ = [
     "GridDistort",
     "grid_params",
     "sample_grid_params",
+    "grid_params_from_uniforms",
     "index_maps",
     "axis_index_map",
     "remap_separable",
@@ -71,11 +72,18 @@ def grid_params(corner: torch.Tensor, row_factors: torch.Tensor, col_factors: to
 
 def sample_grid_params(n: int, delta: float, cells: int, generator: torch.Generator) -> Params:
     """Draw corner and per-cell, per-axis factors ``1 + U(-delta, delta)`` for ``n`` images
-    from one generator (the defense calls it with ``n = 1`` and each image's generator)."""
-    corner = seeding.randint(0, 4, (n,), generator)
-    u = seeding.rand((n, 2, cells), generator, dtype=torch.float64)
-    factors = 1.0 + float(delta) * (2.0 * u - 1.0)
-    return grid_params(corner, factors[:, 0].contiguous(), factors[:, 1].contiguous())
+    from one generator: ``1 + 2 * cells`` uniforms in float64 per image, the first giving the
+    corner (``floor(4 u)``), the next ``cells`` the row factors and the last ``cells`` the
+    column factors. The defense draws each image from its own generator
+    (:func:`grid_params_from_uniforms` on one row per image)."""
+    return grid_params_from_uniforms(seeding.rand((n, 1 + 2 * cells), generator, dtype=torch.float64), delta, cells)
+
+
+def grid_params_from_uniforms(u: torch.Tensor, delta: float, cells: int) -> Params:
+    """The draw for rows of ``1 + 2 * cells`` uniforms in [0, 1) (see :func:`sample_grid_params`)."""
+    corner = (u[:, 0] * 4).floor().long().clamp_(max=3)
+    factors = 1.0 + float(delta) * (2.0 * u[:, 1:] - 1.0)
+    return grid_params(corner, factors[:, :cells].contiguous(), factors[:, cells:].contiguous())
 
 
 def axis_index_map(factors: torch.Tensor, flip: torch.Tensor, size: int, *, device=None) -> torch.Tensor:
@@ -199,6 +207,13 @@ class GridDistort(Defense):
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
         return sample_grid_params(1, self.delta, self.cells, generator)
+
+    def draw_images(self, x: torch.Tensor, generators) -> Params:
+        # One draw call per image, then the conversion once for the batch (the same values as
+        # draw() per image: each row comes from its image's generator alone).
+        width = 1 + 2 * self.cells
+        u = torch.stack([torch.rand(width, generator=g, dtype=torch.float64) for g in generators])
+        return grid_params_from_uniforms(u, self.delta, self.cells)
 
     def index_maps(self, x_shape, params: Params, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row and column maps for a batch of shape ``x_shape`` (see :func:`index_maps`)."""
