@@ -30,7 +30,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from ..draws import DrawKey, KeyLike, as_key
+from ..draws import KeyLike, as_key
 
 __all__ = ["predictions_on_draws", "round_record", "wilson_interval", "bootstrap_interval", "judge_on_draws", "summarize", "evaluate_on_draws", "merge_histories", "VERDICT_STREAM"]
 

@@ -33,7 +33,7 @@ from ..draws import Params
 from ._registry import register
 from .base import Defense
 
-__all__ = ["PixelDeflection", "deflection_params", "sample_deflections", "deflect_pixels", "wavelet_denoise", "pixel_deflection"]
+__all__ = ["PixelDeflection", "deflection_params", "sample_deflections", "deflect_pixels", "wavelet_denoise"]
 
 
 FIELDS = ("channel", "target_row", "target_col", "source_row", "source_col")
