@@ -61,12 +61,6 @@ def test_usage_errors(capsys):
     assert "NORMALISED" in capsys.readouterr().out
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_adaptive_on_the_papers_defense_at_n10(model, imagenet_sample_dir, capsys, two_threads):

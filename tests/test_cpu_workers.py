@@ -15,12 +15,6 @@ from prepdefense import cpu_workers
 from prepdefense.cpu_workers import CPUWorkers
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

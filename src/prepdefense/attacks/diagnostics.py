@@ -169,12 +169,7 @@ def run_diagnostics(
     if gradient_draws > 0:
         ga = gradient_agreement(model, x, labels, targets, draws=gradient_draws, generator=make_generator(child_seed(g)), approx=approx)
         out["gradients"] = ga
-        if ga["nonfinite_fraction"] > 0:
-            warn.append(f"{ga['nonfinite_fraction']:.1%} of single-draw gradients hold NaN/inf values")
-        if ga["zero_fraction"] > 0:
-            warn.append(f"{ga['zero_fraction']:.1%} of single-draw gradients are exactly zero (shattered gradients: use BPDA)")
-        if ga["draws"] > 1 and ga["mean_cosine_to_mean"] < 0.2:
-            warn.append(f"single-draw gradients barely agree with their mean (cosine {ga['mean_cosine_to_mean']:.2f}): use more EOT draws")
+        warn.extend(gradient_warnings(ga))
 
     if main_result is not None and "gradient_stats" in main_result.info:
         st = main_result.info["gradient_stats"]
@@ -214,6 +209,18 @@ def format_diagnostics(d: Dict[str, Any]) -> str:
         lines.append(f"  unbounded run ({', '.join(f'{k} {v:g}' for k, v in u.items() if k != 'success')}): success {u['success']:.3f}")
     lines += describe_randomness(d)
     return "\n".join(lines)
+
+
+def gradient_warnings(ga: Dict[str, Any]) -> List[str]:
+    """The warnings a :func:`gradient_agreement` result calls for (NaN/inf, zero, noisy)."""
+    warn = []
+    if ga["nonfinite_fraction"] > 0:
+        warn.append(f"{ga['nonfinite_fraction']:.1%} of single-draw gradients hold NaN/inf values")
+    if ga["zero_fraction"] > 0:
+        warn.append(f"{ga['zero_fraction']:.1%} of single-draw gradients are exactly zero (shattered gradients: use BPDA)")
+    if ga["draws"] > 1 and ga["mean_cosine_to_mean"] < 0.2:
+        warn.append(f"single-draw gradients barely agree with their mean (cosine {ga['mean_cosine_to_mean']:.2f}): use more EOT draws")
+    return warn
 
 
 def describe_randomness(d: Dict[str, Any], suffix=lambda part: "") -> List[str]:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import attacks
 from ..attacks.verdict import evaluate_on_draws
-from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, describe_randomness, gradient_agreement
+from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, describe_randomness, gradient_agreement, gradient_warnings
 from ..seeding import child_seed, make_generator
 from .attack_flags import attack_flags
 
@@ -204,12 +204,7 @@ class Checks:
         def gradients(m: int) -> Dict[str, Any]:
             t = None if targets is None else targets[:m]
             ga = gradient_agreement(self.defended, x[:m], labels[:m], t, draws=grad_draws, generator=make_generator(child_seed(g)))
-            if ga["nonfinite_fraction"] > 0:
-                warn.append(f"{ga['nonfinite_fraction']:.1%} of single-draw gradients hold NaN/inf values")
-            if ga["zero_fraction"] > 0:
-                warn.append(f"{ga['zero_fraction']:.1%} of single-draw gradients are exactly zero (shattered gradients: use BPDA)")
-            if ga["draws"] > 1 and ga["mean_cosine_to_mean"] < 0.2:
-                warn.append(f"single-draw gradients barely agree with their mean (cosine {ga['mean_cosine_to_mean']:.2f}): use more EOT draws")
+            warn.extend(gradient_warnings(ga))
             return ga
 
         run_check("gradients", float(self._eff(grad_draws, self.randomized)), gradients)
