@@ -181,3 +181,33 @@ def test_labels_and_targets_checked():
         pgd(clf, x, labels=torch.eye(5)[:2].long())
     with pytest.raises(ValueError, match="targets equal the true labels"):
         pgd(clf, x, labels=torch.tensor([0, 1]), targets=torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("name", ["fd", "dct-quant", "dct-distort", "fd+rand"])
+@pytest.mark.parametrize("n", [1, 2, 10])
+def test_kernel_checks_values_like_the_boundary(name, n, two_threads):
+    """Step 1's kernel checks its own copy of the input (``checks_values_in_apply``), on the
+    per-step worker path and on the one-step path used off the CPU: NaN, infinities and 0..255
+    values anywhere in the batch are refused with the boundary's message, and values a rounding
+    step outside [0, 1] give the output of the clamped batch."""
+    from prepdefense.cpu_workers import CPUWorkers, use
+    from prepdefense.defenses.kernels.dct_quant import quantize_and_read
+    from prepdefense.defenses.quant_tables import FD_TABLE
+
+    d = defenses.create(name)
+    x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
+    runs = (
+        lambda t: d(t, generator=0),  # the defense, through the steps of the worker pool
+        lambda t: quantize_and_read(t, FD_TABLE, batched=True, check_values=True),  # one step
+    )
+    with use(CPUWorkers(step_elements=3 * 16 * 16)):  # one image per step
+        for run in runs:
+            for bad, match in ((float("nan"), "NaN"), (float("inf"), "infinite"), (255.0, "divide 0..255")):
+                xb = x.clone()
+                xb[n - 1, 1, 5, 7] = bad
+                with pytest.raises(ValueError, match=match):
+                    run(xb)
+            xe = x.clone()
+            xe[n - 1, 0, 0, 0] = 1 + 5e-5
+            xe[0, 2, 3, 3] = -5e-5
+            assert torch.equal(run(xe), run(xe.clamp(0, 1)))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_labels", "check_targets", "check_pair"]
+__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_value_range", "check_labels", "check_targets", "check_pair"]
 
 #: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
 RANGE_TOLERANCE = 1e-4
@@ -34,7 +34,7 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[tuple] = None) -> torch.Tensor:
+def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[tuple] = None, values: bool = True) -> torch.Tensor:
     """Check an image batch and return it (clamped into [0, 1] when a value lies within
     :data:`RANGE_TOLERANCE` outside; the input itself is never modified).
 
@@ -43,6 +43,8 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
         name: how the error messages call it.
         clamp: return ``x.clamp(0, 1)`` when needed (False: only check).
         channels: the channel counts allowed (default 1..:data:`MAX_CHANNELS`).
+        values: check the values too (:func:`check_value_range`); False leaves that to a
+            kernel that checks its own copy of the input.
 
     Raises:
         TypeError: not a tensor, or not floating point.
@@ -71,18 +73,32 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
         if x.shape[0] == 0 and x.shape[2] > 0 and x.shape[3] > 0:
             return x
         raise ValueError(f"{name} has shape {_shape(x)}: images must have at least one pixel")
-    # One pass: min and max propagate NaN, and an infinity is the min or the max, so the two
-    # extremes being finite means every value is (isfinite().all() would cost ~15x more).
-    lo_t, hi_t = torch.aminmax(x.detach())
+    if not values:
+        return x
+    if check_value_range(x, name=name) and clamp:
+        return x.clamp(0.0, 1.0)
+    return x
+
+
+def check_value_range(t: torch.Tensor, *, name: str = "x") -> bool:
+    """Check that every value of ``t`` is finite and in [0, 1] up to :data:`RANGE_TOLERANCE`,
+    in one pass; returns whether some value lies outside [0, 1] (within the tolerance), i.e.
+    whether the caller must clamp. Kernels that copy their input anyway call it on their own
+    copy, where the data is in cache (``Defense.checks_values_in_apply``).
+
+    Raises:
+        ValueError: NaN or infinite values, or values beyond the tolerance.
+    """
+    # min and max propagate NaN, and an infinity is the min or the max, so the two extremes
+    # being finite means every value is (isfinite().all() would cost ~15x more).
+    lo_t, hi_t = torch.aminmax(t.detach())
     lo, hi = float(lo_t), float(hi_t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         hint = "divide 0..255 images by 255" if hi > 1.5 else "undo the normalisation (models here take [0, 1] and normalise inside)"
         raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; images must be in [0, 1] (tolerance {RANGE_TOLERANCE:g}): {hint}")
-    if clamp and (lo < 0 or hi > 1):
-        return x.clamp(0.0, 1.0)
-    return x
+    return lo < 0 or hi > 1
 
 
 def check_labels(labels, n: int, *, num_classes: Optional[int] = None, name: str = "labels") -> torch.Tensor:

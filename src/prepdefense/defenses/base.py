@@ -65,6 +65,9 @@ class Defense(nn.Module):
     differentiable: bool = False
     ensemble: int = 1
     changes_size: bool = False
+    #: ``apply`` checks the input's values itself (finite, in [0, 1] up to the tolerance,
+    #: clamped within it) on a copy it makes anyway, so ``forward`` checks only the layout.
+    checks_values_in_apply: bool = False
 
     # -- what a defense declares -------------------------------------------------------------
     def stages(self) -> Sequence[Tuple[str, "Defense"]]:
@@ -135,7 +138,7 @@ class Defense(nn.Module):
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
         """Shape: (N, C, H, W) in [0, 1] -> (N, C, H', W') in [0, 1] (see
         :func:`prepdefense.validation.check_images` for what is checked and the tolerance)."""
-        x = check_images(x)
+        x = check_images(x, values=not self.checks_values_in_apply)
         params = self.sample_params(x, generator) if self.randomized else None
         return self.run(x, params)
 

@@ -38,6 +38,7 @@ class DCTDistort(Defense):
 
     randomized = True
     differentiable = False
+    checks_values_in_apply = True  # Step 1's kernel checks its own copy of each step, in cache
 
     def __init__(self, table: TableSpec = "default", delta: float = 0.15, cells: int = 10) -> None:
         super().__init__()
@@ -58,7 +59,7 @@ class DCTDistort(Defense):
         # (kernels/dct_quant.py). The kernel never puts Step 1 on the autograd graph.
         rows, cols = index_maps(params["distort"], x.shape[-2], x.shape[-1], device=x.device)
         operators = self.quantize.operators(compute_dtype(x), x.device)
-        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators)
+        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators, check_values=True)
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}, delta={self.distort.delta}, cells={self.distort.cells}"

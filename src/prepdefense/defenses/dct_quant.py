@@ -27,7 +27,7 @@ from .quant_tables import TableSpec, resolve_table
 __all__ = ["dct_quantize", "quantization_operators", "DCTQuantize"]
 
 
-def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None) -> torch.Tensor:
+def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Operators] = None, check_values: bool = False) -> torch.Tensor:
     """Step 1 of the defense (paper Section 5.2; PROTOCOL.md "The defense g(x)").
 
     The kernel :func:`~prepdefense.defenses.kernels.dct_quant.quantize_and_read` with the
@@ -38,6 +38,7 @@ def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Op
         x: images in [0,1].
         table: 8x8 quantization table ``Q`` (0..255 domain), e.g. ``quant_tables.FD_TABLE``.
         operators: precomputed :func:`quantization_operators` of ``table`` (optional).
+        check_values: check the input's values in the kernel (see ``quantize_and_read``).
 
     Returns:
         ``clip(IDCT(round(DCT(255 x) / Q) * Q) / 255, 0, 1)`` block by block, same shape,
@@ -46,7 +47,7 @@ def dct_quantize(x: torch.Tensor, table: torch.Tensor, *, operators: Optional[Op
     Shape:
         x: (N, C, H, W), any H, W >= 1 (reflection-padded to multiples of 8, then cropped).
     """
-    return quantize_and_read(x, table, operators=operators)
+    return quantize_and_read(x, table, operators=operators, check_values=check_values)
 
 
 class DCTQuantize(Defense):
@@ -62,6 +63,7 @@ class DCTQuantize(Defense):
 
     randomized = False
     differentiable = False
+    checks_values_in_apply = True  # on the kernel's own copy of each step, in cache
 
     def __init__(self, table: TableSpec = "default") -> None:
         super().__init__()
@@ -79,7 +81,7 @@ class DCTQuantize(Defense):
         return cache[key]
 
     def apply(self, x: torch.Tensor, params=None) -> torch.Tensor:
-        return dct_quantize(x, self.table, operators=self.operators(compute_dtype(x), x.device))
+        return dct_quantize(x, self.table, operators=self.operators(compute_dtype(x), x.device), check_values=True)
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}"

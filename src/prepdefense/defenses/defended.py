@@ -65,5 +65,5 @@ class Defended(nn.Module):
         return (probs / self.ensemble).clamp_min(1e-12).log()
 
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
-        x = check_images(x)
+        x = check_images(x, values=not self.defense.checks_values_in_apply)
         return self.apply(x, self.sample_params(x, generator))

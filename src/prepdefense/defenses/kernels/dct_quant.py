@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from ... import cpu_workers
+from ...validation import check_value_range
 from ..block_dct import BLOCK, dct_matrix
 from .planes import pad_plane_index, pixels_from_planes, read_rows_then_columns, row_buffer, row_then_column_indices
 
@@ -86,8 +87,10 @@ class _Step:
     a step is seven torch calls. ``operators`` come from :func:`_batch_operators` for at
     least ``m`` planes; ``scratch`` is a buffer shaped like ``planes``."""
 
-    def __init__(self, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor) -> None:
+    def __init__(self, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor,
+                 check_values: bool = False) -> None:
         m = planes.shape[0]
+        self.check_values = check_values
         rows_forward, cols_forward, cols_inverse, rows_inverse = operators
         self.rows_forward, self.rows_inverse = rows_forward[:m], rows_inverse[:m]
         self.cols_forward, self.cols_inverse = cols_forward[: m * BLOCK], cols_inverse[: m * BLOCK]
@@ -100,6 +103,8 @@ class _Step:
         """``channels``: (m, H * W), the input's channels flattened. Rounding is
         ``torch.round``: half to even, as ``numpy.round``."""
         torch.index_select(channels, 1, self.index, out=self.planes)  # pad, plane layout
+        if self.check_values and check_value_range(self.planes):  # on the copy, in cache
+            self.planes.clamp_(0.0, 1.0)  # within the rounding tolerance: as if x were clamped
         torch.bmm(self.rows_forward, self.planes_by_row, out=self.scratch_by_row)  # along i
         torch.bmm(self.cols_forward, self.scratch_by_freq, out=self.planes_by_freq)  # along j, / Q
         self.planes.round_()  # round(DCT(255 x) / Q)
@@ -117,6 +122,7 @@ def quantize_and_read(
     operators: Optional[Operators] = None,
     workers: Optional[cpu_workers.CPUWorkers] = None,
     batched: Optional[bool] = None,
+    check_values: bool = False,
 ) -> torch.Tensor:
     """Step 1 of every image of ``x``, read back at chosen pixels:
     ``out[n, c, p, q] = S1(x)[n, c, rows[n, p], cols[n, q]]`` with
@@ -138,6 +144,10 @@ def quantize_and_read(
             depend on it.
         batched: ``True``: one step and one ``gather`` (the path off the CPU); ``False``:
             steps, image by image reads (the CPU path); ``None``: by the device.
+        check_values: check each step's copy of the input with
+            :func:`prepdefense.validation.check_value_range` (finite, in [0, 1] up to the
+            tolerance, clamped within it) while it is in cache, instead of a separate pass over
+            ``x``; a bad value raises ``ValueError``.
 
     Returns:
         A new tensor of the shape, dtype and device of ``x``.
@@ -161,21 +171,21 @@ def quantize_and_read(
         if batched is None:
             batched = work.device.type != "cpu"
         if batched:
-            _quantize_batched(work, operators, index, rows, cols, out)
+            _quantize_batched(work, operators, index, rows, cols, out, check_values)
         else:
-            _quantize_in_steps(work, operators, index, rows, cols, out, workers or cpu_workers.current())
+            _quantize_in_steps(work, operators, index, rows, cols, out, workers or cpu_workers.current(), check_values)
         return out.to(x.dtype)
 
 
-def _quantize_batched(work, operators, index, rows, cols, out) -> None:
+def _quantize_batched(work, operators, index, rows, cols, out, check_values: bool = False) -> None:
     """The whole batch as one step, then one gather."""
     n, c, h, w = work.shape
     planes, scratch = work.new_empty(2, n * c, index.numel()).unbind(0)
-    _Step(planes, scratch, _batch_operators(operators, n * c), index)(work.reshape(n * c, h * w))
+    _Step(planes, scratch, _batch_operators(operators, n * c), index, check_values)(work.reshape(n * c, h * w))
     pixels_from_planes(planes.view(n, c, BLOCK, BLOCK, -(-h // BLOCK), -(-w // BLOCK)), rows, cols, out)
 
 
-def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_workers.CPUWorkers) -> None:
+def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_workers.CPUWorkers, check_values: bool = False) -> None:
     """A few images per step (``workers.images_per_step``), steps spread over ``workers``;
     each worker makes its buffers once and runs a step as :class:`_Step`'s calls and two
     copies per image."""
@@ -191,12 +201,12 @@ def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_wor
         planes, scratch = work.new_empty(2, images * c, index.numel()).unbind(0)
         line = row_buffer(work, c, h, wb)
         batched = _batch_operators(operators, images * c)
-        full = _Step(planes, scratch, batched, index)
+        full = _Step(planes, scratch, batched, index, check_values)
         image_planes = [p.view(c, -1, wb) for p in planes.view(images, -1).unbind(0)]
 
         def run(lo: int, hi: int) -> None:
             m = hi - lo
-            (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index))(channels[lo // step])
+            (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index, check_values))(channels[lo // step])
             for k in range(m):
                 read_rows_then_columns(image_planes[k], runs[lo + k], columns[lo + k], line, outputs[lo + k])
 
