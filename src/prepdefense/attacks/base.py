@@ -33,7 +33,7 @@ from ..model_state import eval_mode
 from ..validation import check_images, check_labels, check_targets
 from .verdict import merge_histories
 
-__all__ = ["Attack", "AttackResult", "blocked_gradient", "check_attack_inputs", "eval_mode", "forward", "root_key"]
+__all__ = ["Attack", "AttackResult", "GradientStats", "blocked_gradient", "gradient_health", "check_attack_inputs", "eval_mode", "forward", "root_key"]
 
 
 @dataclass
@@ -106,6 +106,33 @@ def blocked_gradient(model: nn.Module) -> Optional[nn.Module]:
     if isinstance(model, Defended) and not getattr(model.defense, "differentiable", False):
         return model.defense
     return None
+
+
+def gradient_health(grad: torch.Tensor):
+    """Per-image masks ``(zero, nonfinite)`` of a gradient batch (N, ...): all exactly zero
+    (a shattered or masked gradient), or holding NaN/inf."""
+    flat = grad.detach().flatten(1)
+    nonfinite = ~torch.isfinite(flat).all(1)
+    return (flat.abs().amax(1) == 0) & ~nonfinite, nonfinite
+
+
+class GradientStats:
+    """Counts of the per-image gradients an attack got that were all zero or held NaN/inf,
+    reported as ``result.info["gradient_stats"]`` (so a silent failure shows in the result)."""
+
+    def __init__(self) -> None:
+        self.zero = self.nonfinite = self.evaluations = 0
+
+    def add(self, grad: torch.Tensor) -> torch.Tensor:
+        """Count a gradient batch; returns its per-image non-finite mask."""
+        zero, bad = gradient_health(grad)
+        self.zero += int(zero.sum())
+        self.nonfinite += int(bad.sum())
+        self.evaluations += int(grad.shape[0])
+        return bad
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"zero_gradients": self.zero, "nonfinite_gradients": self.nonfinite, "gradient_evaluations": self.evaluations}
 
 
 def _merge_info(parts: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Any]:

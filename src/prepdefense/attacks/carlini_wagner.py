@@ -35,7 +35,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, GradientStats
 from .losses import is_successful, margin_loss
 from .verdict import round_record
 
@@ -109,6 +109,7 @@ class CarliniWagnerL2(Attack):
         best_adv = x.clone()
         best_const = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
         history: List[Dict[str, Any]] = []
+        stats = GradientStats()
         check_every = max(10, math.ceil(self.steps / 10))
         iterations_run = []
 
@@ -123,12 +124,16 @@ class CarliniWagnerL2(Attack):
             for it in range(self.steps):
                 with torch.enable_grad():
                     x_new = (torch.tanh(w) + 1) / 2
+                    x_new.retain_grad()
                     logits = model(x_new)
                     l2sq = (x_new - x).flatten(1).pow(2).sum(dim=1)
                     adv_loss = margin_loss(logits, labels, targets, kappa=self.kappa)
                     loss = l2sq + c * adv_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.sum().backward()
+                # the adversarial term's share of the gradient (the distance term's is 2 (x' - x)):
+                # zero for every image when the model masks its gradient
+                stats.add((x_new.grad - 2 * (x_new - x)).detach()[active])
                 frozen = ~active
                 kept = w.detach()[frozen].clone() if frozen.any() else None
                 optimizer.step()
@@ -172,6 +177,7 @@ class CarliniWagnerL2(Attack):
             "l2_rms": (l2 / math.sqrt(x[0].numel())).cpu(),
             "const": best_const.cpu(),
             "iterations": iterations_run,
+            "gradient_stats": stats.as_dict(),
         }
         return AttackResult(adversarial=best_adv.detach(), success=success, history=history, info=info)
 

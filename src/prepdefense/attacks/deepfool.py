@@ -33,7 +33,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, GradientStats
 from .verdict import round_record
 
 __all__ = ["DeepFool"]
@@ -86,6 +86,7 @@ class DeepFool(Attack):
         active = logits0.argmax(dim=1) == labels
         iterations = torch.zeros(n, dtype=torch.long, device=dev)
         history: List[Dict[str, Any]] = []
+        stats = GradientStats()
 
         for it in range(self.steps + 1):
             idx = active.nonzero().squeeze(1)
@@ -114,6 +115,7 @@ class DeepFool(Attack):
             best = dist.argmin(dim=1)
             sel = torch.arange(idx.numel(), device=dev)
             w_l = w[sel, best]
+            stats.add(w_l)
             step = (dist[sel, best] + 1e-4) / w_norm[sel, best].clamp_min(1e-12)
             r_i = (step.view(-1, 1, 1, 1) * w_l).to(r_tot.dtype)  # a model may give logits in another dtype
             upd = idx[still]
@@ -130,6 +132,7 @@ class DeepFool(Attack):
             "iterations": iterations.cpu(),
             "l2": l2.cpu(),
             "l2_rms": (l2 / math.sqrt(x[0].numel())).cpu(),
+            "gradient_stats": stats.as_dict(),
         }
         return AttackResult(adversarial=x_adv.detach(), success=success, history=history, info=info)
 

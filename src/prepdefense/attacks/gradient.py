@@ -61,7 +61,7 @@ from .. import seeding
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from ._registry import register
-from .base import Attack, AttackResult, forward
+from .base import Attack, AttackResult, forward, gradient_health
 from .eot import EOT
 from .losses import LOSSES, is_successful, objective
 from .verdict import round_record
@@ -288,10 +288,9 @@ class GradientAttack(Attack):
             if last:
                 break
             (grad,) = torch.autograd.grad(obj.sum(), xa)
-            flat = grad.flatten(1)
-            bad = ~torch.isfinite(flat).all(1)
+            zero_now, bad = gradient_health(grad)
             nonfinite += bad.cpu().long()
-            zero += ((flat.abs().amax(1) == 0) & ~bad).cpu().long()
+            zero += zero_now.cpu().long()
             grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             if velocity is not None:
                 velocity = self.momentum * velocity + grad / _per_image_norm(grad, 1).clamp_min(1e-12)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, GradientStats
 from .losses import is_successful
 from .verdict import round_record
 
@@ -114,6 +114,7 @@ class LBFGS(Attack):
         best_adv = x.clone()
         history: List[Dict[str, Any]] = []
         evaluations: List[int] = []
+        stats = GradientStats()
 
         def objective_and_grad(flat: np.ndarray, c: torch.Tensor):
             xa = torch.from_numpy(flat).view(shape).to(device=dev, dtype=dtype).requires_grad_(True)
@@ -122,6 +123,7 @@ class LBFGS(Attack):
                 per_image = (xa - x).flatten(1).pow(2).sum(dim=1) + c * lbfgs_adversarial_loss(logits, labels, targets)
                 total = per_image.sum()
                 (grad,) = torch.autograd.grad(total, xa)
+            stats.add((grad - 2 * (xa - x)).detach())  # the adversarial term's share (the distance's is 2 (x' - x))
             return float(total.item()), grad.detach().double().cpu().numpy().ravel()
 
         for step in range(self.binary_search_steps):
@@ -158,6 +160,7 @@ class LBFGS(Attack):
             "l2_rms": l2 / math.sqrt(x[0].numel()),
             "const": torch.from_numpy(best_const),
             "function_evaluations": evaluations,
+            "gradient_stats": stats.as_dict(),
         }
         return AttackResult(adversarial=best_adv.detach(), success=success, history=history, info=info)
 

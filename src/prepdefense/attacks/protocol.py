@@ -47,7 +47,7 @@ from torch import nn
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, l2_rms
 from ._registry import register
-from .base import Attack, AttackResult, forward
+from .base import Attack, AttackResult, GradientStats, forward
 from .bpda import with_bpda
 from .eot import EOT
 from .verdict import merge_histories, round_record
@@ -115,11 +115,7 @@ class ProtocolBPDA(Attack):
             else:
                 ce = F.cross_entropy(forward(grad_model, x, key), goal, reduction="none")
             (grad,) = torch.autograd.grad(ce.sum(), x)
-        flat = grad.flatten(1)
-        bad = ~torch.isfinite(flat).all(1)
-        self._stats["nonfinite_gradients"] += int(bad.sum())
-        self._stats["zero_gradients"] += int(((flat.abs().amax(1) == 0) & ~bad).sum())
-        self._stats["gradient_evaluations"] += int(flat.shape[0])
+        self._stats.add(grad)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # counted above and reported
         # Targeted: descend CE to the target; untargeted: ascend CE of the label.
         return grad if targeted else -grad
@@ -128,7 +124,7 @@ class ProtocolBPDA(Attack):
         targeted = targets is not None
         goal = targets if targeted else labels
         grad_model = with_bpda(model, self.approx)
-        self._stats = {"zero_gradients": 0, "nonfinite_gradients": 0, "gradient_evaluations": 0}
+        self._stats = GradientStats()
         total_rounds = self.max_rounds if self.until_bound else self.rounds
         n = x.shape[0]
         x_adv = x.clone()
@@ -181,7 +177,7 @@ class ProtocolBPDA(Attack):
             "bound_round": bound_round.tolist(),
             "l2": l2_rms(x_adv, x).tolist(),
             "final_prediction": pred.tolist(),
-            "gradient_stats": dict(self._stats),
+            "gradient_stats": self._stats.as_dict(),
         }
         return AttackResult(adversarial=x_adv, success=success.cpu(), history=history, info=info)
 
