@@ -188,3 +188,37 @@ def test_eot_generic_model_without_defended_structure():
     assert not torch.allclose(per[0], per[1])  # draws differ
     p = EOT(m, 5, reduce="prob")(x, generator=seeding.make_generator(4))
     assert torch.allclose(p.exp().sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_expectation_gradient_in_chunks_equals_one_pass_and_bounds_the_calls():
+    """EOT's gradient computed a chunk of draws at a time (each graph freed after its backward)
+    equals the one-pass gradient, and no classifier call sees more than max(64, N) images
+    (issue 13, item 4: bounded memory for any number of draws)."""
+    from prepdefense.attacks.eot import EOT_CHUNK_IMAGES, expectation_gradient
+
+    sizes = []
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            sizes.append(x.shape[0])
+            return self.inner(x)
+
+    clf = Counting(_clf())
+    m = bpda_model(NoisyQuantize(), clf)
+    x = torch.rand(5, 3, 8, 8)
+    key = DrawKey(3, n=5)
+    ce = lambda z: F.cross_entropy(z.reshape(-1, 10), torch.zeros(z.shape[0] * 5, dtype=torch.long), reduction="none").view(z.shape[0], 5)  # noqa: E731
+    obj, grad, logits = expectation_gradient(m, x, key, 40, ce)
+    assert max(sizes) <= max(EOT_CHUNK_IMAGES, 5) and logits.shape == (40, 5, 10)
+    xr = x.clone().requires_grad_(True)
+    z = EOT(m, 40, reduce="none")(xr, generator=key)
+    (ref,) = torch.autograd.grad(ce(z).mean(0).sum(), xr)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(obj, ce(z).mean(0).detach(), rtol=1e-5, atol=1e-6)
+    sizes.clear()
+    expectation_gradient(m, x, key, 40, ce, chunk=3)
+    assert max(sizes) == 15

@@ -72,7 +72,8 @@ class AdaptiveAttack(GradientAttack):
         kappa: margin-loss confidence (20).
         draws: fresh draws for the verdict (R >= 10).
         approx: BPDA approximation (None: auto, see ``BPDA``).
-        chunk: EOT draws per classifier call (memory).
+        chunk: EOT draws per classifier call (None: at most 64 images per call; memory holds one
+            call's activations at a time).
         batch_size: images attacked together (None: all).
         random_start: start from a random point of the ball.
         progress: optional ``progress(done_steps, total_steps)`` callable.
@@ -110,25 +111,17 @@ class AdaptiveAttack(GradientAttack):
         if int(draws) < 1:
             raise ValueError("steps, eot and draws must be >= 1")
         super().__init__(norm=norm, eps=eps, steps=steps, rel_stepsize=step_fraction, random_start=random_start,
-                         loss=losses[0], kappa=kappa, eot=eot, batch_size=batch_size)
+                         loss=losses[0], kappa=kappa, eot=eot, batch_size=batch_size, chunk=chunk)
         self.losses = tuple(losses)
         self.restarts = int(restarts) if restarts is not None else len(self.losses)
         self.step_fraction = float(step_fraction)
         self.draws = int(draws)
         self.approx = approx
-        self.chunk = chunk
         self.progress = progress
 
     def step_length(self, t: int, alpha: float) -> float:
         """Cosine decay from ``alpha`` to 1% of it over the ``steps``."""
         return alpha * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / self.steps)))
-
-    def draw_logits(self, model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
-        from .eot import EOT
-
-        if getattr(model, "randomized", False):
-            return EOT(model, self.eot, chunk=self.chunk, reduce="none")(x, generator=key)
-        return model(x).unsqueeze(0)
 
     def steps_per_batch(self) -> int:
         return self.restarts * self.steps

@@ -31,7 +31,7 @@ the model once: the expectation of a constant is that constant.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +42,11 @@ from ..defenses.defended import Defended
 from ..draws import KeyLike, Params, as_key
 from ..validation import check_images
 
-__all__ = ["EOT", "REDUCTIONS"]
+__all__ = ["EOT", "REDUCTIONS", "EOT_CHUNK_IMAGES", "expectation_gradient"]
+
+#: Images per classifier call when an attack differentiates an expectation (:func:`expectation_gradient`):
+#: its memory holds the activations of at most ``max(EOT_CHUNK_IMAGES, N)`` images at a time.
+EOT_CHUNK_IMAGES = 64
 
 REDUCTIONS = ("logits", "prob", "none")
 
@@ -92,15 +96,16 @@ class EOT(nn.Module):
         """Per-draw logits, shape (n, N, K) (one draw, repeated, for a deterministic model)."""
         return self.apply_draws(x, self.sample_params(x, generator))
 
-    def apply_draws(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
-        """Per-draw logits (n, N, K) for given draws."""
+    def apply_draws(self, x: torch.Tensor, params: Optional[Params], draws: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Per-draw logits (len(draws), N, K) for given draws (default: all ``n``)."""
+        draws = list(range(self.n)) if draws is None else list(draws)
         if not self.randomized:
             z = self.model(x)
-            return z.unsqueeze(0).expand(self.n, *z.shape)
-        step = self.chunk or self.n
+            return z.unsqueeze(0).expand(len(draws), *z.shape)
+        step = self.chunk or len(draws)
         outs: List[torch.Tensor] = []
-        for start in range(0, self.n, step):
-            chunk = [params[str(i)] for i in range(start, min(start + step, self.n))]
+        for start in range(0, len(draws), step):
+            chunk = [params[str(i)] for i in draws[start : start + step]]
             if self.checkpoint and torch.is_grad_enabled() and x.requires_grad:
                 out = _checkpoint(self._chunk, x, chunk, use_reentrant=False)
             else:
@@ -136,3 +141,54 @@ class EOT(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, chunk={self.chunk}, reduce={self.reduce!r}"
+
+
+def expectation_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    key,
+    draws: int,
+    per_draw_objective: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk: Optional[int] = None,
+    need_grad: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """The mean over ``draws`` draws of a per-draw objective and its gradient w.r.t. ``x``
+    (Athalye et al.'s EOT), in chunks of draws whose graphs are freed after each backward.
+
+    Memory: one chunk's activations at a time, ``chunk`` draws of the N images (default:
+    ``max(1, EOT_CHUNK_IMAGES // N)`` draws, so at most ``max(EOT_CHUNK_IMAGES, N)`` images),
+    whatever ``draws``; the gradient is the same as from one pass over all draws (up to float
+    summation order). A deterministic model is run once.
+
+    Args:
+        model: a model with ``sample_params``/``apply`` when random (``Defended``, with BPDA).
+        x: (N, C, H, W) images.
+        key: the draws' key (draw ``i`` is the sub-stream ``("eot", i)``).
+        draws: number of draws ``R``.
+        per_draw_objective: maps per-draw logits (r, N, K) to objectives (r, N).
+        chunk: draws per classifier call (None: the default above).
+        need_grad: also return the gradient (False: objective and logits only).
+
+    Returns:
+        ``(objective (N,) mean over draws, gradient like x or None, logits (R, N, K) detached)``.
+    """
+    n = x.shape[0]
+    randomized = bool(getattr(model, "randomized", False))
+    r_total = int(draws) if randomized else 1
+    eot = EOT(model, r_total, reduce="none")
+    params = eot.sample_params(x, key) if randomized else None
+    per = int(chunk) if chunk else max(1, EOT_CHUNK_IMAGES // max(n, 1))
+    grad = None
+    objectives, logits = [], []
+    for start in range(0, r_total, per):
+        xa = x.detach().requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad):
+            z = eot.apply_draws(xa, params, range(start, min(start + per, r_total))) if randomized else model(xa).unsqueeze(0)
+            obj = per_draw_objective(z)
+        if need_grad:
+            (g,) = torch.autograd.grad(obj.sum() / r_total, xa)
+            grad = g if grad is None else grad + g
+        objectives.append(obj.detach())
+        logits.append(z.detach())
+    return torch.cat(objectives).mean(0), grad, torch.cat(logits)

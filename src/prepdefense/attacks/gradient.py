@@ -62,7 +62,7 @@ from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from ._registry import register
 from .base import Attack, AttackResult, forward, gradient_health
-from .eot import EOT
+from .eot import expectation_gradient
 from .losses import LOSSES, is_successful, objective
 from .verdict import round_record
 
@@ -127,6 +127,9 @@ class GradientAttack(Attack):
         keep_best: return each image's best successful iterate instead of the final one.
         record_history: record per-step accuracy and attack success rate.
         batch_size: images attacked together (None: all).
+        chunk: EOT draws per classifier call (None: ``max(1, 64 // N)``, so memory holds the
+            activations of at most ``max(64, N)`` images whatever ``eot``; see
+            :func:`~prepdefense.attacks.eot.expectation_gradient`).
     """
 
     HYPERPARAMETERS = ("norm", "eps", "steps", "step_size", "rel_stepsize", "random_start",
@@ -152,6 +155,7 @@ class GradientAttack(Attack):
         keep_best: bool = False,
         record_history: bool = False,
         batch_size: Optional[int] = None,
+        chunk: Optional[int] = None,
     ) -> None:
         norm = normalize_norm(norm)
         if eps is None:
@@ -181,6 +185,9 @@ class GradientAttack(Attack):
         self.keep_best = bool(keep_best)
         self.record_history = bool(record_history)
         self.batch_size = None if batch_size is None else int(batch_size)
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = None if chunk is None else int(chunk)
 
     # -- geometry -------------------------------------------------------------------------
     def radius(self, x: torch.Tensor) -> float:
@@ -241,12 +248,6 @@ class GradientAttack(Attack):
         return self.project(x + self.random_perturbation(x, radius, key), x, radius)
 
     # -- the loop ---------------------------------------------------------------------------
-    def draw_logits(self, model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
-        """Per-draw logits (R, N, K) of one step: ``eot`` draws on a random model, else one."""
-        if self.eot > 1 and getattr(model, "randomized", False):
-            return EOT(model, self.eot, reduce="none")(x, generator=key)
-        return forward(model, x, key).unsqueeze(0)
-
     def pgd(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey,
             *, loss: Optional[str] = None, tick=None) -> PGDRun:
         """One run of the shared loop from :meth:`random_start_point` (module docstring)."""
@@ -266,14 +267,16 @@ class GradientAttack(Attack):
         history: List[Dict[str, Any]] = []
         for t in range(self.steps + 1):
             last = t == self.steps
-            xa = x_adv.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                z = self.draw_logits(model, xa, key.child("step", t))  # (R, N, K)
+
+            def per_draw(z: torch.Tensor) -> torch.Tensor:
                 r = z.shape[0]
-                obj = objective(loss, z.reshape(r * n, -1), labels.repeat(r),
-                                None if targets is None else targets.repeat(r), kappa=self.kappa).view(r, n).mean(0)
+                return objective(loss, z.reshape(r * n, -1), labels.repeat(r),
+                                 None if targets is None else targets.repeat(r), kappa=self.kappa).view(r, n)
+
+            # the mean objective over the step's draws and its gradient, one chunk of draws at a time
+            _, grad, zd = expectation_gradient(model, x_adv, key.child("step", t), self.eot, per_draw,
+                                               chunk=self.chunk, need_grad=not last)
             with torch.no_grad():  # score the current iterate from the draws just computed
-                zd = z.detach()
                 pred = zd.argmax(2)  # (R, N)
                 hit = pred == targets if targeted else pred != labels
                 freq = hit.float().mean(0)
@@ -287,7 +290,6 @@ class GradientAttack(Attack):
                     history.append(round_record(t, zd[0].argmax(1), labels, targets))
             if last:
                 break
-            (grad,) = torch.autograd.grad(obj.sum(), xa)
             zero_now, bad = gradient_health(grad)
             nonfinite += bad.cpu().long()
             zero += zero_now.cpu().long()

@@ -49,7 +49,7 @@ from ..metrics import PAPER_L2_BOUND, l2_rms
 from ._registry import register
 from .base import Attack, AttackResult, GradientStats, forward
 from .bpda import with_bpda
-from .eot import EOT
+from .eot import expectation_gradient
 from .verdict import merge_histories, round_record
 
 __all__ = ["ProtocolBPDA", "merge_histories"]
@@ -106,15 +106,12 @@ class ProtocolBPDA(Attack):
         self.name = "bpda-eot" if self.eot > 1 else "bpda"
 
     def _gradient(self, grad_model: nn.Module, x: torch.Tensor, goal: torch.Tensor, targeted: bool, key: DrawKey) -> torch.Tensor:
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            if self.eot > 1 and getattr(grad_model, "randomized", False):
-                z = EOT(grad_model, self.eot, chunk=self.chunk, reduce="none")(x, generator=key)  # (n, N, K)
-                n = z.shape[0]
-                ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), goal.repeat(n), reduction="none").view(n, -1).mean(0)
-            else:
-                ce = F.cross_entropy(forward(grad_model, x, key), goal, reduction="none")
-            (grad,) = torch.autograd.grad(ce.sum(), x)
+        def per_draw_ce(z: torch.Tensor) -> torch.Tensor:  # (r, N, K) -> (r, N)
+            r = z.shape[0]
+            return F.cross_entropy(z.reshape(-1, z.shape[-1]), goal.repeat(r), reduction="none").view(r, -1)
+
+        # the gradient of the mean cross-entropy over the draws, one chunk of draws at a time
+        _, grad, _ = expectation_gradient(grad_model, x, key, self.eot, per_draw_ce, chunk=self.chunk)
         self._stats.add(grad)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # counted above and reported
         # Targeted: descend CE to the target; untargeted: ascend CE of the label.
