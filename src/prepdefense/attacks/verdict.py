@@ -31,6 +31,7 @@ from scipy import stats
 from torch import nn
 
 from ..draws import KeyLike, as_key
+from .eot import EOT_CHUNK_IMAGES
 
 __all__ = ["predictions_on_draws", "round_record", "wilson_interval", "bootstrap_interval", "judge_on_draws", "summarize", "evaluate_on_draws", "merge_histories", "VERDICT_STREAM"]
 
@@ -63,13 +64,18 @@ def bootstrap_interval(values: Sequence[float], *, seed: int = 0, resamples: int
 @torch.no_grad()
 def predictions_on_draws(model: nn.Module, x: torch.Tensor, *, draws: int, key: KeyLike) -> torch.Tensor:
     """Predicted classes under ``draws`` fresh draws of ``model``, (N, R) on the CPU; draw
-    ``r`` is ``key``'s sub-stream ``("verdict", r)``. A deterministic model runs once (R = 1)."""
+    ``r`` is ``key``'s sub-stream ``("verdict", r)``. A deterministic model runs once (R = 1).
+    The images go :data:`~prepdefense.attacks.eot.EOT_CHUNK_IMAGES` at a time (per-image draws
+    make the chunking invisible)."""
     verdict = as_key(key, x.shape[0]).child(VERDICT_STREAM)
-    if getattr(model, "randomized", False):
-        preds = [model(x, generator=verdict.child(i)).argmax(1) for i in range(int(draws))]
-    else:
-        preds = [model(x).argmax(1)]
-    return torch.stack(preds, dim=1).cpu()
+    randomized = bool(getattr(model, "randomized", False))
+    out = []
+    for start in range(0, x.shape[0], EOT_CHUNK_IMAGES):  # bounded memory: a chunk of images per call
+        rows = slice(start, min(start + EOT_CHUNK_IMAGES, x.shape[0]))
+        xs, ks = x[rows], verdict.select(rows)
+        preds = [model(xs, generator=ks.child(i)).argmax(1) for i in range(int(draws))] if randomized else [model(xs).argmax(1)]
+        out.append(torch.stack(preds, dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, int(draws) if randomized else 1, dtype=torch.long)
 
 
 @torch.no_grad()
