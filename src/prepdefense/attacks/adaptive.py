@@ -72,7 +72,7 @@ class AdaptiveAttack(GradientAttack):
         kappa: margin-loss confidence (20).
         draws: fresh draws for the verdict (R >= 10).
         approx: BPDA approximation (None: auto, see ``BPDA``).
-        chunk: EOT draws per classifier call (None: at most 64 images per call; memory holds one
+        chunk: EOT draws per classifier call (None: at most 16 images per call; memory holds one
             call's activations at a time).
         batch_size: images attacked together (None: all).
         random_start: start from a random point of the ball.

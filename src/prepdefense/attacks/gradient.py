@@ -127,8 +127,8 @@ class GradientAttack(Attack):
         keep_best: return each image's best successful iterate instead of the final one.
         record_history: record per-step accuracy and attack success rate.
         batch_size: images attacked together (None: all).
-        chunk: EOT draws per classifier call (None: ``max(1, 64 // N)``, so memory holds the
-            activations of at most ``max(64, N)`` images whatever ``eot``; see
+        chunk: EOT draws per classifier call (None: ``max(1, 16 // N)``, so memory holds the
+            activations of at most ``max(16, N)`` images whatever ``eot``; see
             :func:`~prepdefense.attacks.eot.expectation_gradient`).
     """
 
