@@ -158,3 +158,24 @@ def test_bad_shard_spec_is_a_one_line_usage_error(tmp_path, image_folder, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--shard" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_images_records_do_not_depend_on_its_image_shard(tmp_path, image_folder):
+    """Units key each image's draws by the image's own id (``RunContext.image_key``): the same
+    images in image shards of 1 or of 2 get the same draws, attacks and verdicts."""
+    ov = {**OVERRIDES, "table2_attacks": OVERRIDES["table2_attacks"][:1]}
+    only = ["table2", "table3", "fig4"]
+    _run(tmp_path / "by2", image_folder, only=only, overrides=ov)
+    _run(tmp_path / "by1", image_folder, only=only, overrides={**ov, "shard_size": 1})
+
+    def per_image(out):
+        st = ResultStore(out)
+        return {(e, r["defense"], r["attack"], r["variant"], r["image_id"]): {k: v for k, v in r.items() if k not in ("unit", "shard")}
+                for e in st.experiments() for r in st.records(e)}
+
+    a, b = per_image(tmp_path / "by2"), per_image(tmp_path / "by1")
+    assert a.keys() == b.keys() and {k[0] for k in a} == set(only) and len(a) >= 4 * 4
+    for k in a:
+        floats = {f for f, v in a[k].items() if isinstance(v, float)}  # l2, linf: batch-size rounding
+        assert {f: v for f, v in a[k].items() if f not in floats} == {f: v for f, v in b[k].items() if f not in floats}, k
+        assert {f: a[k][f] for f in floats} == pytest.approx({f: b[k][f] for f in floats}, rel=1e-5, abs=1e-6), k

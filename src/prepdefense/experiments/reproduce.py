@@ -10,8 +10,11 @@ strip (``sample_strip.py``) and writes the report, whose sections each experimen
 
 A unit whose piece is missing or raises is stored with status "error" and its message; the
 run goes on, the report says "not available: <reason>", and the next run tries it again.
-A unit's randomness comes only from ``unit_seed(seed, unit.id)``, so a unit gives the same
-records whichever process, machine or order computes it.
+A unit's randomness comes only from the run's seed and the unit's id (``unit_seed``); where a
+unit attacks or judges images, each image's draws come from a key over the run's seed, the
+unit's id without its image shard and the image's own id (``RunContext.image_key``), so a unit
+gives the same records whichever process, machine, shard (``--shard K/N``, ``sharding.py``)
+or order computes it.
 
 The experiments, one module each:
 
@@ -48,7 +51,7 @@ from ..errors import PrepDefenseError
 from . import registry
 from . import units as U
 from .components import resolve_device
-from .context import RunContext, Sample
+from .context import UNIT_DRAWS, RunContext, Sample
 from .experiment import Records
 from .metadata import collect_metadata, now_iso
 from ..draws import DRAW_SCHEME
@@ -151,7 +154,7 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
     # The draw scheme is part of what a run is: resuming under another scheme would mix draws.
     # A shard's store names its shard (an unsharded run's identity has no "shard" key).
     ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
-             "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME}
+             "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS}
     if shard is not None:
         ident["shard"] = shard.as_dict()
     return ident
