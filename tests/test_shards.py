@@ -179,3 +179,29 @@ def test_an_images_records_do_not_depend_on_its_image_shard(tmp_path, image_fold
         floats = {f for f, v in a[k].items() if isinstance(v, float)}  # l2, linf: batch-size rounding
         assert {f: v for f, v in a[k].items() if f not in floats} == {f: v for f, v in b[k].items() if f not in floats}, k
         assert {f: a[k][f] for f in floats} == pytest.approx({f: b[k][f] for f in floats}, rel=1e-5, abs=1e-6), k
+
+
+def test_cli_shards_and_merge(tmp_path, image_folder, capsys):
+    """The commands themselves: two `reproduce --shard` processes, then `merge`."""
+    from test_reproduce import _child
+
+    base = ["reproduce", "--data", str(image_folder), "--preset", "h7test", "--model", "h7-tiny", "--device", "cpu",
+            "--quiet", "--only", "table2,table3"]
+    for k in (1, 2):
+        proc = _child(tmp_path, 0.0, *base, "--out", str(tmp_path / f"s{k}"), "--shard", f"{k}/2")
+        log, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0 and f"shard {k}/2" in log, log
+    assert main(["merge", str(tmp_path / "merged"), str(tmp_path / "s1"), str(tmp_path / "s2")]) == 0
+    captured = capsys.readouterr()
+    assert "merged shards 1, 2 of 2" in captured.err and "report:" in captured.out
+    st = ResultStore(tmp_path / "merged")
+    # h7test: 4 image shards x (1 attack) for Table 2, 4 x (clean + attack) for Table 3.
+    assert len(st.units("table2", status="ok")) == 4 and len(st.units("table3", status="ok")) == 8
+    assert (tmp_path / "merged" / "report.md").is_file()
+    # Merging into a folder that holds another run, or into one of the shards, is refused in one line.
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--allow-missing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds another run" in err, err
+    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is also one of the shards" in err, err

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 from ..errors import PrepDefenseError
 from .report import write_report
 from .sample_strip import adversarial_candidates
-from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
+from .store import ConfigMismatchError, ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
 
 __all__ = ["MergeOutcome", "ShardMismatchError", "merge_shards"]
 
@@ -101,8 +101,8 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
 
     Raises:
         ShardMismatchError: a folder is not a shard, the shards come from different runs (one
-            line naming the first differences), or shards are missing and not ``allow_missing``.
-        ConfigMismatchError: ``out`` already holds another run.
+            line naming the first differences), shards are missing and not ``allow_missing``, or
+            ``out`` already holds another run.
         StoreLockedError: another process writes into ``out``.
     """
     stream = stream if stream is not None else sys.stderr
@@ -162,7 +162,13 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
         run_cfg = {k: v for k, v in cfgs[0].items() if k not in ("shard", "last_session", "sample_strip_error", "merged_from")}
         run_cfg["identity"] = first_base
         run_cfg["only"] = list(first_only) if first_only is not None else run_cfg.get("only")
-        store.check_or_write_config(run_cfg)
+        try:
+            store.check_or_write_config(run_cfg)
+        except ConfigMismatchError:
+            old = (store.read_config() or {}).get("identity", {})
+            raise ShardMismatchError(
+                f"{out} already holds another run ({_describe_diff(old, first_base)}); merge into a new folder"
+            ) from None
         store.update_config(merged_from=[{"folder": str(f.resolve()), "shard": f"{i}/{count}"} for f, i in zip(folders, indices)])
 
         # Units: the first finished copy of each, in the order the shards were given.
