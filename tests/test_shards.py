@@ -164,7 +164,7 @@ def test_an_images_records_do_not_depend_on_its_image_shard(tmp_path, image_fold
     """Units key each image's draws by the image's own id (``RunContext.image_key``): the same
     images in image shards of 1 or of 2 get the same draws, attacks and verdicts."""
     ov = {**OVERRIDES, "table2_attacks": OVERRIDES["table2_attacks"][:1]}
-    only = ["table2", "table3", "fig4"]
+    only = ["table1", "table2", "table3", "fig4"]
     _run(tmp_path / "by2", image_folder, only=only, overrides=ov)
     _run(tmp_path / "by1", image_folder, only=only, overrides={**ov, "shard_size": 1})
 
