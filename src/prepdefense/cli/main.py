@@ -19,6 +19,7 @@ from . import attack, demo, learn_table, predict, randomness, reproduce
 
 #: Sub-commands in the order ``--help`` lists them.
 _SUBCOMMANDS = (predict, demo, randomness, attack, learn_table, reproduce)
+from . import merge; _SUBCOMMANDS += (merge,)  # noqa: E402,E702 - `prepdefense merge` (issue 13)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,17 +2,19 @@
 
     prepdefense reproduce --data DIR --out DIR [--preset quick|paper|smoke] [--model NAME]
                           [--device D] [--seed S] [--fresh] [--quiet] [--only EXPERIMENTS]
-                          [--report-only]
+                          [--report-only] [--shard K/N]
 
 Writes ``DIR/report.md`` (every table with the paper's numbers beside ours), ``results/*.jsonl``,
 ``tables/*.csv``, ``figures/*.png``. Killed and started again with the same arguments, it
-resumes where it stopped; ``--fresh`` starts over.
+resumes where it stopped; ``--fresh`` starts over. ``--shard K/N`` runs only shard K of N of the
+planned units (numbered from 1) into its own ``--out``; ``prepdefense merge`` combines the shards.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import PrepDefenseError
 from ..experiments import registry
 from ..experiments import units as U
 from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
@@ -43,6 +45,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--only", default=None,
                    help=f"comma-separated experiments to run: {', '.join(registry.names())} (default: all)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the stored results")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (numbered from 1: 1/N .. N/N) of the planned units, each into its own --out; "
+                        "whole units are split, balanced by estimated cost, the same way in every shard; then "
+                        "'prepdefense merge OUT SHARD_OUT...' combines them into records equal to an unsharded run's")
     p.set_defaults(func=run)
 
 
@@ -60,6 +66,14 @@ def run(args) -> int:
     if args.fresh and args.report_only:
         raise UsageError("--fresh deletes the stored results that --report-only would report; use one of them")
     check_out_folder(args.out)
+    shard = None
+    if args.shard is not None:
+        from ..experiments.sharding import parse_shard
+
+        try:
+            shard = parse_shard(args.shard)
+        except PrepDefenseError as e:
+            raise UsageError(str(e)) from None
     if args.report_only and not (Path(args.out).expanduser() / "run.json").is_file():
         raise UsageError(f"--report-only: {args.out} holds no run to report (no run.json); run without --report-only first")
     check_seed(args.seed)
@@ -78,11 +92,11 @@ def run(args) -> int:
     cfg = ReproduceConfig(
         out=Path(args.out), data=data, preset=args.preset, model=args.model, weights=args.weights,
         device=args.device, seed=args.seed, fresh=args.fresh, quiet=args.quiet, only=only,
-        report_only=args.report_only,
+        report_only=args.report_only, shard=shard,
     )
     with one_line_skip_warnings():
         outcome = reproduce(cfg)
-    print(f"report: {outcome.report}")
+    print(f"report: {outcome.report}" + (f" (shard {shard} only; combine the shards with 'prepdefense merge')" if shard else ""))
     if outcome.failed:
         print(f"{outcome.failed} unit(s) failed; the report says which and why (run again to retry them)")
     return 0

@@ -18,14 +18,19 @@ import torch
 from torch import nn
 
 from ..attacks.verdict import predictions_on_draws
-from ..draws import KeyLike
+from ..draws import DrawKey, KeyLike, image_id
 from .. import seeding
 from ..errors import PrepDefenseError
 from ..metrics import l2_rms, linf
 from . import units as U
 from .store import ResultStore
 
-__all__ = ["Sample", "RunContext", "slug", "predict_draws", "image_records", "make_attack", "with_progress"]
+#: How the units key their images' draws (recorded in a run's identity: resuming a run stored
+#: under another keying would mix draws). ``unit-stream+image-id-v1``: seed from the run's seed
+#: and the unit's id without its image shard (``Unit.stream``), one key per image id.
+UNIT_DRAWS = "unit-stream+image-id-v1"
+
+__all__ = ["UNIT_DRAWS", "Sample", "RunContext", "slug", "predict_draws", "image_records", "make_attack", "with_progress"]
 
 
 class Sample:
@@ -65,6 +70,14 @@ class RunContext:
     def generator(self, unit_id: str, purpose: str = "") -> torch.Generator:
         """A CPU generator from the run's seed, the unit's id and a purpose tag."""
         return seeding.make_generator(U.unit_seed(self.seed, unit_id + ("#" + purpose if purpose else "")))
+
+    def image_key(self, unit: U.Unit, ids: Sequence[str], purpose: str = "") -> DrawKey:
+        """The draw key of ``unit``'s images ``ids`` (their names): image ``i``'s draws depend
+        only on the run's seed, the unit's stream (its id without the image shard) and the
+        image's own id (``draws.image_id``), never on the shard or the other images of the
+        batch. Pass it as an attack's or a judge's ``generator``."""
+        tag = unit.stream + ("#" + purpose if purpose else "")
+        return DrawKey(U.unit_seed(self.seed, tag), [image_id(i) for i in ids])
 
     # -- images --------------------------------------------------------------------------------
     def shard(self, shard: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:

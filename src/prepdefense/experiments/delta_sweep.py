@@ -34,7 +34,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
     x, labels, targets, ids = ctx.shard(unit.shard)
     xa = inputs_for(ctx, unit.attack, unit.shard)
     model = ctx.defended(unit.defense, delta=delta)
-    preds = predict_draws(model, xa, draws=ctx.preset.eval_draws, generator=ctx.generator(unit.id))
+    preds = predict_draws(model, xa, draws=ctx.preset.eval_draws, generator=ctx.image_key(unit, ids))
     return image_records(ids, labels, targets, preds, x=x, adv=xa), {"draws": int(preds.shape[0]), "delta": delta}
 
 

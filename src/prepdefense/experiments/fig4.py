@@ -54,11 +54,11 @@ def protocol_attack(ctx: RunContext, unit: Unit, *, rounds: int, max_rounds: int
     attack = make_attack(name, **with_progress(params, name, ctx.progress_hook))
     x, labels, targets, ids = ctx.shard(unit.shard)
     model = ctx.defended(unit.defense)
-    res = attack(model, x, labels=labels, targets=targets, generator=ctx.generator(unit.id))
+    res = attack(model, x, labels=labels, targets=targets, generator=ctx.image_key(unit, ids))
     adv = res.adversarial.detach()
     info = res.info or {}
     # Fresh draws of the final images (the protocol's own curve uses one judged draw each).
-    preds = predict_draws(model, adv, draws=ctx.preset.eval_draws, generator=ctx.generator(unit.id, "verdict"))
+    preds = predict_draws(model, adv, draws=ctx.preset.eval_draws, generator=ctx.image_key(unit, ids, "verdict"))
     extra = {}
     for key in ("stop_round", "stop_reason", "bound_round", "final_prediction"):
         if isinstance(info.get(key), list) and len(info[key]) == len(ids):

@@ -10,8 +10,11 @@ strip (``sample_strip.py``) and writes the report, whose sections each experimen
 
 A unit whose piece is missing or raises is stored with status "error" and its message; the
 run goes on, the report says "not available: <reason>", and the next run tries it again.
-A unit's randomness comes only from ``unit_seed(seed, unit.id)``, so a unit gives the same
-records whichever process, machine or order computes it.
+A unit's randomness comes only from the run's seed and the unit's id (``unit_seed``); where a
+unit attacks or judges images, each image's draws come from a key over the run's seed, the
+unit's id without its image shard and the image's own id (``RunContext.image_key``), so a unit
+gives the same records whichever process, machine, shard (``--shard K/N``, ``sharding.py``)
+or order computes it.
 
 The experiments, one module each:
 
@@ -48,13 +51,14 @@ from ..errors import PrepDefenseError
 from . import registry
 from . import units as U
 from .components import resolve_device
-from .context import RunContext, Sample
+from .context import UNIT_DRAWS, RunContext, Sample
 from .experiment import Records
 from .metadata import collect_metadata, now_iso
 from ..draws import DRAW_SCHEME
 from .progress import Progress
 from .report import write_report
 from .sample_strip import sample_strip_figure
+from .sharding import ShardSpec, parse_shard, select
 from .store import ResultStore
 from .units import Preset, Unit
 
@@ -80,6 +84,9 @@ class ReproduceConfig:
         only: experiments to run (``registry.names()``; None = all).
         overrides: preset fields to replace (part of the run's identity).
         report_only: only (re)write the report from the stored units.
+        shard: run only this shard of the planned units (``sharding.py``; 1-based ``"K/N"``
+            or a :class:`~prepdefense.experiments.sharding.ShardSpec`); part of the run's
+            identity, so a shard's store refuses another shard. ``merge.py`` combines them.
     """
 
     out: Path
@@ -94,6 +101,7 @@ class ReproduceConfig:
     only: Optional[Sequence[str]] = None
     overrides: Dict[str, Any] = field(default_factory=dict)
     report_only: bool = False
+    shard: Optional[Any] = None
 
 
 @dataclass
@@ -142,10 +150,22 @@ def run_unit(ctx: RunContext, unit: Unit) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def _identity(config: ReproduceConfig, preset: Preset, data_id: str) -> Dict[str, Any]:
+def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Optional[ShardSpec] = None) -> Dict[str, Any]:
     # The draw scheme is part of what a run is: resuming under another scheme would mix draws.
-    return {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
-            "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME}
+    # A shard's store names its shard (an unsharded run's identity has no "shard" key).
+    ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
+             "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS}
+    if shard is not None:
+        ident["shard"] = shard.as_dict()
+    return ident
+
+
+def _shard_spec(shard: Any) -> Optional[ShardSpec]:
+    if shard is None or isinstance(shard, ShardSpec):
+        return shard
+    if isinstance(shard, (tuple, list)) and len(shard) == 2:
+        return ShardSpec(int(shard[0]), int(shard[1]))
+    return parse_shard(str(shard))
 
 
 def _data_id(data: Any) -> str:
@@ -173,6 +193,15 @@ def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: Any, n
     return Sample(s.x.cpu(), s.labels.cpu(), s.targets.cpu(), s.ids, info)
 
 
+def _shard_plan(plan: Sequence[Unit], shard: Optional[ShardSpec], store: ResultStore, only: Sequence[str]) -> list:
+    """``plan`` itself, or shard ``shard``'s part of it (recorded in ``run.json`` for ``merge``)."""
+    if shard is None:
+        return list(plan)
+    mine = select(plan, shard)
+    store.update_config(shard={**shard.as_dict(), "only": list(only), "planned_units": len(plan), "units": [u.id for u in mine]})
+    return mine
+
+
 def reproduce(
     config: ReproduceConfig,
     *,
@@ -198,6 +227,7 @@ def reproduce(
     started = now_iso()
     preset = U.get_preset(config.preset).with_overrides(**config.overrides) if config.overrides else U.get_preset(config.preset)
     experiments = registry.parse_only(config.only)
+    shard = _shard_spec(config.shard)
     device = resolve_device(config.device)
     store = ResultStore(Path(config.out))
     store.lock()
@@ -211,7 +241,7 @@ def reproduce(
             data_id = f"given images sha256:{_tensor_digest(x, ids)}"
         else:
             data_id = _data_id(config.data)
-        identity = _identity(config, preset, data_id)
+        identity = _identity(config, preset, data_id, shard)
         run_cfg = {
             "identity": identity,
             "device": str(device),
@@ -220,7 +250,7 @@ def reproduce(
             "metadata": collect_metadata(device),
         }
         resumed = store.check_or_write_config(run_cfg)
-        plan = registry.plan(preset, experiments)
+        plan = _shard_plan(registry.plan(preset, experiments), shard, store, experiments)
 
         if config.report_only:
             report = write_report(store)
@@ -245,7 +275,7 @@ def reproduce(
             sample = Sample(x[:n].cpu(), labels[:n].cpu(), targets[:n].cpu(), list(ids)[:n], {"source": "given images"})
             if preset.n_images != n:
                 preset = preset.with_overrides(n_images=n)
-                plan = registry.plan(preset, experiments)
+                plan = _shard_plan(registry.plan(preset, experiments), shard, store, experiments)
             data_source = None
         else:
             sample = _load_or_draw_sample(store, classifier, config.data, preset.n_images, config.seed, device)
@@ -258,7 +288,8 @@ def reproduce(
         already = len(plan) - len(todo)
         progress = Progress(sum(u.cost for u in todo), len(todo), quiet=config.quiet, stream=stream)
         progress.log(
-            f"{'resuming' if resumed else 'starting'} {preset.name} run in {config.out}: {len(plan)} units planned, "
+            f"{'resuming' if resumed else 'starting'} {preset.name} run in {config.out}"
+            + (f" (shard {shard} of the units)" if shard else "") + f": {len(plan)} units planned, "
             f"{already} already done, {len(todo)} to run on {device}"
         )
         ctx.progress_hook = progress.unit_fraction

@@ -7,7 +7,7 @@ adversarial examples of our defense that some experiment cached), drawn by ``plo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from .context import RunContext
 from .plots import image_rows_figure
 from .units import OUR_DEFENSE, unit_seed
 
-__all__ = ["find_adversarial", "sample_strip_figure"]
+__all__ = ["adversarial_candidates", "find_adversarial", "sample_strip_figure"]
 
 
 def _class_name(i: int) -> str:
@@ -29,9 +29,10 @@ def _class_name(i: int) -> str:
         return str(int(i))
 
 
-def find_adversarial(ctx: RunContext) -> Tuple[Optional[torch.Tensor], str]:
-    """The first cached adversarial batch of shard 0 for our defense (strongest attack first)."""
-    candidates = [
+def adversarial_candidates() -> List[Tuple[str, str]]:
+    """(cache entry, what it holds) of the strip's adversarial images, strongest attack first
+    (``merge`` reads it to take the strip of the shard that holds the first entry)."""
+    return [
         (strong.adversarial_cache_name(OUR_DEFENSE, "l2", 0), "strong adaptive attack (L2 RMS 0.05)"),
         (strong.adversarial_cache_name(OUR_DEFENSE, "linf", 0), "strong adaptive attack (Linf 8/255)"),
         (fig4.adversarial_cache_name("bpda-eot", OUR_DEFENSE, 0), "BPDA+EOT (paper protocol)"),
@@ -39,6 +40,11 @@ def find_adversarial(ctx: RunContext) -> Tuple[Optional[torch.Tensor], str]:
         (standard_attacks.adversarial_cache_name("C&W", 0), "C&W on the bare model"),
         (standard_attacks.adversarial_cache_name("PGD-50", 0), "PGD-50 on the bare model"),
     ]
+
+
+def find_adversarial(ctx: RunContext) -> Tuple[Optional[torch.Tensor], str]:
+    """The first cached adversarial batch of shard 0 for our defense (strongest attack first)."""
+    candidates = adversarial_candidates()
     for name, what in candidates:
         entry = ctx.store.load_tensors(name)
         if entry is not None and "adversarial" in entry:

@@ -45,8 +45,9 @@ def adversarial_cache_name(label: str, shard: int) -> str:
 def standard_adversarial(ctx: RunContext, label: str, shard: int) -> Dict[str, Any]:
     """The Table 2 adversarial examples of attack ``label`` on ``shard`` (computed once, cached).
 
-    The cache entry is written atomically; the attack's generator depends only on the
-    Table 2 unit id, so whichever unit computes it first gets the same tensors.
+    The cache entry is written atomically; the attack's draws depend only on the run's seed,
+    the Table 2 unit's stream and each image's id (``RunContext.image_key``), so whichever unit
+    computes it first gets the same tensors.
     """
     name = adversarial_cache_name(label, shard)
     cached = ctx.store.load_tensors(name)
@@ -55,9 +56,9 @@ def standard_adversarial(ctx: RunContext, label: str, shard: int) -> Dict[str, A
     spec = ctx.preset.attack_spec(label)
     x, labels, targets, ids = ctx.shard(shard)
     attack = make_attack(spec.name, **spec.kwargs)
-    table2_id = Unit("table2", "none", label, shard).id
+    table2_unit = Unit("table2", "none", label, shard)
     t0 = time.perf_counter()
-    res = attack(ctx.classifier, x, labels=labels, targets=targets if spec.targeted else None, generator=ctx.generator(table2_id))
+    res = attack(ctx.classifier, x, labels=labels, targets=targets if spec.targeted else None, generator=ctx.image_key(table2_unit, ids))
     entry = {
         "adversarial": res.adversarial.detach().cpu(),
         "success": res.success.detach().cpu(),
@@ -76,7 +77,7 @@ def run_table2(ctx: RunContext, unit: Unit) -> Records:
     entry = standard_adversarial(ctx, unit.attack, unit.shard)
     x, labels, targets, ids = ctx.shard(unit.shard)
     adv = entry["adversarial"].to(ctx.device)
-    preds = predict_draws(ctx.classifier, adv, draws=1, generator=ctx.generator(unit.id))
+    preds = predict_draws(ctx.classifier, adv, draws=1, generator=ctx.image_key(unit, ids))
     recs = image_records(ids, labels, targets, preds, x=x, adv=adv, extra={"attack_success": [bool(s) for s in entry["success"]]})
     spec = ctx.preset.attack_spec(unit.attack)
     return recs, {"attack": entry["attack"], "params": spec.kwargs, "targeted": spec.targeted, "attack_seconds": entry["seconds"]}
@@ -95,7 +96,7 @@ def run_table3(ctx: RunContext, unit: Unit) -> Records:
     x, labels, targets, ids = ctx.shard(unit.shard)
     xa = inputs_for(ctx, unit.attack, unit.shard)
     model = ctx.defended(unit.defense)
-    preds = predict_draws(model, xa, draws=ctx.preset.eval_draws, generator=ctx.generator(unit.id))
+    preds = predict_draws(model, xa, draws=ctx.preset.eval_draws, generator=ctx.image_key(unit, ids))
     return image_records(ids, labels, targets, preds, x=x, adv=xa), {"draws": int(preds.shape[0])}
 
 

@@ -25,7 +25,8 @@ The design that gives this without a database:
   releases it when a process dies, even by SIGKILL).
 
 Everything is plain JSON so that the units of one run can be produced on many machines
-and merged by copying their ``units/`` folders together.
+(``reproduce --shard K/N``, ``sharding.py``) and merged by copying their ``units/`` folders
+together (``prepdefense merge``, ``merge.py``, which also checks that they are one run's).
 """
 
 from __future__ import annotations

@@ -73,13 +73,13 @@ def run(ctx: RunContext, unit: Unit) -> Records:
                             n=len(ids), gradient_draws=max(2, ctx.preset.adaptive_eot * 2))
         return [], {"diagnostics": to_jsonable(d), "text": format_diagnostics(d), "params": params}
     attack = make_attack("adaptive", **with_progress(params, "adaptive", ctx.progress_hook))
-    res = attack(model, x, labels=labels, targets=None, generator=ctx.generator(unit.id))
+    res = attack(model, x, labels=labels, targets=None, generator=ctx.image_key(unit, ids))
     adv = res.adversarial.detach()
     info = res.info or {}
     frac = info.get("per_image_correct_fraction")
     if frac is None or len(frac) != len(ids):
         # The attack did not judge on fresh draws itself: do it here.
-        preds = predict_draws(model, adv, draws=ctx.preset.adaptive_draws, generator=ctx.generator(unit.id, "verdict"))
+        preds = predict_draws(model, adv, draws=ctx.preset.adaptive_draws, generator=ctx.image_key(unit, ids, "verdict"))
         frac = (preds == labels.cpu()).float().mean(0).tolist()
         draws = int(preds.shape[0])
     else:

@@ -45,10 +45,12 @@ def run(ctx: RunContext, unit: Unit) -> Records:
     sl = shard_slice(unit.shard, ctx.preset.shard_size, len(idx_all))
     x, labels, ids = ctx.load_indices(idx_all[sl])
     defense = ctx.defense(unit.defense)
-    g = ctx.generator(unit.id)
     records = []
     for i, image_id in enumerate(ids):
-        # One image per call so that every record carries its own l2 / SSIM / correctness.
+        # One image per call so that every record carries its own l2 / SSIM / correctness, with
+        # a generator of its own (the run's seed, the unit without its shard, the image's id):
+        # an image's draws do not depend on the shard or on the images before it.
+        g = seeding.make_generator(unit_seed(ctx.seed, f"{unit.stream}#image={image_id}"))
         m = measure_randomness(defense, ctx.classifier, [(x[i : i + 1], labels[i : i + 1])], g, device=ctx.device)
         records.append({"image_id": image_id, "label": int(labels[i]), "l2": m["l2"], "ssim": m["ssim"], "correct": bool(m["accuracy"] == 1.0)})
         ctx.progress_hook((i + 1) / len(ids))

@@ -311,6 +311,13 @@ class Unit:
         return "/".join(parts)
 
     @property
+    def stream(self) -> str:
+        """The unit's id without its image shard: the seed of its per-image draw keys
+        (``RunContext.image_key``), so an image's draws do not depend on which shard holds it."""
+        parts = [self.experiment, self.defense, self.attack] + ([self.variant] if self.variant else [])
+        return "/".join(parts)
+
+    @property
     def key(self) -> Dict[str, Any]:
         return {"defense": self.defense, "attack": self.attack, "variant": self.variant, "shard": self.shard}
 
