@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import ModelUnavailableError
 
-__all__ = ["Normalize", "PREFIXES", "is_user_spec", "check_user_spec", "create_user_model", "declare"]
+__all__ = ["Normalize", "TorchScriptModel", "PREFIXES", "is_user_spec", "check_user_spec", "create_user_model", "declare"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +80,26 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class TorchScriptModel(nn.Module):
+    """A loaded TorchScript module inside a plain ``nn.Module``, so that hooks (the pass
+    counters of ``attack``), attributes and ``.to()`` work as for any model; the scripted
+    module's own ``input_size`` and ``num_classes`` attributes are kept when it has them.
+
+    Shape: whatever the scripted module maps, (N, 3, H, W) -> (N, K).
+    """
+
+    def __init__(self, scripted: nn.Module) -> None:
+        super().__init__()
+        self.scripted = scripted
+        for attr in ("input_size", "num_classes"):
+            value = getattr(scripted, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, attr, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scripted(x)
 
 
 def is_user_spec(name: str) -> bool:
@@ -139,7 +159,7 @@ def _load_torchscript(path: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated in new torch
         try:
-            return torch.jit.load(os.path.expanduser(path), map_location="cpu")
+            return TorchScriptModel(torch.jit.load(os.path.expanduser(path), map_location="cpu"))
         except (RuntimeError, ValueError, OSError) as e:
             raise ModelUnavailableError(f"cannot load TorchScript file {path} ({_first_line(e)})") from None
 
@@ -160,13 +180,13 @@ def _from_callable(spec: str, weights: Optional[str]) -> nn.Module:
     head, tail = _split(spec)
     obj = _resolve(head, tail, spec)
     if isinstance(obj, nn.Module):
-        return obj
+        return TorchScriptModel(obj) if isinstance(obj, torch.jit.ScriptModule) else obj
     if not callable(obj):
         raise ModelUnavailableError(f"{spec} is a {type(obj).__name__}, not a callable returning an nn.Module")
     model = obj(weights=weights) if weights else obj()
     if not isinstance(model, nn.Module):
         raise ModelUnavailableError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
-    return model
+    return TorchScriptModel(model) if isinstance(model, torch.jit.ScriptModule) else model
 
 
 def _load_state(net: nn.Module, weights: str, spec: str) -> None:
