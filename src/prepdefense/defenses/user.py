@@ -18,12 +18,12 @@ win over entry points of the same name.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 from typing import Any, Dict, List
 
 from torch import nn
 
+from .. import user_code
 from .base import Defense, as_defense
 
 __all__ = ["ENTRY_POINT_GROUP", "is_user_spec", "entry_point_names", "create_user_defense", "UserDefenseError"]
@@ -72,15 +72,12 @@ def _resolve(spec: str) -> Any:
     if not head or not tail or not all(p.isidentifier() for p in head.split(".") + tail.split(".")):
         raise UserDefenseError(f"bad defense spec {spec!r}: use package.module:Class")
     try:
-        obj: Any = importlib.import_module(head)
+        return user_code.resolve(spec)
     except ImportError as e:
         raise UserDefenseError(f"cannot import {head!r} for defense {spec} ({_first_line(e)}); "
-                               "is it installed or on PYTHONPATH?") from None
-    for attr in tail.split("."):
-        if not hasattr(obj, attr):
-            raise UserDefenseError(f"module {head!r} has no {tail!r} (defense {spec})")
-        obj = getattr(obj, attr)
-    return obj
+                               "is it installed, on PYTHONPATH or in the working folder?") from None
+    except AttributeError:
+        raise UserDefenseError(f"module {head!r} has no {tail!r} (defense {spec})") from None
 
 
 def create_user_defense(name: str) -> Defense:

@@ -26,7 +26,6 @@ optional extras; without them the error names the extra to install.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import pickle
@@ -37,6 +36,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import user_code
 from ..errors import ModelUnavailableError
 
 __all__ = ["Normalize", "TorchScriptModel", "PREFIXES", "is_user_spec", "check_user_spec", "create_user_model", "declare"]
@@ -143,11 +143,7 @@ def check_user_spec(spec: str, weights: Optional[str] = None) -> None:
         raise ModelUnavailableError(
             f"bad model spec {spec!r}: use torchscript:PATH, torchvision:ARCH, timm:ARCH or "
             "package.module:callable (a callable returning an nn.Module)")
-    try:
-        found = importlib.util.find_spec(head)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
+    if not user_code.find_module(head):
         raise ModelUnavailableError(f"module {head!r} of --model {spec} not found; is it installed or on PYTHONPATH?")
 
 
@@ -166,14 +162,11 @@ def _load_torchscript(path: str) -> nn.Module:
 
 def _resolve(head: str, tail: str, spec: str) -> Any:
     try:
-        obj: Any = importlib.import_module(head)
+        return user_code.resolve(spec)
     except ImportError as e:
         raise ModelUnavailableError(f"cannot import {head!r} for --model {spec} ({_first_line(e)})") from None
-    for attr in tail.split("."):
-        if not hasattr(obj, attr):
-            raise ModelUnavailableError(f"{head!r} has no {tail!r} (--model {spec})")
-        obj = getattr(obj, attr)
-    return obj
+    except AttributeError as e:
+        raise ModelUnavailableError(f"{e} (--model {spec})") from None
 
 
 def _from_callable(spec: str, weights: Optional[str]) -> nn.Module:
