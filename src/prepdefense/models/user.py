@@ -244,7 +244,7 @@ def declare(model: nn.Module, *, input_size: Optional[int] = None, num_classes: 
         raise ModelUnavailableError(f"{name}: input size must be at least 1, got {side}")
     declared = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     model.input_size = side
-    if probe:
+    if probe or declared is None:  # an undeclared number of classes is read from the probe
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -264,8 +264,6 @@ def declare(model: nn.Module, *, input_size: Optional[int] = None, num_classes: 
             raise ModelUnavailableError(f"{name} declares {int(declared)} classes but returns {k} logits; "
                                         "fix --num-classes (num_classes)")
         declared = k
-    if declared is None:
-        raise ModelUnavailableError(f"{name} declares no number of classes: pass --num-classes K")
     if int(declared) < 2:
         raise ModelUnavailableError(f"{name} has {int(declared)} class(es); a classifier needs at least 2")
     model.num_classes = int(declared)
