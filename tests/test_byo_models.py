@@ -167,3 +167,85 @@ def test_torchvision_and_timm_without_their_extra_name_it_in_one_line(monkeypatc
 def test_model_flag_errors_are_one_line_before_loading(capsys, argv, message):
     code, _, err = cli(capsys, "predict", *argv, "--device", "cpu")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+FAKE_TORCHVISION = '''
+import torch
+from torch import nn
+
+
+def get_model(name, weights=None, num_classes=1000):
+    assert weights is None, "nothing may download"
+    if name != "tiny":
+        raise ValueError(f"Unknown model {name}")
+    torch_gen = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch_gen))
+    return net
+'''
+
+FAKE_TIMM = '''
+from torchvision.models import get_model
+
+
+def create_model(name, pretrained=False, num_classes=1000):
+    assert not pretrained, "nothing may download"
+    net = get_model(name, num_classes=num_classes)
+    net.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_size": (3, 48, 48)}
+    return net
+'''
+
+
+@pytest.fixture
+def fake_extras(tmp_path, monkeypatch):
+    """Stand-ins for torchvision and timm (not installed here): the same entry points, tiny nets."""
+    (tmp_path / "torchvision" / "models").mkdir(parents=True)
+    (tmp_path / "torchvision" / "__init__.py").write_text("")
+    (tmp_path / "torchvision" / "models" / "__init__.py").write_text(FAKE_TORCHVISION)
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text(FAKE_TIMM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forget("torchvision", "torchvision.models", "timm")
+    import torchvision.models as tvm
+
+    net = tvm.get_model("tiny", num_classes=10)
+    weights = tmp_path / "tiny.pth"
+    torch.save(net.state_dict(), weights)
+    yield net, weights
+    forget("torchvision", "torchvision.models", "timm")
+
+
+def test_torchvision_and_timm_architectures_load_a_local_state_dict(fake_extras):
+    net, weights = fake_extras
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    tv = models.create("torchvision:tiny", weights=str(weights), num_classes=10)
+    assert isinstance(tv, Normalize) and (tv.input_size, tv.num_classes) == (224, 10)
+    imagenet_mean, imagenet_std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), net((x - imagenet_mean) / imagenet_std))
+    tm = models.create("timm:tiny", weights=str(weights), num_classes=10)  # timm: the model's own cfg
+    assert (tm.input_size, tm.num_classes) == (48, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), net((x - 0.5) / 0.25))
+    own = models.create("timm:tiny", weights=str(weights), num_classes=10, mean=(0.0,), std=(1.0,), input_size=40)
+    assert own.input_size == 40
+    with torch.no_grad():
+        torch.testing.assert_close(own(x), net(x))
+    with pytest.raises(ModelUnavailableError, match="needs a local weights file"):
+        models.create("torchvision:tiny")
+    with pytest.raises(ModelUnavailableError, match="not a compatible state dict"):
+        models.create("torchvision:tiny", weights=str(weights))  # 1000 classes: the state dict has 10
+    with pytest.raises(ModelUnavailableError, match="no architecture 'nope'"):
+        models.create("torchvision:nope", weights=str(weights))
+
+
+def test_timm_model_through_predict(fake_extras, tmp_path, capsys):
+    _, weights = fake_extras
+    folder = tmp_path / "images"
+    noise_images(folder, 4, side=60)
+    label_by_model(folder, models.create("timm:tiny", weights=str(weights), num_classes=10))
+    got = cli_json(capsys, "predict", "--model", "timm:tiny", "--weights", str(weights), "--num-classes", "10",
+                   "--data", str(folder), "--device", "cpu")
+    assert got["accuracy"] == 1.0 and got["n"] == 4
