@@ -3,7 +3,6 @@ in ``+`` chains, through ``predict`` and ``attack``; the defense contract and ``
 
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 import torch

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from byo_helpers import forget, label_by_model, noise_images  # noqa: E402

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..draws import DrawKey, image_id
-from .base import Defense, as_defense
+from .base import as_defense
 
 __all__ = ["Check", "ContractReport", "check_contract", "contract_images", "BATCH_ATOL"]
 
