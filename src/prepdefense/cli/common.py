@@ -61,7 +61,7 @@ def add_common_data_args(p, *, default_limit: Optional[int] = None) -> None:
 
 MODEL_HELP = ("classifier: a built-in name (default: efficientnet-lite0), torchscript:PATH, package.module:callable "
               "(returning an nn.Module), torchvision:ARCH or timm:ARCH (with --weights FILE)")
-WEIGHTS_HELP = "local weights file (state dict) for torchvision/timm models or package.module:callable (nothing downloads)"
+WEIGHTS_HELP = "local weights file (a state dict) for the model: built-in, torchvision:, timm: or package.module:callable (nothing downloads)"
 
 
 def add_model_options(p) -> None:
