@@ -46,8 +46,9 @@ from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
 from .attack_flags import (add_attack_flags, attack_kwargs, attacks_by_flags, check_attack_combinations,
                            given_attack_flags, handles_defense, supports_targeted)
-from .common import (UsageError, check_data, check_defense, check_model, check_number, check_seed,
-                     one_line_skip_warnings, print_json, progress, resolve_device)
+from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_defense, check_model,
+                     check_model_options, check_number, check_seed, model_options, one_line_skip_warnings, print_json,
+                     progress, resolve_device)
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -65,9 +66,10 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("--data", default="builtin", help="image folder (labels.csv or synset sub-folders), or 'builtin' (default)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier name (default: efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="local weights file for torchvision models (nothing downloads)")
-    p.add_argument("--defense", required=True, help="defense name, a+b chain, or 'none' for the bare model")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    add_model_options(p)
+    p.add_argument("--defense", required=True, help="defense name, a+b chain, a user's package.module:Class, or 'none' for the bare model")
     p.add_argument("--attack", required=True, help="attack name: " + ", ".join(attacks.names()))
     p.add_argument("--n", type=int, default=100, help="images in the protocol sample (default 100)")
     grp = p.add_mutually_exclusive_group()
@@ -161,6 +163,7 @@ def run(args) -> int:
     build_attack(name, args)  # a value the attack refuses fails here, before any loading
     defense_name = check_defense(args.defense)
     check_model(args.model, args.weights)
+    check_model_options(args)
     listed = check_data(args.data)
     if args.n > listed:
         raise UsageError(f"--n {args.n} asks for more images than --data {args.data} lists ({listed}); "
@@ -168,7 +171,7 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     t0 = time.time()
-    classifier = build_model(args.model, args.weights, device)
+    classifier = build_model(args.model, args.weights, device, **model_options(args))
     defended = build_defended(classifier, defense_name, args.seed, device)
     with one_line_skip_warnings():
         sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device)
@@ -235,7 +238,7 @@ def run(args) -> int:
             "linf_max": float(linf(adv, x).max()),
             "history": result.history,
             "model": args.model,
-            "defense": (args.defense or "none").strip().lower(),
+            "defense": defense_name,
             "attack": name,
             "attack_settings": _settings(attack),
             "transfer": bool(args.transfer),

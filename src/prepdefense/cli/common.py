@@ -15,6 +15,7 @@ import torch
 
 from .. import data, defenses, models
 from ..data.builtin import BUILTIN_IMAGES
+from ..errors import ModelUnavailableError
 
 # Built in the experiments layer (``reproduce`` needs them too); re-exported for the sub-commands.
 from ..experiments.components import UsageError, build_defended, build_model, resolve_device
@@ -22,7 +23,7 @@ from ..experiments.components import UsageError, build_defended, build_model, re
 __all__ = ["UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
            "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
-           "MAX_SEED"]
+           "add_model_options", "check_model_options", "model_options", "MAX_SEED"]
 
 
 def progress(iterable: Iterable, *, total: Optional[int] = None, desc: str = "", enabled: bool = True, unit: str = "it"):
@@ -49,13 +50,60 @@ def _jsonable(o: Any):
 def add_common_data_args(p, *, default_limit: Optional[int] = None) -> None:
     """``--data``, ``--model``, ``--limit``, ``--batch-size``, ``--device``, ``--seed``, ``--json``."""
     p.add_argument("--data", default="builtin", help="image folder (labels.csv or synset sub-folders), or 'builtin' for the scikit-image photos (default)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier name (default: efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="local weights file for torchvision models (nothing downloads)")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--limit", type=int, default=default_limit, help="use at most N images")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress bar")
+
+
+MODEL_HELP = ("classifier: a built-in name (default: efficientnet-lite0), torchscript:PATH, package.module:callable "
+              "(returning an nn.Module), torchvision:ARCH or timm:ARCH (with --weights FILE)")
+WEIGHTS_HELP = "local weights file (a state dict) for the model: built-in, torchvision:, timm: or package.module:callable (nothing downloads)"
+
+
+def add_model_options(p) -> None:
+    """``--input-size``, ``--num-classes``, ``--mean``, ``--std``: what a user's model needs declared."""
+    p.add_argument("--input-size", type=int, default=None, help="the model's square input side (default: its input_size attribute)")
+    p.add_argument("--num-classes", type=int, default=None, help="the model's number of classes (default: its num_classes attribute, else its output width)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model expects its input normalised with, e.g. 0.485,0.456,0.406 (with --std)")
+    p.add_argument("--std", default=None, help="per-channel std the model expects its input normalised with, e.g. 0.229,0.224,0.225 (with --mean)")
+
+
+def _floats(flag: str, text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give one number or one per channel, comma-separated, e.g. 0.485,0.456,0.406") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} {text!r}: give one finite number or three (one per RGB channel)")
+    return values
+
+
+def check_model_options(args) -> None:
+    """The flags of :func:`add_model_options`, checked before anything loads."""
+    check_at_least("--input-size", getattr(args, "input_size", None), data.MIN_SIDE,
+                   hint=" (images are resized and cropped to it; smaller ones are skipped)")
+    check_at_least("--num-classes", getattr(args, "num_classes", None), 2)
+    mean, std = _floats("--mean", getattr(args, "mean", None)), _floats("--std", getattr(args, "std", None))
+    if (mean is None) != (std is None):
+        raise UsageError("--mean and --std go together: give both (or neither)")
+    if std is not None and not all(v > 0 for v in std):
+        raise UsageError(f"--std must be positive, got {getattr(args, 'std')}")
+
+
+def model_options(args) -> dict:
+    """The keyword arguments of :func:`build_model` that the model flags give."""
+    return {
+        "input_size": getattr(args, "input_size", None),
+        "num_classes": getattr(args, "num_classes", None),
+        "mean": _floats("--mean", getattr(args, "mean", None)),
+        "std": _floats("--std", getattr(args, "std", None)),
+    }
 
 
 @contextlib.contextmanager
@@ -117,14 +165,21 @@ def check_data(source: str, flag: str = "--data") -> int:
         raise UsageError(f"{flag} is empty; give an image folder or 'builtin'")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", data.SkippedFileWarning)
-        entries, _missing = data.loading.folder_entries(source)
+        entries, _missing = data.loading.folder_entries(source, num_classes=None)
     return len(entries)
 
 
 def check_model(name: str, weights: Optional[str] = None) -> None:
-    """An unknown model name or a missing ``--weights`` file fails before anything loads."""
-    if name not in models.names():
-        raise UsageError(f"unknown --model {name!r}; known: {', '.join(models.names())}")
+    """An unknown model name, a malformed or absent user model (``torchscript:PATH`` ...), a
+    missing extra or a missing ``--weights`` file fails before anything loads."""
+    if models.is_user_spec(name):
+        try:
+            models.check_user_spec(name, weights)
+        except ModelUnavailableError as e:
+            raise UsageError(str(e)) from None
+    elif name not in models.names():
+        raise UsageError(f"unknown --model {name!r}; known: {', '.join(models.names())}, or torchscript:PATH, "
+                         "package.module:callable, torchvision:ARCH, timm:ARCH")
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.exists():
@@ -135,9 +190,10 @@ def check_model(name: str, weights: Optional[str] = None) -> None:
 
 def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bool = False) -> str:
     """Check a defense name or ``a+b`` chain (and build it once, cheaply); returns it
-    normalised (stripped, lower case)."""
-    text = (name or "").strip().lower()
-    known = ", ".join(defenses.names())
+    normalised (:func:`prepdefense.defenses.normalize_name`: built-in names in lower case,
+    ``package.module:Class`` parts as written)."""
+    text = defenses.normalize_name((name or "").strip())
+    known = ", ".join(defenses.names() + defenses.entry_point_names()) + ", or package.module:Class"
     if not text:
         raise UsageError(f"{flag} is empty; give a defense ({known}), a chain such as fd+rand, or none")
     if allow_all and text == "all":
@@ -149,13 +205,15 @@ def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bo
                 f"{flag} {name!r} has an empty part (a '+' at the start or end, or '++'); "
                 f"join defense names with single '+', e.g. fd+rand"
             )
-        unknown = [p for p in parts if p not in defenses.names()]
+        unknown = [p for p in parts if ":" not in p and p not in defenses.names() + defenses.entry_point_names()]
         if unknown:
             raise UsageError(f"unknown defense {unknown[0]!r} in {flag} {name!r}; known: {known}")
     try:
         defenses.create(text)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown defense {text!r}; known: {known}") from None
+    except defenses.UserDefenseError as e:
+        raise UsageError(f"{flag} {name!r}: {e}") from None
     except (ValueError, TypeError) as e:
         raise UsageError(f"bad {flag} {name!r}: {e}") from None
     return text
@@ -202,3 +260,4 @@ def check_common(args) -> None:
     check_at_least("--limit", args.limit)
     check_seed(args.seed)
     check_model(args.model, args.weights)
+    check_model_options(args)

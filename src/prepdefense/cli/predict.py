@@ -18,12 +18,14 @@ from .. import data
 from ..errors import DataError
 from .common import (
     add_common_data_args,
+    add_model_options,
     build_defended,
     build_model,
     check_common,
     check_data,
     check_defense,
     one_line_skip_warnings,
+    model_options,
     print_json,
     progress,
     resolve_device,
@@ -42,7 +44,9 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_common_data_args(p)
-    p.add_argument("--defense", default="none", help="preprocessing defense in front of the model, e.g. dct-distort or fd+rand (default: none)")
+    add_model_options(p)
+    p.add_argument("--defense", default="none", help="preprocessing defense in front of the model, e.g. dct-distort, fd+rand "
+                   "or a user's package.module:Class (default: none)")
     p.set_defaults(func=run)
 
 
@@ -67,9 +71,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     check_data(args.data)
     with one_line_skip_warnings():
-        model = build_model(args.model, args.weights, device)
+        model = build_model(args.model, args.weights, device, **model_options(args))
         classifier = build_defended(model, defense, args.seed, device)
-        dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit)
+        dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit, num_classes=model.num_classes)
         n, correct = score(classifier, dataset, batch_size=args.batch_size, device=device, show_progress=not args.json)
     if n == 0:
         raise DataError(f"no readable image in {args.data} ({dataset.skipped} file(s) skipped)")
@@ -79,7 +83,7 @@ def run(args) -> int:
         "correct": correct,
         "skipped": dataset.skipped,
         "model": args.model,
-        "defense": (args.defense or "none").strip().lower(),
+        "defense": defense,
         "seed": args.seed,
         "device": str(device),
         "data": str(args.data),

@@ -282,7 +282,7 @@ def _header_ok(entry: ImageEntry) -> bool:
     return True
 
 
-def _read_labels_csv(root: Path) -> Tuple[List[ImageEntry], int]:
+def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES) -> Tuple[List[ImageEntry], int]:
     path = root / "labels.csv"
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -308,8 +308,10 @@ def _read_labels_csv(root: Path) -> Tuple[List[ImageEntry], int]:
             label = int(row.get("label") or "")
         except ValueError:
             raise DataError(f"{path}, row {row_no}: label {row.get('label')!r} is not an integer") from None
-        if not 0 <= label < NUM_CLASSES:
-            raise DataError(f"{path}, row {row_no}: label {label} is outside 0..{NUM_CLASSES - 1}")
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            top = f"{num_classes - 1}" if num_classes is not None else "K-1"
+            raise DataError(f"{path}, row {row_no}: label {label} is outside 0..{top}"
+                            + (f" (the model's {num_classes} classes)" if num_classes not in (None, NUM_CLASSES) else ""))
         file_path = root / name
         if not file_path.is_file():
             _warn_skip(name, "listed in labels.csv but not found")
@@ -321,7 +323,7 @@ def _read_labels_csv(root: Path) -> Tuple[List[ImageEntry], int]:
     return entries, absent
 
 
-def _read_synset_folders(root: Path, subdirs: List[Path]) -> List[ImageEntry]:
+def _read_synset_folders(root: Path, subdirs: List[Path], num_classes: Optional[int] = NUM_CLASSES) -> List[ImageEntry]:
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     entries: List[ImageEntry] = []
     for d in subdirs:
@@ -331,14 +333,20 @@ def _read_synset_folders(root: Path, subdirs: List[Path]) -> List[ImageEntry]:
                 f"{root}: sub-folder {d.name!r} is not one of the 1000 ImageNet wnids{hint}; "
                 "an ImageNet-style folder holds only synset sub-folders such as n01440764/"
             )
+        if num_classes is not None and index[d.name] >= num_classes:
+            raise DataError(f"{root}: synset sub-folder {d.name} is ImageNet class {index[d.name]}, outside the "
+                            f"model's {num_classes} classes; label the images with a labels.csv instead")
         for f in sorted(d.rglob("*")):
             if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts):
                 entries.append(ImageEntry(f.relative_to(root).as_posix(), index[d.name], _file_opener(f)))
     return entries
 
 
-def folder_entries(folder: Union[str, os.PathLike]) -> Tuple[List[ImageEntry], int]:
+def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] = NUM_CLASSES) -> Tuple[List[ImageEntry], int]:
     """List the labelled files of ``folder`` (``labels.csv`` or synset sub-folders).
+
+    Labels must lie in ``0..num_classes-1`` (the model's classes; None: any non-negative
+    integer). Synset sub-folders give ImageNet's 1000 indices; a ``labels.csv`` gives any.
 
     Returns the entries and the number of listed files that are absent.
 
@@ -351,7 +359,7 @@ def folder_entries(folder: Union[str, os.PathLike]) -> Tuple[List[ImageEntry], i
     if not root.is_dir():
         raise DataError(f"not a folder: {root} (pass a folder with labels.csv or synset sub-folders)")
     if (root / "labels.csv").is_file():
-        return _read_labels_csv(root)
+        return _read_labels_csv(root, num_classes)
     visible = [p for p in sorted(root.iterdir()) if not p.name.startswith(".")]
     if not visible:
         raise DataError(f"image folder is empty: {root}")
@@ -360,7 +368,7 @@ def folder_entries(folder: Union[str, os.PathLike]) -> Tuple[List[ImageEntry], i
         raise DataError(
             f"{root} has neither a labels.csv (file,label,wnid,name) nor synset sub-folders (n01440764/...)"
         )
-    entries = _read_synset_folders(root, subdirs)
+    entries = _read_synset_folders(root, subdirs, num_classes)
     if not entries:
         raise DataError(f"no files in the synset sub-folders of {root}")
     return entries, 0
@@ -372,6 +380,7 @@ def load_dataset(
     size: int,
     limit: Optional[int] = None,
     crop_fraction: float = DEFAULT_CROP_FRACTION,
+    num_classes: Optional[int] = NUM_CLASSES,
 ) -> ImageDataset:
     """Open an image source as an :class:`ImageDataset` of ``size x size`` images.
 
@@ -381,9 +390,12 @@ def load_dataset(
         size: square side of the images (the model's ``input_size``).
         limit: use at most the first ``limit`` listed files (in listing order).
         crop_fraction: centre-crop fraction after resizing the shorter side.
+        num_classes: the model's number of classes; a label outside ``0..num_classes-1``
+            is an error (None: any non-negative label).
 
     Raises:
-        DataError: missing or empty folder, bad ``labels.csv``, or no readable image.
+        DataError: missing or empty folder, bad ``labels.csv``, a label outside the model's
+            classes, or no readable image.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be at least 1, got {limit}")
@@ -391,8 +403,11 @@ def load_dataset(
         raise DataError(f"size must be at least {MIN_SIDE}, got {size}")
     if str(source) == "builtin":
         entries, skipped, name = builtin_entries(), 0, "builtin"
+        if num_classes is not None and num_classes != NUM_CLASSES:
+            raise DataError(f"the built-in images carry ImageNet labels (1000 classes), but the model has "
+                            f"{num_classes}; give --data a folder with a labels.csv of your classes")
     else:
-        entries, skipped = folder_entries(source)
+        entries, skipped = folder_entries(source, num_classes)
         name = str(source)
     if limit is not None:
         entries = entries[:limit]

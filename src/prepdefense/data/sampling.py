@@ -4,7 +4,8 @@
 Candidates are visited in an order drawn from the seed and classified in batches by the
 undefended model until ``n`` correctly classified ones are found (so only about
 ``n / accuracy`` images are decoded). Each picked image gets a target drawn uniformly
-among the 999 other classes: ``target = (label + U{1..999}) mod 1000``. The visiting order
+among the ``K - 1`` other classes of the model's ``K``: ``target = (label + U{1..K-1}) mod K``
+(``K = 1000`` for ImageNet; ``K`` is the model's ``num_classes``, else its output width). The visiting order
 and the targets come from two generators derived from the seed, so the same seed and data
 give the same picks, and the i-th target offset depends only on the seed.
 """
@@ -48,7 +49,10 @@ class ProtocolSample:
 
 
 def draw_targets(labels: torch.Tensor, generator: torch.Generator, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """A target per label, uniform among the ``num_classes - 1`` other classes."""
+    """A target per label, uniform among the ``num_classes - 1`` other classes (the model's
+    classes: pass its ``num_classes``; 1000 for ImageNet)."""
+    if num_classes < 2:
+        raise DataError(f"targets need at least 2 classes, got num_classes={num_classes}")
     offsets = torch.randint(1, num_classes, (labels.numel(),), generator=generator)
     return (labels.cpu().long() + offsets) % num_classes
 
@@ -63,6 +67,7 @@ def protocol_sample(
     batch_size: int = 32,
     device: Union[str, torch.device] = "cpu",
     exclude_ids: Iterable[str] = (),
+    num_classes: Optional[int] = None,
 ) -> ProtocolSample:
     """Pick ``n`` images the undefended ``model`` classifies correctly, and a target each.
 
@@ -77,11 +82,13 @@ def protocol_sample(
         device: where the model runs.
         exclude_ids: ids never picked (keeps, e.g., a table-learning set disjoint from
             the evaluation set).
+        num_classes: the model's number of classes K, targets are drawn below it (default:
+            ``model.num_classes``, else the width of the model's logits).
 
     Raises:
         TypeError: ``model`` not a module, or ``n``/``seed``/``batch_size`` not integers.
-        DataError: ``n`` or ``batch_size`` below 1, a negative ``seed``, or fewer than ``n``
-            eligible images classified correctly.
+        DataError: ``n`` or ``batch_size`` below 1, a negative ``seed``, a label outside the
+            model's classes, or fewer than ``n`` eligible images classified correctly.
     """
     for name, value, least in (("n", n, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not hasattr(value, "__index__"):
@@ -90,13 +97,15 @@ def protocol_sample(
             raise DataError(f"{name} must be at least {least}, got {value}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module mapping [0,1] NCHW images to logits, got {type(model).__name__}")
+    declared = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     if isinstance(source_or_dataset, ImageDataset):
         ds = source_or_dataset
     else:
         side = size or getattr(model, "input_size", None)
         if side is None:
             raise DataError("protocol_sample needs size= for a model without input_size")
-        ds = load_dataset(source_or_dataset, size=int(side))
+        ds = load_dataset(source_or_dataset, size=int(side),
+                          num_classes=int(declared) if declared is not None else NUM_CLASSES)
     excluded = set(exclude_ids)
     candidates = [i for i, e in enumerate(ds.entries) if e.id not in excluded]
 
@@ -109,11 +118,16 @@ def protocol_sample(
     labels: List[torch.Tensor] = []
     ids: List[str] = []
     tried = 0
+    k = int(declared) if declared is not None else None
     device = torch.device(device)
     with torch.no_grad(), eval_mode(model):  # the user's model comes back in its own mode
         for x, y, batch_ids in iter_batches(ds, batch_size, indices=order):
             tried += len(batch_ids)
-            pred = model(x.to(device)).argmax(dim=1).cpu()
+            logits = model(x.to(device))
+            k = int(logits.shape[1]) if k is None else k
+            if int(y.max()) >= k:
+                raise DataError(f"label {int(y.max())} in {ds.source} is outside the model's {k} classes (0..{k - 1})")
+            pred = logits.argmax(dim=1).cpu()
             ok = (pred == y).nonzero().flatten().tolist()
             for j in ok:
                 xs.append(x[j])
@@ -131,7 +145,7 @@ def protocol_sample(
     return ProtocolSample(
         x=torch.stack(xs[:n]),
         labels=label_t,
-        targets=draw_targets(label_t, target_gen),
+        targets=draw_targets(label_t, target_gen, k),
         ids=ids[:n],
         seed=int(seed),
         source=ds.source,

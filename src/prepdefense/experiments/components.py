@@ -6,7 +6,7 @@ re-exports these names), so the experiments never import from the CLI above them
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,23 +42,31 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return dev
 
 
-def build_model(name: str, weights: Optional[str], device: torch.device) -> nn.Module:
-    """``models.create`` with unknown names turned into a one-line usage error."""
+def build_model(name: str, weights: Optional[str], device: torch.device, *, input_size: Optional[int] = None,
+                num_classes: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None) -> nn.Module:
+    """``models.create`` with unknown names turned into a one-line usage error.
+
+    ``name`` may be a user's model (``torchscript:PATH``, ``package.module:callable``,
+    ``torchvision:ARCH``, ``timm:ARCH``); ``input_size``/``num_classes`` declare what it does
+    not, ``mean``/``std`` wrap it in :class:`~prepdefense.models.Normalize`."""
     kwargs = {"weights": weights} if weights else {}
     try:
-        model = models.create(name, **kwargs)
+        model = models.create(name, input_size=input_size, num_classes=num_classes, mean=mean, std=std, **kwargs)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown model {name!r}") from None
     except TypeError as e:
         if "weights" not in str(e):
             raise
         raise UsageError(f"model {name!r} takes no --weights") from None
+    except ValueError as e:
+        raise UsageError(f"--model {name}: {e}") from None
     return model.to(device).eval()
 
 
 def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
     """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
-    name = (defense_name or "none").strip().lower()
+    name = defenses.normalize_name((defense_name or "none").strip())
     if name == "none":
         return model
     try:

@@ -129,6 +129,7 @@ class EfficientNetLite(nn.Module):
     ) -> None:
         super().__init__()
         self.input_size = int(input_size)
+        self.num_classes = int(num_classes)
         self._conv_stem = Conv2dSame(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(STEM_CHANNELS)
         blocks: List[nn.Module] = []

@@ -38,6 +38,7 @@ class NormalizedClassifier(nn.Module):
         super().__init__()
         self.net = net
         self.input_size = int(input_size)
+        self.num_classes = 1000
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
