@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, List
 
 # Each module registers its attacks on import (one line beside each class).
-from . import adaptive, apgd, carlini_wagner, deepfool, gradient, lbfgs, protocol  # noqa: F401
+from . import adaptive, apgd, carlini_wagner, deepfool, gradient, lbfgs, protocol, spsa, square, transfer  # noqa: F401
 from ._registry import REGISTRY, register
 from .base import AttackResult
 
