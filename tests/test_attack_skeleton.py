@@ -20,6 +20,8 @@ SMALL = {
     "adaptive": dict(steps=2, eot=1, draws=2), "bpda": dict(rounds=2), "bpda-eot": dict(rounds=2, eot=2),
     "cw": dict(binary_search_steps=1, steps=3), "lbfgs": dict(binary_search_steps=1, max_iterations=3),
     "deepfool": dict(steps=2),
+    "apgd": dict(steps=3), "apgd-ce": dict(steps=3), "apgd-dlr": dict(steps=3), "square": dict(queries=4),
+    "spsa": dict(steps=2, samples=2), "transfer": dict(steps=2),
 }
 
 
@@ -83,7 +85,7 @@ def test_untargeted_only_attack_refuses_targets():
         attacks.create("deepfool")(model, x, labels=torch.zeros(2, dtype=torch.long), targets=torch.ones(2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", ["pgd", "bpda", "cw", "deepfool"])
+@pytest.mark.parametrize("name", ["pgd", "bpda", "cw", "deepfool", "apgd", "square", "spsa", "transfer"])
 def test_batches_merge_to_the_whole(name):
     """Results of batch_size=2 equal one batch of 5 (per-image losses, per-image draws)."""
     model = _bn_model().eval()
@@ -123,7 +125,7 @@ class _Staircase(nn.Module):
         return self.inner(torch.round(x * 4) / 4)
 
 
-@pytest.mark.parametrize("name", ["pgd", "adaptive", "bpda", "mi-fgsm"])
+@pytest.mark.parametrize("name", ["pgd", "adaptive", "bpda", "mi-fgsm", "apgd"])
 def test_zero_gradients_are_reported_in_the_result(name):
     """An attack that only ever gets zero gradients says so (issue 11, item 3)."""
     model = _Staircase().eval()
