@@ -171,7 +171,7 @@ def _parity(model, sample_dir, n, steps, capsys):
     x, y = s.x, s.labels
     ours = attacks.create("apgd-ce", norm="linf", eps=PARITY_EPS, steps=steps, restarts=1)(model, x, labels=y, generator=0)
     peer = torchattacks.APGD(model, norm="Linf", eps=PARITY_EPS, steps=steps, n_restarts=1, seed=0, loss="ce", rho=0.75)
-    adv = peer(x, y)
+    adv = peer(x, y).detach()
     with torch.no_grad():
         peer_pred = model(adv).argmax(1)
         our_pred = model(ours.adversarial).argmax(1)

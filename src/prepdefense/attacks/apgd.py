@@ -162,7 +162,7 @@ class APGD(Attack):
         with torch.no_grad():
             pred = z.detach().argmax(2)
             hit = pred == targets if targets is not None else pred != labels
-        return f.detach(), grad.detach(), hit.float().mean(0)
+        return f.detach().double(), grad.detach(), hit.float().mean(0)
 
     def _start(self, x: torch.Tensor, r: float, key: DrawKey) -> torch.Tensor:
         """AutoAttack's random start, image ``i`` from ``key.generator(i)``: Linf, a uniform
@@ -241,7 +241,7 @@ class APGD(Attack):
         """Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) int64 -> result.adversarial
         (N, C, H, W), result.success (N,) bool."""
         n = x.shape[0]
-        x_max, f_max = x.clone(), torch.full((n,), -float("inf"), dtype=x.dtype, device=x.device)
+        x_max, f_max = x.clone(), torch.full((n,), -float("inf"), dtype=torch.float64, device=x.device)
         x_adv, freq, f_adv = x.clone(), torch.full((n,), -1.0, device=x.device), f_max.clone()
         eta = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
         zero = torch.zeros(n, dtype=torch.long)
