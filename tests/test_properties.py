@@ -107,6 +107,8 @@ SMALL_ATTACK = {
     "adaptive": dict(steps=2, eot=2, draws=2, restarts=1), "bpda": dict(rounds=2), "bpda-eot": dict(rounds=2, eot=2),
     "cw": dict(binary_search_steps=1, steps=3), "lbfgs": dict(binary_search_steps=1, max_iterations=3),
     "deepfool": dict(steps=2),
+    "apgd": dict(steps=3, eot=2), "apgd-ce": dict(steps=3), "apgd-dlr": dict(steps=3), "square": dict(queries=4, eot=2),
+    "spsa": dict(steps=2, samples=2), "transfer": dict(steps=2),
 }
 
 
@@ -133,7 +135,7 @@ def test_attack_valid_or_documented_error(name, x, defense):
     assert res.success.shape == (x.shape[0],)
 
 
-@pytest.mark.parametrize("name", ["cw", "lbfgs", "pgd", "deepfool", "adaptive"])
+@pytest.mark.parametrize("name", ["cw", "lbfgs", "pgd", "deepfool", "adaptive", "apgd", "square", "spsa"])
 def test_values_a_rounding_step_outside_the_box_are_clamped_not_nan(name):
     """A pixel at 1 + 1e-6 (a normalise/denormalise round trip) must not turn into NaN (issue 11,
     case 1: C&W's atanh of the start point)."""

@@ -53,6 +53,7 @@ from ._registry import register
 from .base import AttackResult
 from .bpda import with_bpda
 from .gradient import GradientAttack
+from .losses import LOSSES
 from .verdict import bootstrap_interval, evaluate_on_draws, judge_on_draws, summarize, wilson_interval
 
 __all__ = ["AdaptiveAttack", "wilson_interval", "bootstrap_interval", "evaluate_on_draws"]
@@ -66,7 +67,7 @@ class AdaptiveAttack(GradientAttack):
         eps: bound; normalised RMS for L2 (default 0.05), max-abs for Linf (default 8/255).
         steps: PGD steps per restart (>= 200 recommended; default 200).
         eot: draws averaged per step (default 30; ignored for deterministic models).
-        losses: losses to run, one restart each (``"ce"``, ``"margin"``).
+        losses: losses to run, one restart each (``"ce"``, ``"margin"``, ``"dlr"``).
         restarts: total restarts (default ``len(losses)``), cycling through ``losses``.
         step_fraction: initial step size as a fraction of the radius (0.25).
         kappa: margin-loss confidence (20).
@@ -106,8 +107,8 @@ class AdaptiveAttack(GradientAttack):
     ) -> None:
         if isinstance(losses, str):
             losses = tuple(s.strip() for s in losses.split(","))
-        if not losses or any(l not in ("ce", "margin") for l in losses):
-            raise ValueError(f"losses must be a non-empty subset of ('ce', 'margin'), got {losses!r}")
+        if not losses or any(l not in LOSSES for l in losses):
+            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses!r}")
         if int(draws) < 1:
             raise ValueError("steps, eot and draws must be >= 1")
         super().__init__(norm=norm, eps=eps, steps=steps, rel_stepsize=step_fraction, random_start=random_start,

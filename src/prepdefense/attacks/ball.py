@@ -1,0 +1,56 @@
+"""The threat model's ball, shared by APGD, Square, SPSA and transfer: its radius in the
+attack's own geometry and the projection onto it.
+
+``eps`` is the Linf radius, or for L2 the paper's normalised (root-mean-square) radius
+``||d||_2 / sqrt(C*H*W)`` (PROTOCOL.md, "Conventions"); the Euclidean radius of an L2 ball is
+``eps * sqrt(C*H*W)``, worked out from the images' shape.
+
+Shape: images (N, C, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
+from .gradient import normalize_norm
+
+__all__ = ["radius", "project", "per_image_norm", "default_eps", "check_eps"]
+
+
+def per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-image Lp norm, shaped (N, 1, 1, 1) for broadcasting."""
+    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def default_eps(norm: str) -> float:
+    """The paper's bound: 8/255 (Linf) or 0.05 RMS (L2)."""
+    return PAPER_LINF_BOUND if normalize_norm(norm) == "linf" else PAPER_L2_BOUND
+
+
+def check_eps(norm: str, eps) -> tuple:
+    """``(norm, eps)`` normalised, ``eps`` defaulting to the paper's bound; ValueError if not positive."""
+    norm = normalize_norm(norm)
+    eps = default_eps(norm) if eps is None else float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps (the radius) must be a positive number, got {eps}")
+    return norm, eps
+
+
+def radius(norm: str, eps: float, x: torch.Tensor) -> float:
+    """The radius in the attack's own geometry: ``eps`` (Linf) or ``eps * sqrt(C*H*W)`` (L2)."""
+    return eps if norm == "linf" else eps * math.sqrt(x[0].numel())
+
+
+def project(norm: str, x_adv: torch.Tensor, x: torch.Tensor, r: float) -> torch.Tensor:
+    """Onto the ball of radius ``r`` (own geometry) around ``x``, then onto the [0, 1] box.
+    L2: a perturbation longer than ``r`` is rescaled to length ``r``."""
+    d = x_adv - x
+    if norm == "linf":
+        d = d.clamp(-r, r)
+    else:
+        n = per_image_norm(d, 2)
+        d = d * torch.where(n > r, r / n.clamp_min(1e-30), torch.ones_like(n))
+    return (x + d).clamp(0.0, 1.0)
