@@ -90,7 +90,7 @@ def image_folder(tmp_path_factory):
 
 def _run(capsys, monkeypatch, folder, *argv):
     counted = CountingClassifier(TinyClassifier()).eval()
-    monkeypatch.setattr(common, "build_model", lambda name, weights, device: counted)
+    monkeypatch.setattr(common, "build_model", lambda name, weights, device, **options: counted)
     rc = main(["attack", "--data", str(folder), "--device", "cpu", "--json", "--defense", "dct-distort",
                "--attack", "adaptive", "--n", "20", "--steps", "20", "--eot", "4", "--seed", "0", *argv])
     out = capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_full_checks_and_text_output(capsys, monkeypatch, image_folder):
     assert counted_before > 0
     # Text: which checks ran on how many images, and what they cost.
     counted2 = CountingClassifier(TinyClassifier()).eval()
-    monkeypatch.setattr(common, "build_model", lambda name, weights, device: counted2)
+    monkeypatch.setattr(common, "build_model", lambda name, weights, device, **options: counted2)
     rc = main(["attack", "--data", str(image_folder), "--device", "cpu", "--defense", "dct-distort", "--attack", "adaptive",
                "--n", "4", "--steps", "20", "--eot", "4", "--untargeted"])
     text = capsys.readouterr().out
