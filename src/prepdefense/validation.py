@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_value_range", "check_labels", "check_targets", "check_pair"]
+__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_value_range", "check_extremes", "check_labels", "check_targets", "check_pair"]
 
 #: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
 RANGE_TOLERANCE = 1e-4
@@ -92,7 +92,11 @@ def check_value_range(t: torch.Tensor, *, name: str = "x") -> bool:
     # min and max propagate NaN, and an infinity is the min or the max, so the two extremes
     # being finite means every value is (isfinite().all() would cost ~15x more).
     lo_t, hi_t = torch.aminmax(t.detach())
-    lo, hi = float(lo_t), float(hi_t)
+    return check_extremes(float(lo_t), float(hi_t), name=name)
+
+
+def check_extremes(lo: float, hi: float, *, name: str = "x") -> bool:
+    """:func:`check_value_range` given the minimum and maximum (NaN if any value is NaN)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from ... import cpu_workers
-from ...validation import check_value_range
+from ...validation import check_extremes
 from ..block_dct import BLOCK, dct_matrix
 from .planes import pad_plane_index, pixels_from_planes, read_rows_then_columns, row_buffer, row_then_column_indices
 
@@ -88,9 +88,9 @@ class _Step:
     least ``m`` planes; ``scratch`` is a buffer shaped like ``planes``."""
 
     def __init__(self, planes: torch.Tensor, scratch: torch.Tensor, operators: Operators, index: torch.Tensor,
-                 check_values: bool = False) -> None:
+                 extremes: Optional[torch.Tensor] = None) -> None:
         m = planes.shape[0]
-        self.check_values = check_values
+        self.extremes = extremes
         rows_forward, cols_forward, cols_inverse, rows_inverse = operators
         self.rows_forward, self.rows_inverse = rows_forward[:m], rows_inverse[:m]
         self.cols_forward, self.cols_inverse = cols_forward[: m * BLOCK], cols_inverse[: m * BLOCK]
@@ -99,12 +99,13 @@ class _Step:
         self.planes_by_row, self.planes_by_freq = planes.view(by_row), planes.view(by_freq)
         self.scratch_by_row, self.scratch_by_freq = scratch.view(by_row), scratch.view(by_freq)
 
-    def __call__(self, channels: torch.Tensor) -> None:
-        """``channels``: (m, H * W), the input's channels flattened. Rounding is
-        ``torch.round``: half to even, as ``numpy.round``."""
+    def __call__(self, channels: torch.Tensor, slot: int = 0) -> None:
+        """``channels``: (m, H * W), the input's channels flattened; with ``extremes``, the
+        copy's minimum and maximum go to ``extremes[:, slot]`` (one call on data in cache, no
+        Python in between). Rounding is ``torch.round``: half to even, as ``numpy.round``."""
         torch.index_select(channels, 1, self.index, out=self.planes)  # pad, plane layout
-        if self.check_values and check_value_range(self.planes):  # on the copy, in cache
-            self.planes.clamp_(0.0, 1.0)  # within the rounding tolerance: as if x were clamped
+        if self.extremes is not None:
+            torch.aminmax(self.planes, out=(self.extremes[0, slot], self.extremes[1, slot]))
         torch.bmm(self.rows_forward, self.planes_by_row, out=self.scratch_by_row)  # along i
         torch.bmm(self.cols_forward, self.scratch_by_freq, out=self.planes_by_freq)  # along j, / Q
         self.planes.round_()  # round(DCT(255 x) / Q)
@@ -144,10 +145,10 @@ def quantize_and_read(
             depend on it.
         batched: ``True``: one step and one ``gather`` (the path off the CPU); ``False``:
             steps, image by image reads (the CPU path); ``None``: by the device.
-        check_values: check each step's copy of the input with
-            :func:`prepdefense.validation.check_value_range` (finite, in [0, 1] up to the
-            tolerance, clamped within it) while it is in cache, instead of a separate pass over
-            ``x``; a bad value raises ``ValueError``.
+        check_values: check the input's values as :func:`prepdefense.validation.check_value_range`
+            does (finite, in [0, 1] up to the tolerance; the result of the clamped input within
+            it), from each step's copy while it is in cache (one ``aminmax`` per step) instead
+            of a separate pass over ``x``; a bad value raises ``ValueError``.
 
     Returns:
         A new tensor of the shape, dtype and device of ``x``.
@@ -170,22 +171,32 @@ def quantize_and_read(
         cols = arange[:w].expand(n, w) if cols is None else cols
         if batched is None:
             batched = work.device.type != "cpu"
+        extremes = None
         if batched:
-            _quantize_batched(work, operators, index, rows, cols, out, check_values)
+            extremes = work.new_empty(2, 1) if check_values else None
+            _quantize_batched(work, operators, index, rows, cols, out, extremes)
         else:
-            _quantize_in_steps(work, operators, index, rows, cols, out, workers or cpu_workers.current(), check_values)
+            workers = workers or cpu_workers.current()
+            steps = -(-n // workers.images_per_step(c * index.numel()))
+            extremes = work.new_empty(2, steps) if check_values else None
+            _quantize_in_steps(work, operators, index, rows, cols, out, workers, extremes)
+        if extremes is not None and check_extremes(float(extremes[0].min()), float(extremes[1].max())):
+            # values a rounding step outside [0, 1] (rare): the result of the clamped input
+            return quantize_and_read(x.detach().clamp(0.0, 1.0), table, rows, cols, operators=operators,
+                                     workers=workers, batched=batched)
         return out.to(x.dtype)
 
 
-def _quantize_batched(work, operators, index, rows, cols, out, check_values: bool = False) -> None:
+def _quantize_batched(work, operators, index, rows, cols, out, extremes: Optional[torch.Tensor] = None) -> None:
     """The whole batch as one step, then one gather."""
     n, c, h, w = work.shape
     planes, scratch = work.new_empty(2, n * c, index.numel()).unbind(0)
-    _Step(planes, scratch, _batch_operators(operators, n * c), index, check_values)(work.reshape(n * c, h * w))
+    _Step(planes, scratch, _batch_operators(operators, n * c), index, extremes)(work.reshape(n * c, h * w))
     pixels_from_planes(planes.view(n, c, BLOCK, BLOCK, -(-h // BLOCK), -(-w // BLOCK)), rows, cols, out)
 
 
-def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_workers.CPUWorkers, check_values: bool = False) -> None:
+def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_workers.CPUWorkers,
+                       extremes: Optional[torch.Tensor] = None) -> None:
     """A few images per step (``workers.images_per_step``), steps spread over ``workers``;
     each worker makes its buffers once and runs a step as :class:`_Step`'s calls and two
     copies per image."""
@@ -201,12 +212,12 @@ def _quantize_in_steps(work, operators, index, rows, cols, out, workers: cpu_wor
         planes, scratch = work.new_empty(2, images * c, index.numel()).unbind(0)
         line = row_buffer(work, c, h, wb)
         batched = _batch_operators(operators, images * c)
-        full = _Step(planes, scratch, batched, index, check_values)
+        full = _Step(planes, scratch, batched, index, extremes)
         image_planes = [p.view(c, -1, wb) for p in planes.view(images, -1).unbind(0)]
 
         def run(lo: int, hi: int) -> None:
             m = hi - lo
-            (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index, check_values))(channels[lo // step])
+            (full if m == images else _Step(planes[: m * c], scratch[: m * c], batched, index, extremes))(channels[lo // step], lo // step)
             for k in range(m):
                 read_rows_then_columns(image_planes[k], runs[lo + k], columns[lo + k], line, outputs[lo + k])
 
