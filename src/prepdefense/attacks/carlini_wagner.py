@@ -95,11 +95,8 @@ class CarliniWagnerL2(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Attack one batch (deterministic: ``key`` is unused)."""
-        x = x.detach()
         n = x.shape[0]
         dev = x.device
-        labels = labels.to(dev)
-        targets = None if targets is None else targets.to(dev)
         w0 = torch.atanh((2 * x - 1) * _TANH_SCALE)
 
         lower = torch.zeros(n, dtype=torch.float64, device=dev)

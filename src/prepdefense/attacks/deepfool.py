@@ -69,10 +69,8 @@ class DeepFool(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Attack one batch (untargeted: the base refuses ``targets``)."""
-        x = x.detach()
         n = x.shape[0]
         dev = x.device
-        labels = labels.to(dev)
 
         with torch.no_grad():
             logits0 = model(x)

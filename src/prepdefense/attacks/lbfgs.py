@@ -99,11 +99,8 @@ class LBFGS(Attack):
         """Attack one batch (deterministic: ``key`` is unused)."""
         from scipy.optimize import fmin_l_bfgs_b
 
-        x = x.detach()
         n = x.shape[0]
         dev, dtype, shape = x.device, x.dtype, x.shape
-        labels = labels.to(dev)
-        targets = None if targets is None else targets.to(dev)
         x0 = x.double().cpu().numpy().ravel()
 
         lower = np.zeros(n)
