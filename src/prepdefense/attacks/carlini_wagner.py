@@ -36,13 +36,13 @@ from torch import nn
 from ._registry import register
 from ..draws import DrawKey
 from .base import Attack, AttackResult, GradientStats
+from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful, margin_loss
 from .verdict import round_record
 
 __all__ = ["CarliniWagnerL2"]
 
 _TANH_SCALE = 1 - 1e-6  # keeps atanh finite at pixels equal to 0 or 1
-_NO_UPPER = 1e10
 
 
 class CarliniWagnerL2(Attack):
@@ -100,7 +100,7 @@ class CarliniWagnerL2(Attack):
         w0 = torch.atanh((2 * x - 1) * _TANH_SCALE)
 
         lower = torch.zeros(n, dtype=torch.float64, device=dev)
-        upper = torch.full((n,), _NO_UPPER, dtype=torch.float64, device=dev)
+        upper = torch.full((n,), NO_UPPER, dtype=torch.float64, device=dev)
         const = torch.full((n,), self.initial_const, dtype=torch.float64, device=dev)
         best_l2sq = torch.full((n,), math.inf, device=dev)
         best_adv = x.clone()
@@ -156,9 +156,7 @@ class CarliniWagnerL2(Attack):
             iterations_run.append(it + 1)
 
             # per-image binary search over c
-            upper = torch.where(found, torch.minimum(upper, const), upper)
-            lower = torch.where(found, lower, torch.maximum(lower, const))
-            const = torch.where(upper < _NO_UPPER / 10, (lower + upper) / 2, const * 10)
+            const, lower, upper = next_constants(found, const, lower, upper)
             if self.record_history:
                 with torch.no_grad():
                     pred = model(best_adv).argmax(dim=1)

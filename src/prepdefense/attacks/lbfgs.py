@@ -36,12 +36,12 @@ from torch import nn
 from ._registry import register
 from ..draws import DrawKey
 from .base import Attack, AttackResult, GradientStats
+from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful
 from .verdict import round_record
 
 __all__ = ["LBFGS", "lbfgs_adversarial_loss"]
 
-_NO_UPPER = 1e10
 
 
 def lbfgs_adversarial_loss(logits: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +104,7 @@ class LBFGS(Attack):
         x0 = x.double().cpu().numpy().ravel()
 
         lower = np.zeros(n)
-        upper = np.full(n, _NO_UPPER)
+        upper = np.full(n, NO_UPPER)
         const = np.full(n, self.initial_const)
         best_l2sq = np.full(n, np.inf)
         best_const = np.full(n, np.nan)
@@ -139,9 +139,7 @@ class LBFGS(Attack):
             best_const = np.where(better, const, best_const)
             best_adv = torch.where(torch.from_numpy(better).to(dev).view(-1, 1, 1, 1), xa, best_adv)
 
-            upper = np.where(succ, np.minimum(upper, const), upper)
-            lower = np.where(succ, lower, np.maximum(lower, const))
-            const = np.where(upper < _NO_UPPER / 10, (lower + upper) / 2, const * 10)
+            const, lower, upper = next_constants(succ, const, lower, upper)
             if self.record_history:
                 with torch.no_grad():
                     pred = model(best_adv).argmax(dim=1)
