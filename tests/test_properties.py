@@ -213,3 +213,21 @@ def test_kernel_checks_values_like_the_boundary(name, n, two_threads):
             xe[n - 1, 0, 0, 0] = 1 + 5e-5
             xe[0, 2, 3, 3] = -5e-5
             assert torch.equal(run(xe), run(xe.clamp(0, 1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HEAVY & set(defenses.names())))
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=large_images())
+def test_heavy_defense_up_to_512(name, x):
+    """The heavy defenses on the full size range (the default suite stops them at 64)."""
+    _run_defense(name, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", attacks.names())
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=large_images(), defense=st.sampled_from(["none", "fd"]))
+def test_attack_up_to_512(name, x, defense):
+    """Every attack on the full size range (the default suite stops them at 64)."""
+    test_attack_valid_or_documented_error.hypothesis.inner_test(name, x, defense)
