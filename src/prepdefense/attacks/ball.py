@@ -15,9 +15,19 @@ import math
 import torch
 
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
-from .gradient import normalize_norm
 
-__all__ = ["radius", "project", "per_image_norm", "default_eps", "check_eps"]
+__all__ = ["NORMS", "normalize_norm", "radius", "project", "per_image_norm", "default_eps", "check_eps"]
+
+NORMS = ("linf", "l2")
+_NORM_ALIASES = {"inf": "linf", "l_inf": "linf", "linfinity": "linf", "2": "l2", "l_2": "l2"}
+
+
+def normalize_norm(norm: str) -> str:
+    """``'linf'`` or ``'l2'`` from the usual spellings; ValueError otherwise."""
+    norm = _NORM_ALIASES.get(str(norm).lower(), str(norm).lower())
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    return norm
 
 
 def per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:

@@ -60,30 +60,15 @@ from torch import nn
 from .. import seeding
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
+from . import ball
 from ._registry import register
+from .ball import NORMS, normalize_norm, per_image_norm
 from .base import Attack, AttackResult, forward, gradient_health
 from .eot import expectation_gradient
 from .losses import LOSSES, is_successful, objective
 from .verdict import round_record
 
 __all__ = ["GradientAttack", "FGSM", "BIM", "PGD", "MIFGSM", "PGDRun", "NORMS", "normalize_norm"]
-
-NORMS = ("linf", "l2")
-_NORM_ALIASES = {"inf": "linf", "l_inf": "linf", "linfinity": "linf", "2": "l2", "l_2": "l2"}
-
-
-def normalize_norm(norm: str) -> str:
-    """``'linf'`` or ``'l2'`` from the usual spellings; ValueError otherwise."""
-    norm = _NORM_ALIASES.get(str(norm).lower(), str(norm).lower())
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
-    return norm
-
-
-def _per_image_norm(t: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-image Lp norm, shaped (N, 1, 1, 1) for broadcasting."""
-    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
-
 
 @dataclass
 class PGDRun:
@@ -192,9 +177,7 @@ class GradientAttack(Attack):
     # -- geometry -------------------------------------------------------------------------
     def radius(self, x: torch.Tensor) -> float:
         """The ball radius in the attack's own geometry (Linf, or Euclidean L2) for images like x."""
-        if self.norm == "linf":
-            return self.eps
-        return self.eps * math.sqrt(x[0].numel())
+        return ball.radius(self.norm, self.eps, x)
 
     def absolute_step(self, x: torch.Tensor) -> float:
         """The (initial) step length in the attack's own geometry for images like x."""
@@ -212,17 +195,11 @@ class GradientAttack(Attack):
         """Unit step direction: ``sign`` (Linf) or per-image L2-normalised (L2)."""
         if self.norm == "linf":
             return direction.sign()
-        return direction / _per_image_norm(direction, 2).clamp_min(1e-12)
+        return direction / per_image_norm(direction, 2).clamp_min(1e-12)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, radius: float) -> torch.Tensor:
         """Project onto the ball of ``radius`` around ``x``, then onto the [0, 1] box."""
-        d = x_adv - x
-        if self.norm == "linf":
-            d = d.clamp(-radius, radius)
-        else:
-            norms = _per_image_norm(d, 2)
-            d = d * torch.where(norms > radius, radius / norms.clamp_min(1e-30), torch.ones_like(norms))
-        return (x + d).clamp(0.0, 1.0)
+        return ball.project(self.norm, x_adv, x, radius)
 
     def random_perturbation(self, x: torch.Tensor, radius: float, key: DrawKey) -> torch.Tensor:
         """A uniform draw in the ball, image ``i`` from ``key.generator(i)`` (on the CPU, moved
@@ -295,7 +272,7 @@ class GradientAttack(Attack):
             zero += zero_now.cpu().long()
             grad = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
             if velocity is not None:
-                velocity = self.momentum * velocity + grad / _per_image_norm(grad, 1).clamp_min(1e-12)
+                velocity = self.momentum * velocity + grad / per_image_norm(grad, 1).clamp_min(1e-12)
                 grad = velocity
             with torch.no_grad():
                 x_adv = self.project(x_adv + self.step_length(t, alpha) * self.normalize(grad), x, radius)
