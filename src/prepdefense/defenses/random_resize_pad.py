@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import seeding
 from ..draws import Params
 from ._registry import register
 from .base import Defense
@@ -96,15 +95,21 @@ class RandomResizePad(Defense):
         return padded_side(height), padded_side(width)
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> Params:
-        n, _, h, w = x.shape
+        return self.draw_images(x, [generator])
+
+    def draw_images(self, x: torch.Tensor, generators) -> Params:
+        # Four uniforms per image in one call from its own generator, converted for the batch
+        # at once (row i is draw(x[i:i+1], generators[i])).
+        _, _, h, w = x.shape
         ph, pw = padded_side(h), padded_side(w)
         if ph <= h or pw <= w:
             raise ValueError(f"input {h}x{w} is too small for random resizing and padding: height and width must be at least {MIN_SIDE} (the padded side round(S*331/299) must exceed S)")
-        height = seeding.randint(h, ph, (n,), generator)
-        width = seeding.randint(w, pw, (n,), generator)
+        u = torch.stack([torch.rand(4, generator=g, dtype=torch.float64) for g in generators])
+        height = h + (u[:, 0] * (ph - h)).floor().long()  # uniform in [S, P)
+        width = w + (u[:, 1] * (pw - w)).floor().long()
         # Offsets uniform in [0, P - s): exclusive upper bound as in Xie et al.'s code.
-        top = (seeding.rand((n,), generator, dtype=torch.float64) * (ph - height)).floor().long()
-        left = (seeding.rand((n,), generator, dtype=torch.float64) * (pw - width)).floor().long()
+        top = (u[:, 2] * (ph - height)).floor().long()
+        left = (u[:, 3] * (pw - width)).floor().long()
         return Params(height=height, width=width, top=top, left=left)
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from ... import cpu_workers
-from ...validation import check_extremes
+from ...validation import check_value_range, unit_interval_bits
 from ..block_dct import BLOCK, dct_matrix
 from .planes import pad_plane_index, pixels_from_planes, read_rows_then_columns, row_buffer, row_then_column_indices
 
@@ -100,12 +100,13 @@ class _Step:
         self.scratch_by_row, self.scratch_by_freq = scratch.view(by_row), scratch.view(by_freq)
 
     def __call__(self, channels: torch.Tensor, slot: int = 0) -> None:
-        """``channels``: (m, H * W), the input's channels flattened; with ``extremes``, the
-        copy's minimum and maximum go to ``extremes[:, slot]`` (one call on data in cache, no
-        Python in between). Rounding is ``torch.round``: half to even, as ``numpy.round``."""
+        """``channels``: (m, H * W), the input's channels flattened; with ``extremes`` (an
+        integer tensor, see :func:`~prepdefense.validation.unit_interval_bits`), the minimum and
+        maximum of the copy read as integers go to ``extremes[:, slot]`` (one integer
+        reduction on data in cache, no Python in between). Rounding is ``torch.round``: half to even, as ``numpy.round``."""
         torch.index_select(channels, 1, self.index, out=self.planes)  # pad, plane layout
         if self.extremes is not None:
-            torch.aminmax(self.planes, out=(self.extremes[0, slot], self.extremes[1, slot]))
+            torch.aminmax(self.planes.view(self.extremes.dtype), out=(self.extremes[0, slot], self.extremes[1, slot]))
         torch.bmm(self.rows_forward, self.planes_by_row, out=self.scratch_by_row)  # along i
         torch.bmm(self.cols_forward, self.scratch_by_freq, out=self.planes_by_freq)  # along j, / Q
         self.planes.round_()  # round(DCT(255 x) / Q)
@@ -148,7 +149,9 @@ def quantize_and_read(
         check_values: check the input's values as :func:`prepdefense.validation.check_value_range`
             does (finite, in [0, 1] up to the tolerance; the result of the clamped input within
             it), from each step's copy while it is in cache (one ``aminmax`` per step) instead
-            of a separate pass over ``x``; a bad value raises ``ValueError``.
+            of a separate pass over ``x``; a bad value raises ``ValueError``. The copy is
+            read as integers (:func:`~prepdefense.validation.unit_interval_bits`); only an
+            input that is not in [0, 1] takes the float check.
 
     Returns:
         A new tensor of the shape, dtype and device of ``x``.
@@ -172,15 +175,17 @@ def quantize_and_read(
         if batched is None:
             batched = work.device.type != "cpu"
         extremes = None
+        int_dtype, one = unit_interval_bits(work.dtype)
         if batched:
-            extremes = work.new_empty(2, 1) if check_values else None
+            extremes = work.new_empty(2, 1, dtype=int_dtype) if check_values else None
             _quantize_batched(work, operators, index, rows, cols, out, extremes)
         else:
             workers = workers or cpu_workers.current()
             steps = -(-n // workers.images_per_step(c * index.numel()))
-            extremes = work.new_empty(2, steps) if check_values else None
+            extremes = work.new_empty(2, steps, dtype=int_dtype) if check_values else None
             _quantize_in_steps(work, operators, index, rows, cols, out, workers, extremes)
-        if extremes is not None and check_extremes(float(extremes[0].min()), float(extremes[1].max())):
+        outside = extremes is not None and (int(extremes[0].min()) < 0 or int(extremes[1].max()) > one)
+        if outside and check_value_range(x):
             # values a rounding step outside [0, 1] (rare): the result of the clamped input
             return quantize_and_read(x.detach().clamp(0.0, 1.0), table, rows, cols, operators=operators,
                                      workers=workers, batched=batched)

@@ -1,0 +1,66 @@
+"""The value check of `prepdefense.validation` (issue 11) reads floats as integers in its fast
+path (`unit_interval_bits`): it must decide exactly as the plain float check does, for every
+float dtype, special value and memory layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prepdefense.validation import RANGE_TOLERANCE, check_extremes, check_value_range, unit_interval_bits
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SPECIAL = (0.0, -0.0, 1.0, 0.5, 1 + 5e-5, -5e-5, 1 + 3e-4, -3e-4, 255.0, -1.0,
+           math.nan, -math.nan, math.inf, -math.inf)
+
+
+def reference(t: torch.Tensor):
+    """The plain float decision: ("raises", None) or ("ok", must_clamp)."""
+    wide = t.double()
+    try:
+        return "ok", check_extremes(float(wide.min()), float(wide.max()))
+    except ValueError:
+        return "raises", None
+
+
+def decision(t: torch.Tensor):
+    try:
+        return "ok", check_value_range(t)
+    except ValueError:
+        return "raises", None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", SPECIAL + ("next-above-1", "next-below-0"))
+def test_fast_check_decides_as_the_float_check(dtype, value):
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if value == "next-above-1":
+        value = float(torch.nextafter(torch.ones((), dtype=torch.float32), torch.full((), 2.0)).to(dtype))
+        value = value if value > 1 else float(torch.tensor(1.0, dtype=dtype) + torch.finfo(dtype).eps)
+    elif value == "next-below-0":
+        value = -float(torch.finfo(dtype).tiny)
+    x[1, 2, 4, 6] = value
+    for layout in (x, x.transpose(2, 3), x[:, :, ::2, 1:], x[1:, :1].expand(4, 3, 5, 7)):
+        assert decision(layout) == reference(layout), (dtype, value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clean_images_pass_and_the_bits_of_one(dtype):
+    int_dtype, one = unit_interval_bits(dtype)
+    assert torch.tensor([one], dtype=int_dtype).view(dtype).item() == 1.0
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float32).to(dtype)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    assert check_value_range(x) is False
+    assert unit_interval_bits(torch.int64) is None
+
+
+def test_tolerance_edges_follow_the_tolerance():
+    inside, beyond = RANGE_TOLERANCE / 2, RANGE_TOLERANCE * 2
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    x[0, 0, 0, 0] = 1 + inside
+    assert check_value_range(x) is True
+    x[0, 0, 0, 0] = 1 + beyond
+    with pytest.raises(ValueError, match="tolerance"):
+        check_value_range(x)
