@@ -83,10 +83,5 @@ def report_table4(rep: ReportContext) -> str:
     return rep.with_availability(text, "table4")
 
 
-EXPERIMENT = Experiment(
-    name="table4",
-    title="Table 4: distortion limit delta sweep",
-    plan=plan,
-    run=run,
-    sections=(Section(50, report_table4),),
-)
+EXPERIMENT = Experiment(name="table4", title="Table 4: distortion limit delta sweep", plan=plan, run=run,
+                        sections=(Section(50, report_table4),))

@@ -161,11 +161,5 @@ def report_fig4(rep: ReportContext) -> str:
     return rep.with_availability(text, "fig4")
 
 
-EXPERIMENT = Experiment(
-    name="fig4",
-    title="Fig. 4: BPDA and BPDA+EOT, ACC and ASR per round",
-    plan=plan,
-    run=run,
-    sections=(Section(20, report_fig4),),
-    aliases=("fig.4", "figure4"),
-)
+EXPERIMENT = Experiment(name="fig4", title="Fig. 4: BPDA and BPDA+EOT, ACC and ASR per round", plan=plan, run=run,
+                        sections=(Section(20, report_fig4),), aliases=("fig.4", "figure4"))

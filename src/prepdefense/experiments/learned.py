@@ -145,11 +145,5 @@ def report_learned(rep: ReportContext) -> str:
     return rep.with_availability(text, "learned")
 
 
-EXPERIMENT = Experiment(
-    name="learned",
-    title="Section 6.4: learned BPDA",
-    plan=plan,
-    run=run,
-    sections=(Section(80, report_learned),),
-    aliases=("6.4", "learned-bpda"),
-)
+EXPERIMENT = Experiment(name="learned", title="Section 6.4: learned BPDA", plan=plan, run=run,
+                        sections=(Section(80, report_learned),), aliases=("6.4", "learned-bpda"))

@@ -181,18 +181,8 @@ def report_table3(rep: ReportContext) -> str:
     return rep.with_availability(text, "table3")
 
 
-TABLE2 = Experiment(
-    name="table2",
-    title="Table 2: standard attacks on the bare model",
-    plan=plan_table2,
-    run=run_table2,
-    sections=(Section(30, report_table2),),
-)
+TABLE2 = Experiment(name="table2", title="Table 2: standard attacks on the bare model", plan=plan_table2, run=run_table2,
+                    sections=(Section(30, report_table2),))
 
-TABLE3 = Experiment(
-    name="table3",
-    title="Table 3: the same adversarial examples against our defense",
-    plan=plan_table3,
-    run=run_table3,
-    sections=(Section(40, report_table3),),
-)
+TABLE3 = Experiment(name="table3", title="Table 3: the same adversarial examples against our defense", plan=plan_table3, run=run_table3,
+                    sections=(Section(40, report_table3),))

@@ -87,10 +87,5 @@ def report_table1(rep: ReportContext) -> str:
     return rep.with_availability(text, "table1")
 
 
-EXPERIMENT = Experiment(
-    name="table1",
-    title="Table 1: randomness of the defenses",
-    plan=plan,
-    run=run,
-    sections=(Section(10, report_table1),),
-)
+EXPERIMENT = Experiment(name="table1", title="Table 1: randomness of the defenses", plan=plan, run=run,
+                        sections=(Section(10, report_table1),))

@@ -58,9 +58,5 @@ def report_table5(rep: ReportContext) -> str:
     return "\n".join(text)
 
 
-EXPERIMENT = Experiment(
-    name="table5",
-    title="Table 5: broader comparison on bounded attacks",
-    plan=plan,
-    sections=(Section(60, report_table5),),
-)
+EXPERIMENT = Experiment(name="table5", title="Table 5: broader comparison on bounded attacks", plan=plan,
+                        sections=(Section(60, report_table5),))

@@ -51,10 +51,5 @@ def report_table6(rep: ReportContext) -> str:
     return rep.with_availability(text, "table6")
 
 
-EXPERIMENT = Experiment(
-    name="table6",
-    title="Table 6: combinations after BPDA rounds",
-    plan=plan,
-    run=run,
-    sections=(Section(70, report_table6),),
-)
+EXPERIMENT = Experiment(name="table6", title="Table 6: combinations after BPDA rounds", plan=plan, run=run,
+                        sections=(Section(70, report_table6),))
