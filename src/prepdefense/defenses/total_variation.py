@@ -84,6 +84,47 @@ def _sweep_terms(a_max: float) -> int:
     return max(1, int(math.ceil(math.log(_SWEEP_TOL * (1.0 - q)) / math.log(q))))
 
 
+def _solve_sweep(rhs: torch.Tensor, a: torch.Tensor, start: torch.Tensor, q: float, max_terms: int) -> torch.Tensor:
+    """The lower-triangular system of one Gauss-Seidel sweep, ``u = rhs + a * (u_up + u_left)``
+    (zero outside the image), by the fixed-point iteration ``u_{k+1} = rhs + a * S u_k``
+    started from the previous sweep's ``u`` (``start``).
+
+    ``S`` (sum of the upper and left neighbours) has norm 2 in the max norm, so the
+    iteration contracts by ``q = 2 max(a) <= 1/2`` and
+    ``|u* - u_k| <= q^(k-1) |u_1 - u_0| q / (1 - q)``: after the first step the number of
+    steps is chosen so that this bound is below ``_SWEEP_TOL`` (never more than
+    ``max_terms``, the count that suffices from any start). Near convergence the previous
+    sweep's ``u`` is close to the solution, so this takes about 12-18 steps instead of 24;
+    two buffers take turns so that no step copies.
+
+    Shape: rhs, a, start (P, H, W) -> (P, H, W).
+    """
+    p, h, w = rhs.shape
+    bufs = rhs.new_zeros(2, p, h + 1, w + 1)  # zero top row and left column: outside the image
+    bufs[0, :, 1:, 1:] = start
+    neighbours = torch.empty_like(rhs)
+    cur = 0
+    steps = max_terms
+    k = 0
+    while k < steps:
+        src, dst = bufs[cur], bufs[1 - cur]
+        torch.add(src[:, :-1, 1:], src[:, 1:, :-1], out=neighbours)
+        torch.addcmul(rhs, a, neighbours, out=neighbours)
+        dst[:, 1:, 1:] = neighbours
+        cur = 1 - cur
+        k += 1
+        if k == 1:
+            change = float((neighbours - src[:, 1:, 1:]).abs().amax())
+            if change == 0.0:
+                break
+            bound = change * q / (1.0 - q)
+            if bound > _SWEEP_TOL:
+                steps = min(max_terms, 1 + int(math.ceil(math.log(_SWEEP_TOL / bound) / math.log(q))))
+            else:
+                break
+    return bufs[cur, :, 1:, 1:]
+
+
 def tv_bregman(
     image: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -130,7 +171,8 @@ def tv_bregman(
     norm = m * weight + 4.0 * lam  # per-pixel denominator of the Gauss-Seidel update
     a = lam / norm  # coefficient of the two already-updated neighbours (2/9 kept, 1/4 dropped)
     wf = (m * weight) * f
-    terms = _sweep_terms(float(a.max()))
+    q = 2.0 * float(a.max())
+    terms = _sweep_terms(q / 2.0)
 
     planes = n * c
     u = torch.zeros(planes, h + 2, w + 2, dtype=work_dtype, device=image.device)
@@ -153,16 +195,20 @@ def tv_bregman(
         byo = by[inner]
         tx = ux + bxo
         ty = uy + byo
+        # b_new = b + grad u - d_new = t - d_new; for the anisotropic soft threshold
+        # d_new = t - clamp(t, -1/lam, 1/lam), so b_new is the clamp itself.
         if isotropic:
             s_lam = torch.sqrt(tx * tx + ty * ty) * lam
             shrink = s_lam / (s_lam + 1.0)
             dxn = shrink * tx
             dyn = shrink * ty
+            bxn = tx - dxn
+            byn = ty - dyn
         else:
-            dxn = torch.sign(tx) * torch.clamp(tx.abs() - inv_lam, min=0.0)
-            dyn = torch.sign(ty) * torch.clamp(ty.abs() - inv_lam, min=0.0)
-        bxn = bxo + ux - dxn
-        byn = byo + uy - dyn
+            bxn = tx.clamp(-inv_lam, inv_lam)
+            byn = ty.clamp(-inv_lam, inv_lam)
+            dxn = tx - bxn
+            dyn = ty - byn
 
         # Right-hand side with every already-known term: forward neighbours from the previous
         # sweep, new d/b of the left and upper neighbours, old d/b of the pixel itself.
@@ -182,12 +228,7 @@ def tv_bregman(
         known[:, :, 0] += u[:, 1 : h + 1, 0]
         rhs = (lam * known + wf) / norm
 
-        # Solve u = rhs + a * (u_up + u_left) (zero outside) by its Neumann series, Horner form.
-        buf = F.pad(rhs, (1, 0, 1, 0))
-        for _k in range(terms):
-            nxt = torch.addcmul(rhs, a, buf[:, :-1, 1:] + buf[:, 1:, :-1])
-            buf[:, 1:, 1:] = nxt
-        unew = buf[:, 1:, 1:]
+        unew = _solve_sweep(rhs, a, ui, q, terms)
 
         rmse = (unew - ui).pow(2).mean(dim=(1, 2)).sqrt()
         u[inner] = unew
