@@ -135,7 +135,7 @@ def with_bpda(model: nn.Module, approx: Union[None, str, nn.Module] = None) -> n
     model they get.
     """
     if isinstance(model, Defended) and not isinstance(model.defense, BPDA):
-        return Defended(BPDA(model.defense, approx), model.model, generator=model._generator)
+        return Defended(BPDA(model.defense, approx), model.model, generator=model._generator, defend_at=model.defend_at)
     return model
 
 

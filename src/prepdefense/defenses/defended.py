@@ -8,13 +8,36 @@ hold, save and replay the exact draw that fooled it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..draws import KeyLike, Params, as_key
-from .base import Defense, as_defense, check_images
+from .base import Defense, as_defense, check_images, shaped_like
+
+__all__ = ["Defended", "resize_images"]
+
+
+def resize_images(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``x`` resized to ``size`` = (H, W): bilinear, antialiased when shrinking (as Pillow's
+    ``resize`` with ``BILINEAR``), clamped to [0, 1]; ``x`` itself when it has that size.
+    Differentiable, so attacks see through it.
+
+    Shape: (N, C, H0, W0) -> (N, C, H, W).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+
+
+def _side_pair(size: Union[None, int, Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
 
 
 class Defended(nn.Module):
@@ -31,11 +54,19 @@ class Defended(nn.Module):
         model: a classifier taking [0,1] NCHW and returning logits.
         generator: default source of draws when ``forward`` gets none (a seed or
             ``torch.Generator`` keeps a deployed model reproducible); fresh draws if None.
+        defend_at: side S (or (H, W)) at which the defense runs: the input is resized to it
+            (:func:`resize_images`), defended, and the result resized to the model's input
+            (``model.input_size`` when the model declares one, else the input's size).
+            None (default): the defense runs on the input as given, at the model's resolution,
+            which is the paper's setting for its model (Section 6.1: Inception V3 defended
+            at its own 299x299 input). ``defend_at=299`` in front of a 224-px model is the
+            paper's 299-px defense kept as is for a smaller model (issue 15 measures both).
 
     Shape: (N, C, H, W) -> (N, K).
     """
 
-    def __init__(self, defense: Defense, model: nn.Module, *, generator: KeyLike = None) -> None:
+    def __init__(self, defense: Defense, model: nn.Module, *, generator: KeyLike = None,
+                 defend_at: Union[None, int, Tuple[int, int]] = None) -> None:
         super().__init__()
         self.defense = as_defense(defense)
         self.model = model
@@ -43,12 +74,31 @@ class Defended(nn.Module):
         self.randomized = bool(getattr(defense, "randomized", False))
         self.ensemble = int(getattr(defense, "ensemble", 1))
         self.input_size = getattr(model, "input_size", None)
+        self.defend_at = _side_pair(defend_at)
+        if self.defend_at is not None and min(self.defend_at) < 1:
+            raise ValueError(f"defend_at must be a positive side, got {defend_at}")
+
+    def _defended_shape(self, x: torch.Tensor):
+        return (*x.shape[:2], *self.defend_at) if self.defend_at is not None else tuple(x.shape)
+
+    def _model_input(self, defended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The defense's output at the model's input size (only when ``defend_at`` is set)."""
+        if self.defend_at is None:
+            return defended
+        size = _side_pair(self.input_size) if isinstance(self.input_size, (int, tuple, list)) else None
+        return resize_images(defended, size or tuple(x.shape[-2:]))
+
+    def _defend(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        if self.defend_at is None:
+            return self.defense.run(x, params)
+        return self._model_input(self.defense.run(resize_images(x, self.defend_at), params), x)
 
     def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
         """The defense's draw for ``x`` (per ensemble member when ``ensemble > 1``)."""
         if not self.randomized:
             return None
         key = as_key(generator if generator is not None else self._generator, x.shape[0])
+        x = shaped_like(x, self._defended_shape(x))  # the draw is for the defended size
         if self.ensemble <= 1:
             return self.defense.sample_params(x, key)
         return Params({str(k): self.defense.sample_params(x, key.child("member", k)) for k in range(self.ensemble)})
@@ -56,11 +106,11 @@ class Defended(nn.Module):
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """Logits for a given draw."""
         if self.ensemble <= 1:
-            return self.model(self.defense.run(x, params))
+            return self.model(self._defend(x, params))
         probs = None
         for k in range(self.ensemble):
             member = None if params is None else params[str(k)]
-            p = self.model(self.defense.run(x, member)).softmax(dim=1)
+            p = self.model(self._defend(x, member)).softmax(dim=1)
             probs = p if probs is None else probs + p
         return (probs / self.ensemble).clamp_min(1e-12).log()
 

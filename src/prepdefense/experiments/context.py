@@ -64,7 +64,9 @@ class RunContext:
         self.data_source = data_source
         self.model_name = model_name
         self.progress_hook: Callable[[float], None] = lambda fraction: None
-        self._dataset = None
+        #: What units of one run may share within this process (e.g. an image selection).
+        self.cache: Dict[str, Any] = {}
+        self._datasets: Dict[int, Any] = {}
 
     # -- randomness --------------------------------------------------------------------------
     def generator(self, unit_id: str, purpose: str = "") -> torch.Generator:
@@ -88,23 +90,30 @@ class RunContext:
         s = self.sample
         return (s.x[sl].to(self.device), s.labels[sl].to(self.device), s.targets[sl].to(self.device), s.ids[sl])
 
-    def dataset(self):
-        """The whole image source (Table 1 and the approximator's training images)."""
-        if self._dataset is None:
-            from ..data import ImageDataset, load_dataset
+    def dataset(self, size: Optional[int] = None):
+        """The whole image source (Table 1, usability and the approximator's training images),
+        read at ``size`` px (default: the classifier's input size)."""
+        from ..data import ImageDataset, load_dataset
 
-            if isinstance(self.data_source, ImageDataset):
-                self._dataset = self.data_source
+        model_size = int(getattr(self.classifier, "input_size", 224))
+        size = model_size if size is None else int(size)
+        if size not in self._datasets:
+            if isinstance(self.data_source, ImageDataset) and self.data_source.size == size:
+                self._datasets[size] = self.data_source
+            elif isinstance(self.data_source, ImageDataset):
+                self._datasets[size] = ImageDataset(self.data_source.entries, size=size, source=self.data_source.source,
+                                                    crop_fraction=self.data_source.crop_fraction)
             elif isinstance(self.data_source, (str, Path)):
-                self._dataset = load_dataset(str(self.data_source), size=int(getattr(self.classifier, "input_size", 224)))
+                self._datasets[size] = load_dataset(str(self.data_source), size=size)
             else:
-                raise PrepDefenseError("no image source to draw Table 1 / training images from (images were given directly)")
-        return self._dataset
+                raise PrepDefenseError("no image source to draw Table 1 / usability / training images from (images were given directly)")
+        return self._datasets[size]
 
-    def load_indices(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    def load_indices(self, indices: Sequence[int], *, size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        """Images ``indices`` of :meth:`dataset` at ``size`` px (unreadable ones skipped)."""
         from ..data import iter_batches
 
-        batches = list(iter_batches(self.dataset(), 64, indices=list(indices)))
+        batches = list(iter_batches(self.dataset(size), 64, indices=list(indices)))
         if not batches:
             raise PrepDefenseError("none of the requested images could be read")
         return (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), sum((b[2] for b in batches), []))

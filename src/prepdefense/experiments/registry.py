@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from . import delta_sweep, fig4, learned, standard_attacks, strong, table1, table5, table6
+from . import delta_sweep, fig4, learned, standard_attacks, strong, table1, table5, table6, usability
 from .experiment import Experiment
 from .units import Preset, Unit, dedupe_units
 
@@ -102,6 +102,7 @@ def plan(preset: Preset, selected: Optional[Iterable[str]] = None) -> List[Unit]
 # The paper's evaluation, cheap and reusable experiments first (Tables 3-4 reuse Table 2's
 # examples; Table 5 reads Fig. 4 and the strong attack). One line per experiment.
 register(table1.EXPERIMENT)
+register(usability.EXPERIMENT)
 register(standard_attacks.TABLE2)
 register(standard_attacks.TABLE3)
 register(delta_sweep.EXPERIMENT)

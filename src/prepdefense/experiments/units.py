@@ -103,6 +103,10 @@ class Preset:
     diagnostics_norms: Tuple[str, ...]
     #: Ensemble size of Guo et al.'s random crop (paper: 30); smaller in shrunk presets.
     crop_ensemble: int = 30
+    #: Usability (clean accuracy of every defense, ``experiments/usability.py``): protocol
+    #: images (paper Table 1: 1000) and draws per random defense.
+    usability_images: int = 1000
+    usability_draws: int = 3
     #: What differs from the paper's sizes, in words (the report prints it).
     shrunk: Tuple[str, ...] = ()
 
@@ -227,7 +231,9 @@ PRESETS: Dict[str, Preset] = {
         diagnostics_defenses=(OUR_DEFENSE,),
         diagnostics_norms=("l2",),
         crop_ensemble=4,
+        usability_images=40,
         shrunk=(
+            "usability (clean accuracy) on 40 protocol images instead of 1000",
             "8 protocol images instead of 100 (strong adaptive attack: the first 4 only)",
             "Table 1 on 16 images instead of 1000; accuracy of random defenses over 3 draws instead of 10",
             "BPDA / BPDA+EOT: 10 rounds instead of 50 (and not continued to the l2 bound); EOT 3 instead of 30",
@@ -268,6 +274,8 @@ PRESETS: Dict[str, Preset] = {
         diagnostics_defenses=(OUR_DEFENSE,),
         diagnostics_norms=("l2",),
         crop_ensemble=2,
+        usability_images=3,
+        usability_draws=2,
         shrunk=("smoke test: 2 images, 2 rounds, 2 steps; the numbers mean nothing",),
     ),
 }

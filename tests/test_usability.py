@@ -1,0 +1,49 @@
+"""`prepdefense usability` and the `usability` experiment (issue 15, item 2): clean accuracy of
+every defense and table on protocol images, beside the paper's figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prepdefense.cli.main import main
+from prepdefense.experiments import registry, units as U
+from prepdefense.experiments.usability import PAPER_SIDE, configs
+
+
+def test_every_defense_both_tables_defend_at_and_the_delta_sweep_are_planned():
+    preset = U.get_preset("paper")
+    keys = [c.key for c in configs(preset.deltas)]
+    assert len(keys) == len(set(keys)) and all("=" not in k and "," not in k and "/" not in k for k in keys)
+    for name in ("dct-distort", "dct-distort@fd", f"dct-distort@at{PAPER_SIDE}", f"dct-distort@fd@at{PAPER_SIDE}",
+                 "dct-quant", "grid-distort", "fd", "rand", "shield", "tv", "jpeg", "bdr", "pd", "crop"):
+        assert name in keys
+    assert sum(k.startswith("dct-distort@delta") for k in keys) == len(preset.deltas)
+    units = registry.get("usability").plan(preset.with_overrides(usability_images=120), {"usability"})
+    assert len(units) == len(keys) * 3  # 50 images per unit
+    assert dict(zip(*zip(*[(c.key, c.paper_acc) for c in configs(preset.deltas)])))["dct-distort"] == 0.95
+
+
+def test_usability_command_on_the_shared_sample(imagenet_sample_dir, tmp_path, capsys):
+    out = tmp_path / "us"
+    argv = ["usability", "--data", str(imagenet_sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
+            "--quiet", "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    card = json.loads(capsys.readouterr().out)
+    rows = {r["Configuration"]: r for r in card["rows"]}
+    assert float(rows["none (bare model)"]["ACC (ours, mean over draws)"]) == 1.0  # protocol images only
+    default = rows["dct-distort, default table"]
+    assert default["ACC (paper)"] == "0.95" and default["table"]  # the table the default resolves to is named
+    assert all(r["n"] == "3" for r in card["rows"])
+    assert len(rows) == len(configs(U.get_preset("paper").deltas))
+    assert (out / "tables" / "usability.csv").is_file() and "## Usability" in (out / "report.md").read_text()
+    # resumable: a second run reuses every unit
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == card["rows"]
+
+
+@pytest.mark.parametrize("flags, message", [(["--n", "0"], "--n"), (["--draws", "0"], "--draws")])
+def test_usage_errors(tmp_path, capsys, flags, message):
+    assert main(["usability", "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err
