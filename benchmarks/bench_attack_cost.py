@@ -12,16 +12,25 @@ and prints ``ratio = step / reference`` (goal <= 1.10: the wrappers and the defe
 runs after one warm-up. CPU always; CUDA too when present. Writes JSON with ``--out``.
 
     python benchmarks/bench_attack_cost.py --batch 2 --eot 30 --defenses dct-distort,jpeg,rand --out cost.json
+
+``--rss`` also runs ``prepdefense attack --defense rand --attack adaptive --n 10`` with EOT 8 and
+EOT 32 (one step each, no diagnostics) in child processes and reports each one's peak RSS
+against the documented bound :data:`RSS_BOUND_MIB` (issue 13, item 4): EOT and the verdict
+work in chunks of at most ``attacks.eot.EOT_CHUNK_IMAGES`` images, so the peak holds the
+activations of ``max(16, batch)`` images whatever ``--eot`` and ``--n`` are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -95,6 +104,29 @@ def bench(defense_name: str, model, device: torch.device, *, batch: int, eot: in
     return row
 
 
+#: Documented bound on an attack's peak resident memory with the default model (224 px, CPU),
+#: whatever ``--eot`` and ``--n``: the model, the data and the activations of 16 images.
+RSS_BOUND_MIB = 2560
+
+_PEAK_RSS_CHILD = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def peak_rss(eot: int, data: str, n: int = 10) -> Dict[str, float]:
+    """Peak RSS (MiB) of one ``prepdefense attack`` run on ``rand`` with ``eot`` draws."""
+    cmd = [sys.executable, "-m", "prepdefense.cli.main", "attack", "--data", data, "--defense", "rand",
+           "--attack", "adaptive", "--eot", str(eot), "--n", str(n), "--steps", "1", "--no-diagnostics", "--json",
+           "--untargeted"]
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, *cmd], capture_output=True, text=True, check=True)
+    rc, kib = out.stdout.split()
+    return {"eot": eot, "n": n, "returncode": int(rc), "peak_rss_mib": int(kib) / 1024.0,
+            "seconds": time.perf_counter() - t0, "bound_mib": RSS_BOUND_MIB, "within_bound": int(kib) / 1024.0 <= RSS_BOUND_MIB}
+
+
 def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--defenses", default="dct-distort,jpeg,rand", help="comma-separated defense names")
@@ -106,6 +138,9 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--devices", default="auto", help="'auto' (cpu, plus cuda when present) or a comma list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--rss", action="store_true", help="also measure the peak RSS of an attack with EOT 8 and 32 (child processes)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"),
+                   help="image folder for --rss (default: ../shared/data/imagenet-sample)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,8 +156,18 @@ def main(argv: List[str] = None) -> int:
             extra = f"; vs the model on {r['output_side']}px images {r['ratio_output_size']:.3f}" if "ratio_output_size" in r else ""
             note = "" if r["randomized"] else " (deterministic defense: EOT runs one draw)"
             print(f"{dev:5s} {name:12s} B={args.batch} n={args.eot}: step {r['step_s']:.3f} s, model fwd+bwd on {args.eot * args.batch} images {r['reference_s']:.3f} s, ratio {r['ratio']:.3f}{extra} (goal <= 1.10){note}", flush=True)
+    rss = []
+    if args.rss:
+        if not Path(args.data).is_dir():
+            print(f"--rss: skipped, no image folder at {args.data}")
+        for eot in (8, 32):
+            r = peak_rss(eot, args.data)
+            rss.append(r)
+            print(f"peak RSS, adaptive on rand, n={r['n']}, EOT {eot}: {r['peak_rss_mib']:.0f} MiB "
+                  f"(bound {RSS_BOUND_MIB} MiB: {'within' if r['within_bound'] else 'EXCEEDED'}; exit {r['returncode']})", flush=True)
     out = {
         "benchmark": "bpda_eot_step_cost",
+        "peak_rss": rss,
         "goal_ratio": 1.10,
         "results": rows,
         "threads": torch.get_num_threads(),
