@@ -34,7 +34,7 @@ import platform
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from ..defenses import Defended
 from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import DataError
 from ..metrics import l2_rms, linf
+from ..model_state import eval_mode
 from ..validation import RANGE_TOLERANCE, check_labels, check_targets
 
 __all__ = ["AdversarialSet", "load_adversarial", "judge", "quantize_8bit", "MIN_DRAWS", "ARRAY_SUFFIXES", "IMAGE_SUFFIXES"]
@@ -352,6 +353,53 @@ def _distances(x_adv: torch.Tensor, x: torch.Tensor) -> Dict[str, float]:
             "linf_mean": float(li.mean()), "linf_median": float(li.median()), "linf_max": float(li.max())}
 
 
+def _verdicts(model: nn.Module, deployed: nn.Module, d: Optional[nn.Module], adv: AdversarialSet, x_adv: torch.Tensor, *,
+              draws: int, seed: int, quantize: bool, device: torch.device, notes: List[str]) -> Dict[str, Any]:
+    """The figures of :func:`judge` (models in eval mode; ``notes`` extended in place)."""
+    n = len(adv)
+    x_dev = x_adv.to(device)
+    k = _num_classes(model, x_dev)
+    try:
+        labels = check_labels(adv.labels, n, num_classes=k)
+        targets = check_targets(adv.targets, labels, num_classes=k)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{e} (the model has {k} classes)") from None
+    randomized = bool(getattr(deployed, "randomized", False))
+    if not randomized and d is not None:
+        notes.append("deterministic defense: judged once (every draw is the same)")
+    ids = adv.ids if adv.ids is not None else torch.arange(n, dtype=torch.int64)
+    key = DrawKey.from_seed(seed, n, ids).child("judge")
+
+    verdict = evaluate_on_draws(deployed, x_dev, labels.to(device), None if targets is None else targets.to(device),
+                                draws=draws, key=key)
+    bare = judge_on_draws(model, x_dev, labels, targets, draws=1, key=key)
+    out: Dict[str, Any] = {
+        "accuracy": verdict["robust_accuracy_expected"],
+        "accuracy_ci95": verdict["robust_accuracy_expected_ci95"],
+        "accuracy_worst": verdict["robust_accuracy_worst"],
+        "accuracy_worst_ci95": verdict["robust_accuracy_worst_ci95"],
+        "asr": verdict["asr_expected"],
+        "asr_ci95": verdict["asr_expected_ci95"],
+        "asr_worst": verdict["asr_worst"],
+        "asr_worst_ci95": verdict["asr_worst_ci95"],
+        "draws": verdict["draws"],
+        "n": n,
+        "targeted": targets is not None,
+        "bare_accuracy": float(bare["correct"].float().mean()),
+        "bare_asr": float(bare["fooled"].float().mean()),
+        "per_image_fooled_fraction": verdict["per_image_fooled_fraction"],
+    }
+    if adv.x is not None:
+        x_clean = quantize_8bit(adv.x) if quantize else adv.x
+        clean = evaluate_on_draws(deployed, x_clean.to(device), labels.to(device), None, draws=draws,
+                                  key=DrawKey.from_seed(seed, n, ids).child("clean"))
+        out["clean_accuracy"] = clean["robust_accuracy_expected"]
+        out.update(_distances(x_adv, x_clean))
+    else:
+        notes.append("no clean images given: no distances or clean accuracy")
+    return out
+
+
 @torch.no_grad()
 def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: AdversarialSet, *, draws: int = MIN_DRAWS,
           seed: int = 0, quantize: bool = False, device: Union[None, str, torch.device] = None,
@@ -417,48 +465,10 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
     else:
         d = defense
         label = defense_name or ("none" if d is None else type(d).__name__)
-    model = model.to(device).eval()
+    model = model.to(device)
     deployed = model if d is None else Defended(d, model).to(device)
-    x_dev = x_adv.to(device)
-    k = _num_classes(model, x_dev)
-    try:
-        labels = check_labels(adv.labels, n, num_classes=k)
-        targets = check_targets(adv.targets, labels, num_classes=k)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{e} (the model has {k} classes)") from None
-    randomized = bool(getattr(deployed, "randomized", False))
-    if not randomized and d is not None:
-        notes.append("deterministic defense: judged once (every draw is the same)")
-    ids = adv.ids if adv.ids is not None else torch.arange(n, dtype=torch.int64)
-    key = DrawKey.from_seed(seed, n, ids).child("judge")
-
-    verdict = evaluate_on_draws(deployed, x_dev, labels.to(device), None if targets is None else targets.to(device),
-                                draws=draws, key=key)
-    bare = judge_on_draws(model, x_dev, labels, targets, draws=1, key=key)
-    out: Dict[str, Any] = {
-        "accuracy": verdict["robust_accuracy_expected"],
-        "accuracy_ci95": verdict["robust_accuracy_expected_ci95"],
-        "accuracy_worst": verdict["robust_accuracy_worst"],
-        "accuracy_worst_ci95": verdict["robust_accuracy_worst_ci95"],
-        "asr": verdict["asr_expected"],
-        "asr_ci95": verdict["asr_expected_ci95"],
-        "asr_worst": verdict["asr_worst"],
-        "asr_worst_ci95": verdict["asr_worst_ci95"],
-        "draws": verdict["draws"],
-        "n": n,
-        "targeted": targets is not None,
-        "bare_accuracy": float(bare["correct"].float().mean()),
-        "bare_asr": float(bare["fooled"].float().mean()),
-        "per_image_fooled_fraction": verdict["per_image_fooled_fraction"],
-    }
-    if adv.x is not None:
-        x_clean = quantize_8bit(adv.x) if quantize else adv.x
-        clean = evaluate_on_draws(deployed, x_clean.to(device), labels.to(device), None, draws=draws,
-                                  key=DrawKey.from_seed(seed, n, ids).child("clean"))
-        out["clean_accuracy"] = clean["robust_accuracy_expected"]
-        out.update(_distances(x_adv, x_clean))
-    else:
-        notes.append("no clean images given: no distances or clean accuracy")
+    with eval_mode(deployed):  # the caller's train/eval flags come back afterwards
+        out = _verdicts(model, deployed, d, adv, x_adv, draws=draws, seed=seed, quantize=quantize, device=device, notes=notes)
     out.update({
         "notes": notes,
         "source": adv.source,
