@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first: 2.13.0 is a local CPU wheel here; a bare `torch` would pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# the APGD parity peer (tests/test_apgd.py); --no-deps: its pins would pull other torch builds.
+	# the APGD parity and interop peer (tests/test_apgd.py, tests/test_interop.py); --no-deps: its pins would pull other torch builds.
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 

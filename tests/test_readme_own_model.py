@@ -1,4 +1,4 @@
-"""The README's "With your own model" section, run as written (issue 12, items 1, 2 and 5):
+"""The README's "With your own model" section, run as written (issue 12, items 1 to 5):
 its Python blocks are written to the files their first-line comment names, and its shell
 commands run in that folder (``prepdefense ...`` in-process, ``python -c ...`` in a
 subprocess), on a folder of images the README's model labels itself."""
@@ -44,11 +44,10 @@ def test_readme_section_runs_as_written(tmp_path, monkeypatch, capsys):
         first = block.splitlines()[0]
         assert first.startswith("# ") and first.endswith(".py"), first
         files[first[2:].strip()] = block
-    assert set(files) == {"my_net.py", "my_defense.py"}
+    assert set(files) == {"my_net.py", "my_defense.py", "art_attack.py"}
     for name, block in files.items():
         (tmp_path / name).write_text(block)
-    (commands,) = _blocks(section, "bash")
-    commands = _commands(commands)
+    commands = [c for block in _blocks(section, "bash") for c in _commands(block)]
     assert [c[0] for c in commands].count("prepdefense") >= 5
 
     monkeypatch.chdir(tmp_path)
@@ -86,3 +85,5 @@ def test_readme_section_runs_as_written(tmp_path, monkeypatch, capsys):
     scripted = json.loads(by_command[("predict", "torchscript:my_net.pt", "my_defense:Noise")])
     defended = json.loads(by_command[("predict", "my_net:my_net", "fd+my_defense:Noise")])
     assert scripted["n"] == defended["n"] == 6
+    judged = json.loads(by_command[("judge", "my_net:my_net", "dct-distort")])  # ART's PGD through the preprocessor
+    assert judged["n"] == 6 and judged["draws"] == 10 and judged["linf_max"] <= 8 / 255 + 1e-6
