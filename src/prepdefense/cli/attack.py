@@ -30,6 +30,7 @@ import math
 import platform
 import textwrap
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -46,7 +47,7 @@ from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
 from .attack_flags import (add_attack_flags, attack_kwargs, attacks_by_flags, check_attack_combinations,
                            given_attack_flags, handles_defense, supports_targeted)
-from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_defense, check_model,
+from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_out_file, check_defense, check_model,
                      check_model_options, check_number, check_seed, model_options, one_line_skip_warnings, print_json,
                      progress, resolve_device)
 
@@ -84,6 +85,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eot-chunk", type=int, default=None, help="EOT draws per classifier call (memory; default all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, targets, defense and attack (default 0)")
+    p.add_argument("--save-adv", default=None, metavar="FILE.npz",
+                   help="write the adversarial images (x_adv), the clean images (x), labels, targets and ids to this .npz "
+                        "(written atomically), for 'prepdefense judge --adv FILE.npz' or another tool")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress bar")
     add_attack_flags(p)
     p.set_defaults(func=run)
@@ -165,6 +169,10 @@ def run(args) -> int:
     check_model(args.model, args.weights)
     check_model_options(args)
     listed = check_data(args.data)
+    if args.save_adv:
+        if not args.save_adv.endswith(".npz"):
+            raise UsageError(f"--save-adv {args.save_adv!r}: give a file name ending in .npz")
+        check_out_file(args.save_adv, "--save-adv")
     if args.n > listed:
         raise UsageError(f"--n {args.n} asks for more images than --data {args.data} lists ({listed}); "
                          f"lower --n or give a larger folder")
@@ -268,12 +276,34 @@ def run(args) -> int:
     finally:
         counter.remove()
     out["seconds"] = round(time.time() - t0, 2)
+    if args.save_adv:
+        out["saved_adversarial"] = str(save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids))
 
     if args.json:
         print_json(out)
     else:
         _print_text(out, diag_text)
     return 0
+
+
+def save_adversarial(path: str, adv: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor],
+                     ids) -> Path:
+    """Write an ``.npz`` that ``prepdefense judge`` (and numpy users) read: ``x_adv`` and ``x``
+    (N, C, H, W) float32 in [0, 1], ``labels`` (N,) int64, ``targets`` when targeted, ``ids`` (N,)
+    file names. Written atomically."""
+    import io
+
+    import numpy as np
+
+    from ..atomic_io import atomic_write_bytes
+
+    arrays = {"x_adv": adv.detach().float().cpu().numpy(), "x": x.detach().float().cpu().numpy(),
+              "labels": labels.cpu().numpy().astype(np.int64), "ids": np.asarray([str(i) for i in ids])}
+    if targets is not None:
+        arrays["targets"] = targets.cpu().numpy().astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(Path(path).expanduser(), buf.getvalue())
 
 
 _VERDICT_KEYS = (
