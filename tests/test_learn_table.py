@@ -103,3 +103,44 @@ def test_shipped_table_records_its_provenance():
     for key in ("model", "image_ids", "attack_settings", "seed", "success_rate", "run"):
         assert key in meta
     assert not set(meta["image_ids"]) & set(meta["excluded_evaluation_sample"]["ids"])
+
+
+def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path, monkeypatch):
+    """A run stopped after its first batch resumes from the checkpoint: only the missing batches
+    are attacked and the table equals an uninterrupted run's (issue 15, item 1)."""
+    from prepdefense.attacks import carlini_wagner
+    from prepdefense.errors import DataError
+
+    folder, model = toy_folder
+    kw = dict(data=str(folder), n=4, seed=1, exclude_sample_seed=0, exclude_n=3, steps=20, binary_steps=1,
+              initial_const=1.0, batch_size=2, model=model, model_name="toy-linear")
+    whole = learn_table(out=tmp_path / "whole.json", **kw)
+
+    calls = []
+    real_run = carlini_wagner.CarliniWagnerL2.run
+
+    def dying_run(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", dying_run)
+    out = tmp_path / "resumed.json"
+    with pytest.raises(KeyboardInterrupt):
+        learn_table(out=out, **kw)
+    assert not out.exists() and len(list((tmp_path / "resumed.json.partial").glob("batch-*.pt"))) == 1
+    calls.clear()
+    monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", real_run)
+    counted = []
+    monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", lambda self, *a, **k: counted.append(1) or real_run(self, *a, **k))
+    resumed = learn_table(out=out, **kw)
+    assert len(counted) == 1  # only the missing batch
+    assert resumed["table"] == whole["table"] and resumed["metadata"]["resumed_images"] == 2
+    assert not (tmp_path / "resumed.json.partial").exists()
+    # a checkpoint folder from other settings is refused, and --fresh clears it
+    (tmp_path / "other.json.partial").mkdir()
+    (tmp_path / "other.json.partial" / "identity.json").write_text('{"model": "something else"}')
+    with pytest.raises(DataError, match="other settings"):
+        learn_table(out=tmp_path / "other.json", **kw)
+    assert learn_table(out=tmp_path / "other.json", fresh=True, **kw)["table"] == whole["table"]

@@ -49,6 +49,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help="classifier (default: efficientnet-lite0)")
     p.add_argument("--seed", type=int, default=1, help="seed drawing the images and targets (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoints of an unfinished earlier run (OUT.partial/) instead of resuming it")
     p.add_argument("--note", default="", help="free text stored in the table's metadata")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout, no progress bar")
     p.set_defaults(func=run)
@@ -96,7 +98,7 @@ def run(args) -> int:
                 exclude_sample_seed=args.exclude_sample_seed if args.exclude_n > 0 else None,
                 exclude_n=args.exclude_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
                 initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
-                model=model, device=device, on_batch=on_batch, note=args.note,
+                model=model, device=device, on_batch=on_batch, note=args.note, fresh=args.fresh,
             )
     finally:
         bar.close()

@@ -13,19 +13,29 @@ Algorithm 2; PROTOCOL.md "The defense g(x)"; issue 4, item 7).
    :func:`~prepdefense.defenses.quant_tables.learn_quantization_table`.
 5. Save ``Q`` with everything that produced it (model, image ids, targets, attack settings,
    seed, success rate, distances, counts, date, package versions) via ``save_table``.
+
+Resumable: every finished batch of step 3 is saved atomically under ``<out>.partial/`` with
+the run's identity (images, targets, model, attack settings); a run killed part-way and
+started again with the same arguments attacks only the batches still missing (C&W is
+deterministic, so the table equals an uninterrupted run's), and the folder is removed once
+the table is written. A folder from other settings is refused (``fresh=True`` clears it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
 from .. import data as data_api
 from .. import models
+from ..atomic_io import atomic_write_text, atomic_write_with
 from ..attacks.carlini_wagner import CarliniWagnerL2
 from ..defenses.quant_tables import learn_quantization_table, save_table
 from ..errors import DataError
@@ -52,6 +62,7 @@ def learn_table(
     device: Union[str, torch.device] = "cpu",
     on_batch: Optional[Callable[[int, int], None]] = None,
     note: str = "",
+    fresh: bool = False,
 ) -> Dict[str, Any]:
     """Run Algorithm 2 end to end and write the table to ``out``.
 
@@ -70,13 +81,16 @@ def learn_table(
         device: where the model runs.
         on_batch: called as ``on_batch(done, total)`` after each batch (progress).
         note: free text stored in the metadata.
+        fresh: delete the checkpoints of an earlier, unfinished run first (otherwise it is
+            resumed; see the module docstring).
 
     Returns:
         A summary dict: ``table`` (8x8 list), ``counts``, ``out``, ``n``, ``n_successful``,
         ``success_rate``, ``mean_l2_rms``, ``seconds`` and the metadata written.
 
     Raises:
-        DataError: too few correctly classified images, or no C&W attack succeeded.
+        DataError: too few correctly classified images, no C&W attack succeeded, or the
+            checkpoint folder holds a run with other settings.
     """
     device = torch.device(device)
     started = time.time()
@@ -98,12 +112,23 @@ def learn_table(
     adversarial = torch.empty_like(sample.x)
     success = torch.zeros(n, dtype=torch.bool)
     l2_rms = torch.full((n,), math.inf)
+    identity = {"model": model_name, "image_ids": list(sample.ids), "targets": sample.targets.tolist(),
+                "attack": attack.hyperparameters(), "size": size, "batch_size": int(batch_size)}
+    partial = _checkpoints(Path(out), identity, fresh)
+    resumed = 0
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
-        res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
-        adversarial[sl] = res.adversarial.cpu()
-        success[sl] = res.success.cpu()
-        l2_rms[sl] = res.info["l2_rms"].float()
+        part = partial / f"batch-{sl.start:06d}-{sl.stop:06d}.pt"
+        if part.is_file():
+            saved = torch.load(part, map_location="cpu", weights_only=True)
+            resumed += sl.stop - sl.start
+        else:
+            res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
+            saved = {"adversarial": res.adversarial.cpu(), "success": res.success.cpu(), "l2_rms": res.info["l2_rms"].float().cpu()}
+            atomic_write_with(part, lambda fh: torch.save(saved, fh))
+        adversarial[sl] = saved["adversarial"]
+        success[sl] = saved["success"]
+        l2_rms[sl] = saved["l2_rms"]
         if on_batch is not None:
             on_batch(sl.stop, n)
 
@@ -137,9 +162,11 @@ def learn_table(
         "counts": counts.tolist(),
         "seconds": round(seconds, 1),
         "note": note,
+        "resumed_images": resumed,
         "run": collect_metadata(device),
     }
     path = save_table(out, table, metadata)
+    shutil.rmtree(partial, ignore_errors=True)
     return {
         "table": table.tolist(),
         "counts": counts.tolist(),
@@ -151,3 +178,19 @@ def learn_table(
         "seconds": round(seconds, 1),
         "metadata": metadata,
     }
+
+
+def _checkpoints(out: Path, identity: Dict[str, Any], fresh: bool) -> Path:
+    """The checkpoint folder ``<out>.partial`` of this run, created or checked against ``identity``."""
+    partial = out.with_name(out.name + ".partial")
+    if fresh:
+        shutil.rmtree(partial, ignore_errors=True)
+    record = partial / "identity.json"
+    if record.is_file():
+        if json.loads(record.read_text(encoding="utf-8")) != json.loads(json.dumps(identity)):
+            raise DataError(f"{partial} holds an unfinished learn-table run with other settings (images, targets, model "
+                            f"or C&W settings); delete it or pass --fresh to start over")
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(identity))
+    return partial
