@@ -15,10 +15,10 @@ from typing import List, Optional
 
 from .. import __version__
 from ..errors import PrepDefenseError
-from . import attack, check_defense, demo, learn_table, merge, predict, randomness, reproduce
+from . import attack, check_defense, demo, evaluate, learn_table, merge, predict, randomness, reproduce
 
 #: Sub-commands in the order ``--help`` lists them.
-_SUBCOMMANDS = (predict, demo, randomness, attack, learn_table, reproduce, merge, check_defense)
+_SUBCOMMANDS = (predict, demo, randomness, attack, evaluate, learn_table, reproduce, merge, check_defense)
 
 
 class _Parser(argparse.ArgumentParser):
