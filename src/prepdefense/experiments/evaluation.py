@@ -662,6 +662,22 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
             "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME}
 
 
+def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device):
+    """The protocol sample (``data.protocol_sample``: the first ``n`` images, in the seed's
+    order, the classifier gets right), cached in the store so a resumed run reads it back.
+    Candidates are classified ``min(32, n)`` at a time (the pick does not depend on it)."""
+    from ..data import protocol_sample
+    from .context import Sample
+
+    cached = store.load_tensors("sample")
+    if cached is not None and len(cached.get("ids", [])) == n:
+        return Sample(cached["x"], cached["labels"], cached["targets"], cached["ids"], cached.get("info"))
+    s = protocol_sample(classifier, data, n=n, seed=seed, device=device, batch_size=min(32, max(1, n)))
+    info = {"source": s.source, "tried": s.tried, "correct": s.correct, "skipped": s.skipped, "seed": s.seed}
+    store.save_tensors("sample", {"x": s.x.cpu(), "labels": s.labels.cpu(), "targets": s.targets.cpu(), "ids": list(s.ids), "info": info})
+    return Sample(s.x.cpu(), s.labels.cpu(), s.targets.cpu(), s.ids, info)
+
+
 def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] = None, stream=None) -> EvaluateOutcome:
     """Run (or resume) ``prepdefense evaluate``: build the model, the defense and the sample,
     run the units into the store, write the card, the report, the curve and the examples.
@@ -670,7 +686,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         ConfigMismatchError: ``config.out`` holds an evaluation with another configuration.
         StoreLockedError: another process writes into ``config.out``.
     """
-    from .reproduce import _data_id, _load_or_draw_sample
+    from .reproduce import _data_id
 
     from ..attacks.ball import check_eps
 
