@@ -68,7 +68,6 @@ Shape: x (N, C, H, W) in [0, 1]; labels (N,) int64.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -315,6 +314,14 @@ BUDGETS: Dict[str, Budget] = {
          _a("transfer", steps=100), _a("square", 4, queries=5000), _a("spsa", steps=100, samples=128)),
         check_images=20, unbounded_steps=50, curve_fractions=(0.25, 0.5), curve_steps=50, curve_eot=10,
     ),
+    # ``reproduce --preset quick``'s strong-attack section: every kind, short, over many defenses.
+    "reproduce-quick": Budget(
+        "reproduce-quick",
+        "reproduce's quick preset: short runs of every kind (many defenses x 2 norms in about 20 minutes with the rest).",
+        (_a("apgd-ce", 2, steps=10), _a("apgd-dlr", 2, steps=10), _a("adaptive", 2, steps=10, losses=("ce",)),
+         _a("transfer", steps=10), _a("square", 1, queries=100)),
+        check_images=2, unbounded_steps=5, curve_fractions=(0.5,), curve_steps=5, curve_eot=2,
+    ),
     # Not for verdicts: a few steps of every kind, for tests and smoke runs.
     "smoke": Budget(
         "smoke",
@@ -325,7 +332,8 @@ BUDGETS: Dict[str, Budget] = {
     ),
 }
 
-#: The budgets ``prepdefense evaluate --budget`` offers (``smoke`` is for tests).
+#: The budgets ``prepdefense evaluate --budget`` offers (``reproduce-quick`` serves ``reproduce --preset
+#: quick``, ``smoke`` the tests).
 PUBLIC_BUDGETS = ("quick", "standard", "autoattack-rand", "paper")
 
 

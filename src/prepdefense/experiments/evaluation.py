@@ -89,6 +89,7 @@ from .plots import plot_accuracy_vs_eps
 from .progress import Progress
 from .reporting import fmt_ci, md_table
 from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
+from .ensemble_records import attack_records, clean_records, state_from_clean, steps_from_records
 from .units import Unit, n_shards, shard_slice
 
 __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "EXPERIMENT", "FILES", "CARD_KEYS", "EvaluateConfig", "EvaluateOutcome",
@@ -103,52 +104,6 @@ FILES = {"card": "card.json", "report": "report.md", "curve": "accuracy_vs_eps.p
 CARD_KEYS = ("schema", "schema_version", "created", "model", "defense", "threat_model", "budget", "data", "n", "seed", "draws",
              "device", "device_description", "versions", "git_revision", "draw_scheme", "clean", "ensemble", "per_attack",
              "per_image", "flags", "curve", "passes", "seconds", "notes", "files")
-
-
-# ---------------------------------------------------------------------------------------------
-# records <-> the ensemble's verdicts (shared with reproduce's strong experiment)
-# ---------------------------------------------------------------------------------------------
-def clean_records(state: E.EnsembleState, ids: Sequence[str], labels: torch.Tensor) -> List[Dict[str, Any]]:
-    """One record per image: the clean verdict (R draws)."""
-    return [{"image_id": i, "label": int(labels[j]), "correct": [bool(c) for c in state.correct[j]],
-             "correct_fraction": float(state.correct[j].float().mean())} for j, i in enumerate(ids)]
-
-
-def attack_records(step: E.StepOutcome, ids: Sequence[str], x: torch.Tensor) -> List[Dict[str, Any]]:
-    """One record per attacked image: the verdict of its example and its distances."""
-    from ..metrics import l2_rms, linf
-
-    out = []
-    for j, row in enumerate(step.rows.tolist()):
-        rec = {"image_id": ids[row], "correct": [bool(c) for c in step.correct[j]], "correct_fraction": float(step.correct[j].float().mean())}
-        if step.distance is not None and step.distance.numel():
-            rec["distance"] = float(step.distance[j])
-        if step.adversarial is not None:
-            a, c = step.adversarial[j : j + 1], x[row : row + 1].to(step.adversarial.device)
-            rec["l2"], rec["linf"] = float(l2_rms(a, c)), float(linf(a, c))
-        out.append(rec)
-    return out
-
-
-def steps_from_records(label: str, kind: str, records: Sequence[Dict[str, Any]], ids: Sequence[str], draws: int,
-                       offset: int = 0) -> E.StepOutcome:
-    """The :class:`~prepdefense.attacks.ensemble.StepOutcome` a unit's records stand for
-    (rows are positions in ``ids``, plus ``offset``)."""
-    pos = {name: j for j, name in enumerate(ids)}
-    recs = [r for r in records if r.get("image_id") in pos]
-    rows = torch.tensor([pos[r["image_id"]] + offset for r in recs], dtype=torch.long)
-    correct = torch.tensor([r["correct"] for r in recs], dtype=torch.bool).view(len(recs), draws)
-    dist = torch.tensor([float(r.get("distance", 0.0)) for r in recs])
-    order = rows.argsort()
-    return E.StepOutcome(label, kind, rows[order], correct[order], None, dist[order])
-
-
-def state_from_clean(records: Sequence[Dict[str, Any]], ids: Sequence[str]) -> E.EnsembleState:
-    by = {r["image_id"]: r for r in records}
-    missing = [i for i in ids if i not in by]
-    if missing:
-        raise PrepDefenseError(f"the clean verdict has no record of {missing[0]!r}")
-    return E.EnsembleState(torch.tensor([by[i]["correct"] for i in ids], dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,12 +506,12 @@ def report_markdown(card: Dict[str, Any]) -> str:
                  + (f"; it broke {t.get('broke_after_white_box', 0)} image(s) the white-box attacks left robust" if t.get("transfer_tried") else ""))
     u = flags.get("unbounded")
     if u:
-        lines.append(f"- Unbounded attack reaches 100%: " + (f"not run ({u['skipped']})" if "skipped" in u else
+        lines.append("- Unbounded attack reaches 100%: " + (f"not run ({u['skipped']})" if "skipped" in u else
                      f"{'yes' if u['reached'] else 'NO'} ({u['attack']}, eps {u['eps']:g}, {u['steps']} steps, on {u['n']} image(s) "
                      f"{', '.join(u.get('image_ids', [])[:10])}: success {u['success_expected']:.2f} expected over draws)"))
     s = flags.get("more_steps")
     if s:
-        lines.append(f"- More steps do not help: " + (f"not needed ({s['skipped']})" if "skipped" in s else
+        lines.append("- More steps do not help: " + (f"not needed ({s['skipped']})" if "skipped" in s else
                      f"{'NO, they help' if s['helps'] else 'yes'} ({s['attack']} with {s['steps_doubled']} instead of {s['steps']} steps "
                      f"on {s['n']} still-robust image(s): success {s['success_2k']:.2f}"
                      + (f" vs {s['success_k']:.2f}" if s.get("success_k") is not None else "") + f", {s['newly_broken_worst']} newly broken)"))
