@@ -6,6 +6,7 @@ for the real model except in the README/issue check."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -128,6 +129,18 @@ def test_resume_after_a_kill_and_equal_to_the_library(images, tmp_path, monkeypa
     # The same folder with another configuration is refused.
     with pytest.raises(ConfigMismatchError, match="--fresh"):
         _evaluate(_config(images, out, seed=4))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_with_eta_on_a_terminal(images, tmp_path):
+    screen = _Terminal()
+    V.evaluate_defense(_config(images, tmp_path / "out", defense="jpeg", quiet=False), classifier=TinyConvNet(), stream=screen)
+    text = screen.getvalue()
+    assert "evaluate:" in text and "100%" in text and re.search(r"\[\d\d:\d\d<\d\d:\d\d", text)  # elapsed<remaining
 
 
 @pytest.mark.parametrize("flags, message", [

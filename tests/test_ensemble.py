@@ -111,7 +111,10 @@ def test_masking_flag_when_a_gradient_free_attack_wins():
     assert any("unbounded" in w for w in res.flags["warnings"])
     assert {p["broken_by"] for p in res.per_image} >= {"square"}
     # The same classifier without the masking defense: the gradient attack breaks everything first.
-    res = E.evaluate(clf, x, labels=_labels(clf, x), eps=0.05, budget=budget, generator=0)
+    calls = []
+    res = E.evaluate(clf, x, labels=_labels(clf, x), eps=0.05, budget=budget, generator=0, progress=lambda d, t: calls.append((d, t)))
+    assert calls and all(d <= t + 1e-9 for d, t in calls) and calls[-1][0] == pytest.approx(calls[-1][1])
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert res.per_attack[0]["broke"] == 12 and res.per_attack[2]["ran_on"] == 0
     assert not res.flags["masking"]["warning"] and res.flags["unbounded"]["reached"] and res.flags["warnings"] == []
     assert res.flags["more_steps"]["skipped"].startswith("no image left robust")

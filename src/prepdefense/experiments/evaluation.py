@@ -683,7 +683,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         progress.log(f"{'resuming' if resumed else 'starting'} evaluate of {config.defense} ({norm} eps {eps:.4g}, budget {budget.name}, "
                      f"{len(ids)} images) in {out if tmp is None else 'a temporary folder'}: {len(units)} units, "
                      f"{len(units) - len(todo)} already done, {len(todo)} to run on {device}")
-        progress.start_experiment(EXPERIMENT, len(todo), sum(u.cost for u in todo))
+        progress.start_experiment(EXPERIMENT, len(todo), sum(u.cost for u in todo), title="the attack ensemble")
         try:
             result, stats = run_units(store, defended, x, labels, ids, seed=config.seed, defense=config.defense, norm=norm, eps=eps,
                                       budget=budget, draws=config.draws, shard_size=config.shard_size, checks=config.checks,

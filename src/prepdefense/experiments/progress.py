@@ -39,11 +39,12 @@ class Progress:
         else:
             print(f"[{now_iso()}] {msg}", file=self.stream, flush=True)
 
-    def start_experiment(self, experiment: str, n_units: int, cost: float) -> None:
+    def start_experiment(self, experiment: str, n_units: int, cost: float, title: Optional[str] = None) -> None:
         if self.bars:
             self.current = self._tqdm(total=max(cost, 1e-9), desc=f"  {experiment}", position=1, leave=False, file=self.stream,
                                       dynamic_ncols=True, bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
-        self.log(f"{experiment}: {n_units} unit(s) to run ({registry.title(experiment)})")
+        title = registry.title(experiment) if title is None else title
+        self.log(f"{experiment}: {n_units} unit(s) to run" + (f" ({title})" if title else ""))
 
     def start_unit(self, unit: Unit) -> None:
         self._unit_cost = unit.cost
