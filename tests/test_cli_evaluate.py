@@ -126,6 +126,9 @@ def test_resume_after_a_kill_and_equal_to_the_library(images, tmp_path, monkeypa
     assert [p["broken_by"] for p in res.per_image] == [p["broken_by"] for p in card["per_image"]]
     assert to_jsonable(res.robust) == card["ensemble"] and [p["robust_accuracy_worst"] for p in res.curve] == [p["robust_accuracy_worst"] for p in card["curve"]]
     assert strip(to_jsonable(res.per_attack)) == strip(card["per_attack"])
+    flags = to_jsonable(res.flags)
+    assert flags["warnings"] == card["flags"]["warnings"] and flags["masking"] == card["flags"]["masking"]
+    assert strip([flags["unbounded"]])[0].items() <= strip([card["flags"]["unbounded"]])[0].items()  # the store adds image_ids
     # The same folder with another configuration is refused.
     with pytest.raises(ConfigMismatchError, match="--fresh"):
         _evaluate(_config(images, out, seed=4))

@@ -88,7 +88,7 @@ from .verdict import bootstrap_interval, judge_on_draws, summarize, wilson_inter
 __all__ = [
     "MIN_DRAWS", "CHECK_SHARE", "UNBOUNDED_EPS", "GRADIENT_FREE", "WHITE_BOX", "EnsembleAttack", "Budget", "BUDGETS",
     "PUBLIC_BUDGETS", "get_budget", "budget_help", "EnsembleState", "StepOutcome", "EnsembleResult", "PassCounter",
-    "start", "attack_step", "run_attack", "curve_probe", "curve_step", "curve_points", "per_image_rows", "annotate", "per_attack_figures", "strongest_gradient_attack", "unbounded_check", "more_steps_check",
+    "start", "attack_step", "run_attack", "curve_probe", "curve_step", "curve_points", "per_image_rows", "annotate", "check_count", "per_attack_figures", "strongest_gradient_attack", "unbounded_check", "more_steps_check",
     "curve", "checklist_flags", "evaluate", "check_inputs", "DOUBLING_TOLERANCE", "UNBOUNDED_MIN_SUCCESS",
 ]
 
@@ -602,7 +602,7 @@ def _subset(order: torch.Tensor, m: int) -> torch.Tensor:
     return order[: max(0, int(m))]
 
 
-def _check_count(per_image_cost: float, spent: float, limit: int, candidates: int) -> int:
+def check_count(per_image_cost: float, spent: float, limit: int, candidates: int) -> int:
     """Images a check may use: at most ``limit`` and the candidates, and as many as
     :data:`CHECK_SHARE` of ``spent`` passes pays for, but at least one."""
     if candidates <= 0:
@@ -818,11 +818,17 @@ class EnsembleResult:
                 "flags": self.flags, "curve": self.curve, "passes": self.passes, "seconds": self.seconds}
 
 
-def per_image_rows(state: EnsembleState) -> List[Dict[str, Any]]:
+def per_image_rows(state: EnsembleState, labels: Optional[torch.Tensor] = None) -> List[Dict[str, Any]]:
+    """Per image: position, label, worst-case robustness, fraction of correct draws, what broke
+    it first, where its kept example came from and that example's distance."""
     frac = state.correct.float().mean(1)
     worst = state.robust_worst()
-    return [{"index": i, "robust_worst": bool(worst[i]), "correct_fraction": float(frac[i]), "broken_by": state.broken_by[i],
+    rows = [{"index": i, "robust_worst": bool(worst[i]), "correct_fraction": float(frac[i]), "broken_by": state.broken_by[i],
              "kept_from": state.kept_from[i], "distance": float(state.distance[i])} for i in range(len(state))]
+    if labels is not None:
+        for row, y in zip(rows, labels.tolist()):
+            row["label"] = int(y)
+    return rows
 
 
 def evaluate(
@@ -897,7 +903,8 @@ def evaluate(
                 step = attack_step(spec, model, x, labels, state, key, norm=norm, eps=eps, num_classes=k, batch_size=batch_size, progress=tick)
             state.apply(step)
             steps.append(step)
-        spent = counter.images
+        # The attacks' own passes (the verdicts' included), as the store's units count them.
+        spent = sum(int(st.info.get("classifier_images", 0) or 0) for st in steps)
         per_attack = annotate(per_attack_figures(clean_correct, steps, seed=seed)[0], budget, randomized)
         best = strongest_gradient_attack(budget, per_attack)
         unbounded = more = None
@@ -905,12 +912,12 @@ def evaluate(
             with bar.span(budget.check_images * (sum(best.cost(randomized)) + r)):
                 u_cost = best.replace(**{best.steps_param: budget.unbounded_steps}).cost(randomized)[0] + r
                 unbounded = unbounded_check(best, model, x, labels, state, key, norm=norm, steps=budget.unbounded_steps,
-                                            images=_check_count(u_cost, spent / 2, budget.check_images, n), batch_size=batch_size)
+                                            images=check_count(u_cost, spent / 2, budget.check_images, n), batch_size=batch_size)
             with bar.span(budget.check_images * (2 * sum(best.cost(randomized)) + r)):
                 m_cost = 2 * best.cost(randomized)[0] + r
                 own = next((s for s in steps if s.label == best.label), None)
                 more = more_steps_check(best, model, x, labels, state, own, key, norm=norm, eps=eps,
-                                        images=_check_count(m_cost, spent / 2, budget.check_images, int(state.robust_rows().numel())),
+                                        images=check_count(m_cost, spent / 2, budget.check_images, int(state.robust_rows().numel())),
                                         batch_size=batch_size)
         pts: List[Tuple[float, StepOutcome]] = []
         if best is not None and with_curve:
@@ -926,7 +933,7 @@ def evaluate(
     return EnsembleResult(
         norm=norm, eps=eps, budget=budget, draws=r, n=n,
         clean=_figures(clean_correct, seed), robust=_figures(state.correct, seed),
-        per_attack=per_attack, per_image=per_image_rows(state), adversarial=state.adversarial, flags=flags, curve=curve_rows,
+        per_attack=per_attack, per_image=per_image_rows(state, labels), adversarial=state.adversarial, flags=flags, curve=curve_rows,
         passes={"estimated_per_image": budget.cost(randomized, draws), "classifier_images": measured,
                 "classifier_images_attacks": spent},
         seconds=round(time.perf_counter() - t0, 3),

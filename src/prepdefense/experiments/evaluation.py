@@ -248,7 +248,7 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
     if checks and best is not None:
         def compute_unbounded(rescale):
             u_cost = best.replace(**{best.steps_param: budget.unbounded_steps}).cost(randomized)[0] + r
-            m = E._check_count(u_cost, spent / 2, budget.check_images, n)
+            m = E.check_count(u_cost, spent / 2, budget.check_images, n)
             rescale(m * u_cost)
             return [], E.unbounded_check(best, model, x, labels, state, key_all, norm=norm, steps=budget.unbounded_steps,
                                          images=m, batch_size=batch_size)
@@ -256,7 +256,7 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
 
         def compute_steps(rescale):
             m_cost = 2 * best.cost(randomized)[0] + r
-            m = E._check_count(m_cost, spent / 2, budget.check_images, int(state.robust_rows().numel()))
+            m = E.check_count(m_cost, spent / 2, budget.check_images, int(state.robust_rows().numel()))
             rescale(m * m_cost)
             own = next((st for st in steps_all if st.label == best.label), None)
             return [], E.more_steps_check(best, model, x, labels, state, own, key_all, norm=norm, eps=eps, images=m, batch_size=batch_size)
@@ -289,12 +289,11 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
     seed32 = key_all.seed % (2**32)
     curve_rows = E.curve_points(clean_correct, points, state.correct, eps=eps, attack=best.label if best else "-", seed=seed32)
     flags = E.checklist_flags(per_attack, unbounded=unbounded, more_steps=more, curve_rows=curve_rows)
-    measured = spent + sum(int((c or {}).get("classifier_images", 0) or 0) for c in (unbounded, more))
+    measured = n * r + spent + sum(int((c or {}).get("classifier_images", 0) or 0) for c in (unbounded, more))
     measured += sum(int(step.info.get("classifier_images", 0) or 0) for _f, step in points)
-    per_image = E.per_image_rows(state)
+    per_image = E.per_image_rows(state, labels)
     for row, name in zip(per_image, ids):
         row["id"] = name
-        row["label"] = int(labels[row["index"]])
     result = E.EnsembleResult(norm=norm, eps=eps, budget=budget, draws=r, n=n, clean=E._figures(clean_correct, seed32),
                               robust=E._figures(state.correct, seed32), per_attack=per_attack, per_image=per_image, adversarial=kept,
                               flags=flags, curve=curve_rows,
