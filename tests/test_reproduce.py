@@ -277,6 +277,34 @@ def test_plan_and_presets():
     assert U.unit_seed(0, "a") == U.unit_seed(0, "a") != U.unit_seed(1, "a") != U.unit_seed(0, "b")
 
 
+def test_strong_section_runs_the_ensemble_chain(tmp_path, image_folder):
+    """Issue 10, item 6: per (defense, norm, shard) the strong section runs evaluate's ensemble: a
+    clean verdict, then each attack of the preset's budget on the images still robust, judged on
+    >= 10 draws; the chain stays in one shard of ``--shard K/N``."""
+    from prepdefense.attacks.ensemble import BUDGETS, MIN_DRAWS
+    from prepdefense.experiments import sharding
+
+    ov = {**SMALL, "strong_defenses": ("jpeg", "grid-distort"), "strong_norms": ("linf",)}
+    res = _run(tmp_path / "out", image_folder, only=["strong"], overrides=ov)
+    assert res.failed == 0
+    labels = ["clean"] + [a.label for a in BUDGETS[U.PRESETS["smoke"].strong_budget].attacks]
+    units = {u["unit_id"]: u for u in ResultStore(tmp_path / "out").units("strong")}
+    for d in ("jpeg", "grid-distort"):
+        assert {uid for uid in units if uid.startswith(f"strong/{d}/")} == {f"strong/{d}/{a}/norm=linf/s0" for a in labels}
+        robust = {r["image_id"] for r in units[f"strong/{d}/clean/norm=linf/s0"]["records"] if any(r["correct"])}
+        for a in labels[1:]:
+            u = units[f"strong/{d}/{a}/norm=linf/s0"]
+            attacked = {r["image_id"] for r in u["records"]}
+            assert attacked == robust and u["summary"]["ran_on"] == len(robust)  # auto-attack's rule
+            robust = {r["image_id"] for r in u["records"] if any(r["correct"])} & robust
+    draws = {len(r["correct"]) for r in units["strong/grid-distort/clean/norm=linf/s0"]["records"]}
+    assert draws == {MIN_DRAWS} and {len(r["correct"]) for r in units["strong/jpeg/clean/norm=linf/s0"]["records"]} == {1}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "images by what broke them first" in text and "attack ensemble" in text
+    chain = [u for u in registry.plan(U.PRESETS["smoke"].with_overrides(**ov), registry.parse_only("strong")) if u.attack != "diagnostics"]
+    assert len({sharding.group_key(u) for u in chain}) == 2  # one group per (defense, norm, shard)
+
+
 def test_demo_pipeline_on_given_images(tmp_path):
     from prepdefense.experiments.reproduce import run_demo_pipeline
 

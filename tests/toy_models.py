@@ -20,3 +20,29 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.t() + self.bias
+
+
+class TinyConvNet(nn.Module):
+    """32x32 [0,1] NCHW -> 10 logits, random weights from a fixed seed (deterministic); any
+    input size works (adaptive pooling). The ensemble's tests use it."""
+
+    input_size = 32
+    num_classes = 10
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.conv(x * 2 - 1))
+        return self.fc(nn.functional.adaptive_avg_pool2d(z, 2).flatten(1))
+
+
+def tiny_convnet() -> nn.Module:
+    """``--model toy_models:tiny_convnet`` (the tests' folder is on ``sys.path``)."""
+    return TinyConvNet().eval()

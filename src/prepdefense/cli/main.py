@@ -15,10 +15,10 @@ from typing import List, Optional
 
 from .. import __version__
 from ..errors import PrepDefenseError
-from . import attack, check_defense, demo, judge, learn_table, merge, predict, randomness, reproduce, usability
+from . import attack, check_defense, demo, evaluate, judge, learn_table, merge, predict, randomness, reproduce, usability
 
 #: Sub-commands in the order ``--help`` lists them.
-_SUBCOMMANDS = (predict, demo, randomness, attack, usability, judge, learn_table, reproduce, merge, check_defense)
+_SUBCOMMANDS = (predict, demo, randomness, attack, evaluate, judge, usability, learn_table, reproduce, merge, check_defense)
 
 
 class _Parser(argparse.ArgumentParser):

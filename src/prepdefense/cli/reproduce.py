@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Run the paper's evaluation: Table 1 (randomness), Fig. 4 (BPDA and BPDA+EOT curves), Tables 2-4 "
             "(standard attacks, bare and defended, delta sweep), Table 5, Table 6 (combinations), Section 6.4 "
-            "(learned BPDA) and a strong adaptive attack with its diagnostics. Results are stored per unit of work, "
+            "(learned BPDA) and the strong attack ensemble of 'prepdefense evaluate' with its diagnostics. Results are stored per unit of work, "
             "atomically: a killed run started again with the same arguments resumes."
         ),
     )

@@ -14,7 +14,7 @@ import torch
 
 from .store import atomic_write_bytes
 
-__all__ = ["plot_curves", "image_rows_figure", "save_figure"]
+__all__ = ["plot_curves", "plot_accuracy_vs_eps", "image_rows_figure", "save_figure"]
 
 
 def _pyplot():
@@ -76,6 +76,51 @@ def plot_curves(
     if curves or paper_points:
         ax.legend(fontsize=7, ncol=2, loc="best")
     return save_figure(fig, path)
+
+
+def plot_accuracy_vs_eps(
+    path: Path,
+    points: Sequence[Dict[str, object]],
+    *,
+    title: str,
+    xlabel: str,
+    note: str = "",
+) -> Path:
+    """Robust accuracy against the radius: expected over draws and worst case, each with its
+    95% interval as error bars (``prepdefense evaluate``'s curve).
+
+    Args:
+        points: ``{"eps", "robust_accuracy_expected", "robust_accuracy_expected_ci95",
+            "robust_accuracy_worst", "robust_accuracy_worst_ci95", "source"}`` per radius,
+            smallest first.
+        xlabel: the radius's unit (e.g. "Linf radius").
+        note: a line under the title (which attack gives which point).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    xs = [float(p["eps"]) for p in points]
+    for key, label, marker in (("robust_accuracy_expected", "expected over draws", "o"), ("robust_accuracy_worst", "worst case over draws", "s")):
+        ys = [float(p[key]) for p in points]
+        cis = [_interval(p.get(key + "_ci95"), y) for p, y in zip(points, ys)]
+        lo = [max(0.0, y - c[0]) for y, c in zip(ys, cis)]
+        hi = [max(0.0, c[1] - y) for y, c in zip(ys, cis)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def _interval(ci, value: float) -> Tuple[float, float]:
+    """``ci`` as two floats, ``(value, value)`` where it is missing (None or NaN)."""
+    try:
+        lo, hi = float(ci[0]), float(ci[1])
+    except (TypeError, ValueError, IndexError):
+        return (value, value)
+    return (lo, hi) if lo == lo and hi == hi else (value, value)
 
 
 def image_rows_figure(

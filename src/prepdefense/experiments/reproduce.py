@@ -28,7 +28,8 @@ The experiments, one module each:
   per-round history (Fig. 4 a-d, Sections 6.2-6.3; Table 6);
 * ``learned.py``  the Section 6.4 approximator (trained once on images disjoint from the
   sample, cached), its l2/SSIM to g(x), and BPDA through it;
-* ``strong.py``  the ``adaptive`` attack (L2 RMS 0.05 and Linf 8/255, untargeted) with its
+* ``strong.py``  the attack ensemble of ``prepdefense evaluate`` (``attacks.ensemble``: APGD,
+  the adaptive EOT-PGD, transfer, Square; L2 RMS 0.05 and Linf 8/255, untargeted) with its
   verdict on R fresh draws, the Carlini et al. diagnostics (``attacks.diagnostics``) and the
   report's verdict;
 * ``table5.py``  Table 5 from Fig. 4's BPDA+EOT run and the strong attack on our defense.

@@ -33,8 +33,8 @@ def adversarial_candidates() -> List[Tuple[str, str]]:
     """(cache entry, what it holds) of the strip's adversarial images, strongest attack first
     (``merge`` reads it to take the strip of the shard that holds the first entry)."""
     return [
-        (strong.adversarial_cache_name(OUR_DEFENSE, "l2", 0), "strong adaptive attack (L2 RMS 0.05)"),
-        (strong.adversarial_cache_name(OUR_DEFENSE, "linf", 0), "strong adaptive attack (Linf 8/255)"),
+        (strong.adversarial_cache_name(OUR_DEFENSE, "l2", 0), "strong attack ensemble (L2 RMS 0.05)"),
+        (strong.adversarial_cache_name(OUR_DEFENSE, "linf", 0), "strong attack ensemble (Linf 8/255)"),
         (fig4.adversarial_cache_name("bpda-eot", OUR_DEFENSE, 0), "BPDA+EOT (paper protocol)"),
         (fig4.adversarial_cache_name("bpda", OUR_DEFENSE, 0), "BPDA (paper protocol)"),
         (standard_attacks.adversarial_cache_name("C&W", 0), "C&W on the bare model"),

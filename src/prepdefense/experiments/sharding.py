@@ -9,7 +9,9 @@ unit gives the same records in whichever process computes it: shards merged
 How the units are split. Units that share a cached intermediate result form one *group* and
 go to the same shard, so nothing is computed twice: a Table 2 attack on an image shard with
 the Table 3 and Table 4 rows that defend its examples (``standard/<attack>/s<shard>``), and
-the Section 6.4 approximator with every BPDA unit run through it (``learned/<defense>``).
+the Section 6.4 approximator with every BPDA unit run through it (``learned/<defense>``), and
+the strong attack's chain of a defense, norm and image shard (its clean verdict and each
+attack of the ensemble, which attacks only what the ones before it left robust).
 Every other unit is its own group. The groups, largest estimated cost first (``Unit.cost``;
 ties in plan order), are dealt one by one to the shard with the least cost so far (ties: the
 lowest shard). The plan and the costs depend only on the preset and ``--only``, so every
@@ -72,6 +74,9 @@ def group_key(unit: Unit) -> Hashable:
         return ("standard", unit.attack, unit.shard)
     if unit.experiment == "learned":
         return ("learned", unit.defense)
+    if unit.experiment == "strong" and unit.attack != "diagnostics":
+        # One chain of the attack ensemble: each link attacks what the links before it left robust.
+        return ("strong", unit.defense, unit.variant, unit.shard)
     return ("unit", unit.id)
 
 

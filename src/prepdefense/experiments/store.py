@@ -64,7 +64,7 @@ class ConfigMismatchError(PrepDefenseError):
 
 
 class StoreLockedError(PrepDefenseError):
-    """Another ``reproduce`` process is writing into the same output folder."""
+    """Another ``reproduce`` or ``evaluate`` process is writing into the same output folder."""
 
 
 # Atomic writes live in one place for the whole package; re-exported here for the experiments.
@@ -182,7 +182,7 @@ class ResultStore:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise StoreLockedError(f"another `prepdefense reproduce` is writing into {self.root}; wait for it or use another --out") from None
+                raise StoreLockedError(f"another `prepdefense reproduce` or `evaluate` is writing into {self.root}; wait for it or use another --out") from None
             raise
         self._lock_fd = fd
 

@@ -91,7 +91,8 @@ class Preset:
     learned_batch: int
     learned_patch: Optional[int]
     learned_rounds: int
-    #: Strong adaptive attack: defenses, norms, steps, EOT, draws R, image shards used.
+    #: Strong attack (the ensemble, ``strong_budget`` below): defenses, norms, image shards used; the
+    #: adaptive attack's steps, EOT, draws R and losses size its diagnostics (R: at least 10 for the verdict).
     strong_defenses: Tuple[str, ...]
     strong_norms: Tuple[str, ...]
     adaptive_steps: int
@@ -107,6 +108,9 @@ class Preset:
     #: images (paper Table 1: 1000) and draws per random defense.
     usability_images: int = 1000
     usability_draws: int = 3
+    #: The attack ensemble of the strong-attack section (``attacks.ensemble.BUDGETS``, as
+    #: ``prepdefense evaluate --budget``); ``adaptive_*`` above size its diagnostics.
+    strong_budget: str = "paper"
     #: What differs from the paper's sizes, in words (the report prints it).
     shrunk: Tuple[str, ...] = ()
 
@@ -231,15 +235,16 @@ PRESETS: Dict[str, Preset] = {
         diagnostics_defenses=(OUR_DEFENSE,),
         diagnostics_norms=("l2",),
         crop_ensemble=4,
+        strong_budget="reproduce-quick",
         usability_images=40,
         shrunk=(
             "usability (clean accuracy) on 40 protocol images instead of 1000",
-            "8 protocol images instead of 100 (strong adaptive attack: the first 4 only)",
+            "8 protocol images instead of 100 (strong attack ensemble: the first 4 only)",
             "Table 1 on 16 images instead of 1000; accuracy of random defenses over 3 draws instead of 10",
             "BPDA / BPDA+EOT: 10 rounds instead of 50 (and not continued to the l2 bound); EOT 3 instead of 30",
             "PGD-1000 run with 60 steps; C&W with 2 binary-search steps x 25 iterations and L-BFGS with 2 x 15, instead of 5 x 1000, both starting the search at c = 10 instead of 0.01; DeepFool at most 20 steps",
             "Section 6.4: approximator trained on 24 images for 40 steps of 8 random 64x64 patches (paper preset: 500 images, 2000 steps of 16 whole images); its BPDA attack runs 10 rounds",
-            "strong adaptive attack: 10 steps instead of 200, EOT 2 instead of 30, cross-entropy loss only (no margin restart), judged on 4 draws instead of 10",
+            "strong attack: the ensemble's reproduce-quick budget (APGD-CE, APGD-DLR, EOT-PGD and transfer with 10 steps, EOT 2, Square with 100 queries) instead of the paper budget; its diagnostics: 10 steps instead of 200, EOT 2 instead of 30, cross-entropy only",
             "random crop ensemble of 4 crops instead of 30",
             "diagnostics for our defense only, L2 only",
         ),
@@ -276,6 +281,7 @@ PRESETS: Dict[str, Preset] = {
         crop_ensemble=2,
         usability_images=3,
         usability_draws=2,
+        strong_budget="smoke",
         shrunk=("smoke test: 2 images, 2 rounds, 2 steps; the numbers mean nothing",),
     ),
 }
