@@ -10,6 +10,7 @@ image with a short BPDA+EOT run against both models (verdict on fresh draws), an
 from __future__ import annotations
 
 from ..experiments.demo import default_defense_name, run_demo
+from ..experiments.demo_verdict import summary as verdict_summary
 from .common import check_at_least, check_defense, check_model, check_out_folder, check_seed
 from .common import build_model, one_line_skip_warnings, print_json, resolve_device
 
@@ -34,6 +35,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--rounds", type=int, default=20, help="BPDA+EOT rounds of the demo attack (0 skips the attack; default 20)")
     p.add_argument("--eot", type=int, default=8, help="EOT draws per round of the demo attack (default 8; the paper uses 30)")
+    p.add_argument("--strong-budget", default="quick", choices=("quick", "standard", "off"),
+                   help="budget of the strong verdict: 'prepdefense evaluate''s attack ensemble on the images the bare "
+                        "model gets right, untargeted, RMS 0.05, judged on 10 fresh draws ('quick', the default, takes "
+                        "about 1-2 minutes on 2 CPU cores; 'off' skips it)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=run)
 
@@ -50,9 +55,10 @@ def run(args) -> int:
     device = resolve_device(args.device)
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device)
-        report, items, attacked = run_demo(
+        report, items, attacked, verdict = run_demo(
             model, args.out, model_name=args.model, defense_name=name, seed=args.seed, device=device,
             attack_rounds=args.rounds, attack_eot=args.eot,
+            strong_budget=None if args.strong_budget == "off" else args.strong_budget,
         )
     summary = {
         "report": str(report),
@@ -70,6 +76,8 @@ def run(args) -> int:
                 "robust_accuracy_expected": v.verdict["robust_accuracy_expected"], "history": v.history}
             for k, v in attacked.items() if not k.startswith("_")
         }
+    if args.strong_budget != "off" and name != "none":
+        summary["strong_verdict"] = verdict_summary(verdict)
     if args.json:
         print_json(summary)
     else:
@@ -80,4 +88,6 @@ def run(args) -> int:
         for k, v in (summary.get("attack") or {}).items():
             print(f"  BPDA+EOT ({args.rounds} rounds) on {k}: ASR {v['asr_expected']:.2f} expected over fresh draws, "
                   f"{v['asr_worst']:.2f} worst case")
+        if "strong_verdict" in summary:
+            print(f"  {summary['strong_verdict']['sentence']}")
     return 0

@@ -22,6 +22,7 @@ from .. import data, defenses
 from ..defenses import Defended
 from ..seeding import child_seed, make_generator
 from .demo_attack import attack_builtin, attack_section
+from .demo_verdict import StrongVerdict, strong_verdict, verdict_section
 from .images import png_bytes, side_by_side, to_pil
 from .store import atomic_write_bytes, atomic_write_text
 
@@ -146,6 +147,7 @@ def write_demo_report(
     device: str,
     extra_sections: Sequence[str] = (),
     filename: str = "README.md",
+    headline: Optional[str] = None,
 ) -> Path:
     """Write the Markdown summary (images, top-5 of bare and defended model) atomically.
 
@@ -163,6 +165,7 @@ def write_demo_report(
         f"- Defense: `{defense_repr}`",
         f"- Top-1 accuracy, bare model: {bare_acc:.2f} ({sum(it.bare_correct for it in items)}/{n})",
         f"- Top-1 accuracy, defended model (one draw): {def_acc:.2f} ({sum(it.defended_correct for it in items)}/{n})",
+        *([f"- **{headline}** (section 'Strong verdict' below)"] if headline else []),
         "",
         "Each row shows the clean image, then two independent draws of the defense. "
         "The true class is in bold where it appears in a top-5 list.",
@@ -198,9 +201,11 @@ def run_demo(
     device: torch.device = torch.device("cpu"),
     attack_rounds: int = 20,
     attack_eot: int = 8,
-) -> Tuple[Path, List[DemoImage], Optional[Dict]]:
+    strong_budget: Optional[str] = "quick",
+) -> Tuple[Path, List[DemoImage], Optional[Dict], Optional[StrongVerdict]]:
     """Classify the built-in images bare and defended, attack them with a short BPDA+EOT run
-    (``attack_rounds=0`` skips it), save the images and the report."""
+    (``attack_rounds=0`` skips it) and with the attack ensemble at ``strong_budget`` (None
+    skips it; ``demo_verdict.py``), save the images and the report."""
     name = (defense_name or default_defense_name()).strip().lower()
     defense = defenses.create(name).to(device)
     items = classify_builtin(model, defense, seed=seed, device=device)
@@ -219,8 +224,17 @@ def run_demo(
             attack_section(attack_results, defense, name, x, [it.id for it in items], out,
                            rounds=attack_rounds, eot=attack_eot, seed=seed)
         )
+    verdict = None
+    if strong_budget and items and name != "none":
+        x = torch.stack([it.clean for it in items])
+        labels = torch.tensor([it.label for it in items])
+        verdict = strong_verdict(model, defense, name, x, labels, [it.id for it in items], seed=seed,
+                                 budget=strong_budget, device=device)
+        if verdict is not None:
+            sections.append(verdict_section(verdict, x, out))
     report = write_demo_report(
         items, out, model_name=model_name, defense_name=name, defense_repr=" ".join(repr(defense).split()),
         seed=seed, device=str(device), extra_sections=sections,
+        headline=verdict.sentence if verdict is not None else None,
     )
-    return report, items, attack_results
+    return report, items, attack_results, verdict
