@@ -39,21 +39,19 @@ from __future__ import annotations
 
 import hashlib
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import seeding
-from ..errors import PrepDefenseError
 from . import registry
 from . import units as U
 from .components import resolve_device
 from .context import UNIT_DRAWS, RunContext, Sample
-from .experiment import Records
+from .executors import EXECUTORS, Executor, LocalExecutor, compute_unit, write_result
 from .metadata import collect_metadata, now_iso
 from ..draws import DRAW_SCHEME
 from .progress import Progress
@@ -88,6 +86,12 @@ class ReproduceConfig:
         shard: run only this shard of the planned units (``sharding.py``; 1-based ``"K/N"``
             or a :class:`~prepdefense.experiments.sharding.ShardSpec`); part of the run's
             identity, so a shard's store refuses another shard. ``merge.py`` combines them.
+        executor: who computes the units (``executors.py``): ``local`` (this process) or
+            ``ray`` (Ray actors, ``ray_executor.py``; the ``ray`` extra), or an executor object.
+            Not part of the run's identity: both give the same records, and a run may resume
+            under the other.
+        ray_address: with ``ray``, the cluster to join (None: start a local one on 127.0.0.1).
+        ray_workers: with ``ray``, at most this many workers (and the local Ray's CPUs).
     """
 
     out: Path
@@ -103,6 +107,9 @@ class ReproduceConfig:
     overrides: Dict[str, Any] = field(default_factory=dict)
     report_only: bool = False
     shard: Optional[Any] = None
+    executor: Any = "local"
+    ray_address: Optional[str] = None
+    ray_workers: Optional[int] = None
 
 
 @dataclass
@@ -120,32 +127,26 @@ class ReproduceOutcome:
 # ---------------------------------------------------------------------------------------------
 # one unit
 # ---------------------------------------------------------------------------------------------
-def _runner(experiment: str) -> Callable[[RunContext, Unit], Records]:
-    run = registry.get(experiment).run
-    if run is None:
-        raise PrepDefenseError(f"experiment {experiment!r} has no units of its own to run")
-    return run
-
-
 def run_unit(ctx: RunContext, unit: Unit) -> Dict[str, Any]:
-    """Run one unit and store it (status "ok", or "error" with the reason); returns a summary."""
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    try:
-        records, summary = _runner(unit.experiment)(ctx, unit)
-        status, error, tb = "ok", None, None
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:  # noqa: BLE001 - a missing or failing piece must not stop the run
-        records, summary = [], {}
-        status, error = "error", f"{type(e).__name__}: {e}".strip()
-        tb = traceback.format_exc(limit=8)
-    seconds = time.perf_counter() - t0
-    if tb:
-        summary = {"traceback": tb}
-    summary = {**summary, "cpu_seconds": round(time.process_time() - c0, 3)}
-    ctx.store.write_unit(unit.experiment, unit.id, key=unit.key, records=records, summary=summary, status=status, error=error, seconds=seconds)
-    return {"status": status, "error": error, "seconds": seconds}
+    """Run one unit in this process and store it (status "ok", or "error" with the reason);
+    returns a summary. ``executors.compute_unit`` computes, ``executors.write_result`` stores."""
+    r = compute_unit(ctx, unit)
+    write_result(ctx.store, unit, r)
+    return {"status": r.status, "error": r.error, "seconds": r.seconds}
+
+
+def make_executor(config: ReproduceConfig) -> Executor:
+    """The executor ``config.executor`` names (``executors.EXECUTORS``), with its options, or
+    ``config.executor`` itself when it is an executor already."""
+    if not isinstance(config.executor, str):
+        return config.executor
+    if config.executor == "local":
+        return LocalExecutor()
+    if config.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=config.ray_address, workers=config.ray_workers, device=config.device)
+    raise ValueError(f"unknown executor {config.executor!r}; choose one of {', '.join(EXECUTORS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,32 +288,34 @@ def reproduce(
 
         todo = [u for u in plan if not store.is_done(u.experiment, u.id)]
         already = len(plan) - len(todo)
+        executor = make_executor(config)
         progress = Progress(sum(u.cost for u in todo), len(todo), quiet=config.quiet, stream=stream)
         progress.log(
             f"{'resuming' if resumed else 'starting'} {preset.name} run in {config.out}"
             + (f" (shard {shard} of the units)" if shard else "") + f": {len(plan)} units planned, "
             f"{already} already done, {len(todo)} to run on {device}"
+            + (f" ({executor.name} executor)" if executor.name != "local" else "")
         )
         ctx.progress_hook = progress.unit_fraction
         failed = 0
         ran = 0
+        results = executor.run(ctx, todo, progress)
         try:
-            for exp in registry.names():
-                exp_units = [u for u in todo if u.experiment == exp]
-                if not exp_units:
+            # The executor computes; this process alone writes each unit as it arrives (once:
+            # a unit already stored as done is never overwritten).
+            for unit, result in results:
+                if store.is_done(unit.experiment, unit.id):
                     continue
-                progress.start_experiment(exp, len(exp_units), sum(u.cost for u in exp_units))
-                for unit in exp_units:
-                    progress.start_unit(unit)
-                    r = run_unit(ctx, unit)
-                    ran += 1
-                    failed += r["status"] != "ok"
-                    progress.end_unit(unit, r["status"], r["seconds"], r["error"])
-                progress.end_experiment(exp)
+                write_result(store, unit, result)
+                ran += 1
+                failed += result.status != "ok"
+                progress.end_unit(unit, result.status, result.seconds, result.error)
         finally:
+            results.close()  # the executor's workers end here, whatever happened
             progress.close()
             store.append_session({"started": started, "ended": now_iso(), "seconds": time.perf_counter() - t_start,
-                                  "units_run": ran, "units_failed": failed, "device": str(device), "only": list(experiments)})
+                                  "units_run": ran, "units_failed": failed, "device": str(device), "only": list(experiments),
+                                  "executor": executor.name})
 
         try:
             sample_strip_figure(ctx, store.root / "figures" / "samples.png")
