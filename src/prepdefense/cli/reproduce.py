@@ -3,20 +3,26 @@
     prepdefense reproduce --data DIR --out DIR [--preset quick|paper|smoke] [--model NAME]
                           [--device D] [--seed S] [--fresh] [--quiet] [--only EXPERIMENTS]
                           [--report-only] [--shard K/N]
+                          [--executor local|ray [--ray-address ADDR] [--ray-workers N] [--ray-threads T]]
 
 Writes ``DIR/report.md`` (every table with the paper's numbers beside ours), ``results/*.jsonl``,
 ``tables/*.csv``, ``figures/*.png``. Killed and started again with the same arguments, it
 resumes where it stopped; ``--fresh`` starts over. ``--shard K/N`` runs only shard K of N of the
 planned units (numbered from 1) into its own ``--out``; ``prepdefense merge`` combines the shards.
+``--executor ray`` computes the units on Ray actors (one per GPU, or per CPU slot) while this
+process stores them (the ``ray`` extra; ``experiments/ray_executor.py``): the same records as a
+local run, and the same resumption.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from ..errors import PrepDefenseError
 from ..experiments import registry
 from ..experiments import units as U
+from ..experiments.executors import EXECUTORS, RAY_EXTRA_HINT
 from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
                      resolve_device)
 
@@ -49,7 +55,37 @@ def add_parser(subparsers) -> None:
                    help="run only shard K of N (numbered from 1: 1/N .. N/N) of the planned units, each into its own --out; "
                         "whole units are split, balanced by estimated cost, the same way in every shard; then "
                         "'prepdefense merge OUT SHARD_OUT...' combines them into records equal to an unsharded run's")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: compute the units in this process (default); ray: on Ray actors, one per GPU or CPU slot, "
+                        "this process storing every result (same records; needs the 'ray' extra)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the Ray cluster to join (e.g. auto, or HOST:PORT); default: start a local Ray "
+                        "on 127.0.0.1 for this run and stop it at the end")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --executor ray: at most N workers (default: one per GPU of the cluster, else one per "
+                        "T CPUs; a local Ray gets N*T CPUs)")
+    p.add_argument("--ray-threads", type=int, default=None, metavar="T",
+                   help="with --executor ray: torch threads and reserved CPUs per worker (default 1); records equal a "
+                        "local run's with as many torch threads (e.g. OMP_NUM_THREADS=1 for the default)")
     p.set_defaults(func=run)
+
+
+def _check_executor(args) -> None:
+    if args.executor != "ray":
+        for flag, value in (("--ray-address", args.ray_address), ("--ray-workers", args.ray_workers),
+                            ("--ray-threads", args.ray_threads)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --executor ray only; add --executor ray or leave {flag} out")
+        return
+    for flag, value in (("--ray-workers", args.ray_workers), ("--ray-threads", args.ray_threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.ray_address is not None and not args.ray_address.strip():
+        raise UsageError("--ray-address is empty; give auto or HOST:PORT, or leave it out to start a local Ray")
+    if args.report_only:
+        raise UsageError("--report-only computes nothing, so --executor ray has nothing to run; use one of them")
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError(f"--executor ray needs Ray, which is not installed; {RAY_EXTRA_HINT}")
 
 
 def run(args) -> int:
@@ -77,6 +113,7 @@ def run(args) -> int:
     if args.report_only and not (Path(args.out).expanduser() / "run.json").is_file():
         raise UsageError(f"--report-only: {args.out} holds no run to report (no run.json); run without --report-only first")
     check_seed(args.seed)
+    _check_executor(args)
     check_model(args.model, args.weights)
     resolve_device(args.device)
     data = args.data
@@ -92,7 +129,8 @@ def run(args) -> int:
     cfg = ReproduceConfig(
         out=Path(args.out), data=data, preset=args.preset, model=args.model, weights=args.weights,
         device=args.device, seed=args.seed, fresh=args.fresh, quiet=args.quiet, only=only,
-        report_only=args.report_only, shard=shard,
+        report_only=args.report_only, shard=shard, executor=args.executor, ray_address=args.ray_address,
+        ray_workers=args.ray_workers, ray_threads=args.ray_threads or 1,
     )
     with one_line_skip_warnings():
         outcome = reproduce(cfg)

@@ -91,7 +91,8 @@ class ReproduceConfig:
             Not part of the run's identity: both give the same records, and a run may resume
             under the other.
         ray_address: with ``ray``, the cluster to join (None: start a local one on 127.0.0.1).
-        ray_workers: with ``ray``, at most this many workers (and the local Ray's CPUs).
+        ray_workers: with ``ray``, at most this many workers (a local Ray gets the CPUs for them).
+        ray_threads: with ``ray``, torch threads (and reserved CPUs) per worker (default 1).
     """
 
     out: Path
@@ -110,6 +111,7 @@ class ReproduceConfig:
     executor: Any = "local"
     ray_address: Optional[str] = None
     ray_workers: Optional[int] = None
+    ray_threads: int = 1
 
 
 @dataclass
@@ -145,7 +147,8 @@ def make_executor(config: ReproduceConfig) -> Executor:
     if config.executor == "ray":
         from .ray_executor import RayExecutor
 
-        return RayExecutor(address=config.ray_address, workers=config.ray_workers, device=config.device)
+        return RayExecutor(address=config.ray_address, workers=config.ray_workers, threads=config.ray_threads,
+                           device=config.device)
     raise ValueError(f"unknown executor {config.executor!r}; choose one of {', '.join(EXECUTORS)}")
 
 
