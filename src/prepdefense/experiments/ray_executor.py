@@ -1,11 +1,11 @@
 """``reproduce --executor ray``: the units on Ray actors, stored by the driver (issue 13, item 2).
 
 One actor per GPU of the cluster (``num_gpus=1``), or one per CPU slot on a CPU-only cluster
-(``num_cpus=threads``, that many torch threads; one by default), at most ``--ray-workers``. Each actor is built once with
-the run's preset, seed, protocol sample and classifier (put once in Ray's object store) and
-rebuilds the :class:`~prepdefense.experiments.context.RunContext` from them; it then computes
-one unit per call (``executors.compute_unit``) and returns the records. Nothing on a worker
-writes the store: the driver writes every unit as it arrives (``executors.write_result``), so
+(``num_cpus=threads``, that many torch threads; one by default), at most ``--ray-workers``.
+Each actor is built once with the run's preset, seed, protocol sample and classifier (put once
+in Ray's object store), rebuilds the :class:`~prepdefense.experiments.context.RunContext` from
+them, then computes one unit per call (``executors.compute_unit``) and returns its records.
+Nothing on a worker writes the store: the driver writes every unit as it arrives (``executors.write_result``), so
 a killed run resumes exactly as a local one does, and the records equal the local executor's
 (units are deterministic given the seed, the unit's id and the images' ids; CPU, with as many
 torch threads per process as the local run: a float sum split over 2 threads may round
@@ -71,7 +71,6 @@ __all__ = ["RayExecutor", "WorkerCache", "start_local_ray", "import_ray", "LOOPB
 LOOPBACK = "127.0.0.1"
 
 
-
 def import_ray():
     """The ``ray`` module, or a :class:`PrepDefenseError` naming the ``ray`` extra."""
     try:
@@ -111,9 +110,9 @@ def start_local_ray(num_cpus: int, *, num_gpus: Optional[int] = None, **init_kwa
     if info.get("node_ip_address") != LOOPBACK or not str(info.get("gcs_address", "")).startswith(LOOPBACK + ":"):
         ray.shutdown()
         raise PrepDefenseError(
-            f"the local Ray came up on {info.get('node_ip_address')} (GCS {info.get('gcs_address')}), not on {LOOPBACK}; "
-            "it was shut down (this Ray version keeps its servers off the loopback address; start a cluster with "
-            "'ray start --head --node-ip-address=127.0.0.1' and pass --ray-address)"
+            f"the local Ray came up on {info.get('node_ip_address')} (GCS {info.get('gcs_address')}), not on {LOOPBACK}, "
+            "so it was shut down rather than left listening on the network (this Ray version does not take the "
+            "loopback settings of ray_executor.start_local_ray; use --executor local, or a cluster via --ray-address)"
         )
     return info
 
