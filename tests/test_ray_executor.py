@@ -284,9 +284,11 @@ def test_a_second_ray_run_has_nothing_to_do(ray_run, image_folder):  # noqa: F81
 
 
 @pytest.mark.slow
-def test_a_ray_run_recomputes_only_a_lost_unit(ray_run, image_folder, tmp_path):  # noqa: F811
-    """A unit missing from the store: the next Ray run computes that one alone (on one
-    worker), with the same records. (Slow: a worker's start costs 4-10 s on 2 cores.)"""
+def test_a_ray_run_recomputes_only_the_lost_units(ray_run, image_folder, tmp_path):  # noqa: F811
+    """Every link of a strong-attack chain but its clean verdict lost: the next Ray run
+    computes those alone, on one worker that is sent the stored clean verdict the first link
+    reads (``ctx.store.load_unit``), with the same records. (Slow: a worker's start costs
+    4-10 s on 2 cores.)"""
     import shutil
 
     from prepdefense.experiments.ray_executor import RayExecutor
@@ -294,11 +296,14 @@ def test_a_ray_run_recomputes_only_a_lost_unit(ray_run, image_folder, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(ray_run[0], out)
     before = _stored(out)
-    victim = sorted((out / "units" / "table2").glob("*.json"))[0]
-    victim.unlink()
+    lost = [p for p in (out / "units" / "strong").glob("*.json") if "__clean__" not in p.name and "__diagnostics__" not in p.name]
+    assert len(lost) >= 2
+    for p in lost:
+        p.unlink()
+    executor = RayExecutor(workers=2)
     with deadline(DEADLINE_S, "resuming a Ray run"):
-        outcome = _run(out, image_folder, executor=RayExecutor(workers=2))
-    assert (outcome.ran, outcome.failed, outcome.already_done) == (1, 0, ray_run[1].planned - 1)
+        outcome = _run(out, image_folder, executor=executor)
+    assert (outcome.ran, outcome.failed, outcome.already_done) == (len(lost), 0, ray_run[1].planned - len(lost))
     assert _stored(out) == before
 
 

@@ -18,12 +18,15 @@ unit writes is there for the next. Groups go out largest estimated cost first to
 actor is free, with at most ``in_flight`` units queued on an actor (so it never waits for the
 driver).
 
-**The tensor cache on a worker** (:class:`WorkerCache`) lives in a scratch folder of the
-worker. What a unit writes there comes back with its result (``UnitResult.cache_files``) and
-the driver writes it into ``OUT/cache/``; what a unit reads comes from the scratch folder, else
-from the driver's ``OUT/cache/`` when the worker's node sees that folder (same machine or a
-shared file system, checked against ``run.json``'s identity), else it is recomputed (the same
-tensors, since they are deterministic).
+**A worker's store** (:class:`WorkerCache`) is a scratch folder of the worker. The tensors a
+unit writes there come back with its result (``UnitResult.cache_files``) and the driver writes
+them into ``OUT/cache/``; what a unit reads comes from the scratch folder, else from the driver's
+``OUT/cache/`` when the worker's node sees that folder (same machine or a shared file system,
+checked against ``run.json``'s identity), else it is recomputed (the same tensors, since they
+are deterministic). A unit that reads an earlier unit's stored result (a link of the strong
+attack's chain reads the links before it, ``ctx.store.load_unit``) finds it in the scratch
+folder too: the worker keeps every unit it computed there, and the driver sends, with the first
+unit of a group it hands out, the units of that group already stored in ``OUT``.
 
 **A worker that dies** (``RayActorError``: the process exited, was killed or lost its node)
 is replaced; the unit it was computing and those queued behind it go back to the front of the
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import os
 import shutil
 import socket
@@ -58,7 +62,7 @@ from ..errors import PrepDefenseError
 from . import registry
 from .executors import RAY_EXTRA_HINT, UnitResult, compute_unit
 from .sharding import group_key
-from .store import ResultStore, atomic_write_bytes, to_jsonable
+from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
 from .units import Unit
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
@@ -145,8 +149,9 @@ class WorkerCache:
     def __init__(self, driver_root: str, identity: Dict[str, Any], scratch_parent: Optional[str] = None) -> None:
         parent = scratch_parent if scratch_parent and Path(scratch_parent).is_dir() else None
         self.scratch = Path(tempfile.mkdtemp(prefix="prepdefense-ray-worker-", dir=parent))
-        self._cache = self.scratch / "cache"
-        self._cache.mkdir()
+        #: The worker's own store: the units it computed or was sent, and its tensor cache.
+        self.local = ResultStore(self.scratch).open()
+        self._cache = self.local.cache_dir
         self.driver_cache: Optional[Path] = None
         driver = ResultStore(Path(driver_root))
         try:
@@ -157,7 +162,8 @@ class WorkerCache:
             self.driver_cache = driver.cache_dir
         self._known = _files(self._cache)
 
-    # What the experiments use of a store (``save_tensors``, ``load_tensors``, ``cache_dir``).
+    # What the experiments use of a store (``save_tensors``, ``load_tensors``, ``cache_dir``,
+    # ``load_unit``).
     @property
     def cache_dir(self) -> Path:
         """The scratch cache, first given the driver's cache files it lacks (a unit opening a
@@ -193,6 +199,20 @@ class WorkerCache:
                 except Exception:  # noqa: BLE001 - an unreadable entry is recomputed, as in ResultStore
                     continue
         return None
+
+    def load_unit(self, experiment: str, unit_id: str) -> Optional[Dict[str, Any]]:
+        """A unit this worker computed or was sent (``keep``, ``add_stored``), or None."""
+        return self.local.load_unit(experiment, unit_id)
+
+    def keep(self, unit: Unit, result: UnitResult) -> None:
+        """Store ``result`` here as the driver stores it there (the next units of its group read it)."""
+        self.local.write_unit(unit.experiment, unit.id, key=unit.key, records=result.records, summary=result.summary,
+                              status=result.status, error=result.error, seconds=result.seconds)
+
+    def add_stored(self, stored: Dict[str, Any]) -> None:
+        """A unit file of the driver's store, as it is there."""
+        path = self.local.unit_path(stored["experiment"], stored["unit_id"])
+        atomic_write_text(path, json.dumps(stored, sort_keys=True))
 
     def take_new_files(self) -> Dict[str, bytes]:
         """The scratch cache files written since the last call (by relative path)."""
@@ -246,8 +266,11 @@ class UnitWorker:
     def ready(self) -> str:
         return self.name
 
-    def compute(self, unit: Unit) -> UnitResult:
-        """Compute ``unit``; records and summary as plain JSON, the cache files it wrote attached."""
+    def compute(self, unit: Unit, stored: Sequence[Dict[str, Any]] = ()) -> UnitResult:
+        """Compute ``unit`` (after taking in ``stored``, unit files of its group from the
+        driver's store); records and summary as plain JSON, the cache files it wrote attached."""
+        for s in stored:
+            self.store.add_stored(s)
         if self.crash_once:
             try:
                 os.close(os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -260,6 +283,7 @@ class UnitWorker:
         result.summary = to_jsonable(result.summary)
         result.cache_files = self.store.take_new_files()
         result.worker = self.name
+        self.store.keep(unit, result)
         return result
 
     def close(self) -> None:
@@ -278,8 +302,17 @@ class _Slot:
         self.in_flight: List[Tuple[Any, Unit]] = []
 
 
+def _stored_unit(stored: Dict[str, Any]) -> Optional[Unit]:
+    """The :class:`Unit` of a stored unit file (None when it does not say)."""
+    key = stored.get("key") or {}
+    try:
+        return Unit(stored["experiment"], key["defense"], key["attack"], int(key["shard"]), key.get("variant", ""))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _groups(units: Sequence[Unit]) -> Deque[List[Unit]]:
-    """Units sharing cached work (``sharding.group_key``), largest estimated cost first."""
+    """Units sharing cached work or results (``sharding.group_key``), largest estimated cost first."""
     groups: Dict[Any, List[Unit]] = {}
     for u in units:
         groups.setdefault(group_key(u), []).append(u)
@@ -439,13 +472,23 @@ class RayExecutor:
         attempts: Dict[str, int] = collections.Counter()
         pending: Dict[Any, _Slot] = {}
         self.deaths, self.requeued = 0, []
+        # The units of each group already stored (ok): a worker starting the group is sent them.
+        stored: Dict[Any, List[Tuple[str, str]]] = collections.defaultdict(list)
+        wanted = {group_key(u) for u in units}
+        for exp in dict.fromkeys(u.experiment for u in units):
+            for s in ctx.store.iter_units(exp):
+                u = _stored_unit(s)
+                if u is not None and s.get("status") == "ok" and group_key(u) in wanted:
+                    stored[group_key(u)].append((u.experiment, u.id))
         while True:
             for slot in slots:  # keep every actor busy, its group's units in plan order
                 while len(slot.in_flight) < self.in_flight and (slot.queue or groups):
+                    sent: List[Dict[str, Any]] = []
                     if not slot.queue:
                         slot.queue.extend(groups.popleft())
+                        sent = [s for e, i in stored[group_key(slot.queue[0])] for s in [ctx.store.load_unit(e, i)] if s]
                     unit = slot.queue.popleft()
-                    ref = slot.actor.compute.remote(unit)
+                    ref = slot.actor.compute.remote(unit, sent)
                     slot.in_flight.append((ref, unit))
                     pending[ref] = slot
             if not pending:
@@ -466,6 +509,8 @@ class RayExecutor:
                     result = UnitResult("error", [], {}, f"{type(e).__name__}: {msg[-1] if msg else ''}", 0.0)
                 unit = next(u for r, u in slot.in_flight if r == ref)
                 slot.in_flight = [(r, u) for r, u in slot.in_flight if r != ref]
+                if result.status == "ok":  # stored by the caller before the next unit goes out
+                    stored[group_key(unit)].append((unit.experiment, unit.id))
                 progress.start_unit(unit)
                 yield unit, result
 
