@@ -1,13 +1,15 @@
 """``reproduce --executor ray`` (issue 13, item 2): the units on Ray actors equal the local
 executor's records, record for record; a worker that dies has its unit requeued (nothing lost,
-nothing twice); a second run resumes with nothing to do; and the local Ray it starts keeps every
-socket on 127.0.0.1.
+nothing twice); a second run resumes with nothing to do (and, marked slow, a run that lost some
+units recomputes only those); and the local Ray it starts keeps every socket on 127.0.0.1.
 
 A local Ray with 2 CPUs on 127.0.0.1 is started once for the module (``start_local_ray``, the
-executor's own start) and shut down at the end; every Ray test is bounded in time. Skipped when
-Ray (the ``ray`` extra) is not installed. Uses ``test_reproduce.py``'s tiny classifier and
-generated image folder, and ``test_shards.py``'s smoke-sized plan (Table 1, Tables 2-3, Fig. 4
-and the strong attack on 4 images in image shards of 2).
+executor's own start) and shut down at the end; every Ray step is bounded in time. One Ray run
+(2 workers, the first of which dies on its first unit) serves the first three tests, as the
+workers' start dominates their time. Skipped when Ray (the ``ray`` extra) is not installed.
+Uses ``test_reproduce.py``'s tiny classifier and generated image folder, and ``test_shards.py``'s
+smoke-sized plan (Table 1, Tables 2-3, Fig. 4 and a chain of the strong attack ensemble, on 4
+images in image shards of 2).
 """
 
 from __future__ import annotations
