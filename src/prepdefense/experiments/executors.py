@@ -11,11 +11,10 @@ A unit's work is split in two so that it can run elsewhere than where it is stor
 An *executor* maps the units to be run onto results, one ``(unit, result)`` pair at a time,
 in whatever order they finish; ``reproduce.py`` writes each pair as it arrives and updates the
 progress, so a run killed at any point resumes as before. :class:`LocalExecutor` runs them in
-this process, in plan order (the default); :class:`~prepdefense.experiments.ray_executor.RayExecutor`
-(``--executor ray``, the ``ray`` extra) runs them on Ray actors; ``reproduce.py`` picks one
-by name. Units are deterministic given
-the run's seed, the unit's id and the images' ids (``RunContext.image_key``), so both give the
-same records (CPU).
+this process, in plan order (the default); ``ray_executor.RayExecutor`` (``--executor ray``, the
+``ray`` extra) runs them on Ray actors; ``reproduce.make_executor`` picks one by name. Units are
+deterministic given the run's seed, the unit's id and the images' ids (``RunContext.image_key``),
+so both give the same records (CPU, as many torch threads per process).
 """
 
 from __future__ import annotations
