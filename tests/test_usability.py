@@ -25,6 +25,34 @@ def test_every_defense_both_tables_defend_at_and_the_delta_sweep_are_planned():
     assert dict(zip(*zip(*[(c.key, c.paper_acc) for c in configs(preset.deltas)])))["dct-distort"] == 0.95
 
 
+@pytest.fixture
+def three_configs(monkeypatch):
+    """The bare model, the default defense and the same defended at 299: the pipeline, cheaply."""
+    from prepdefense.experiments import usability
+
+    full = usability.configs
+    monkeypatch.setattr(usability, "configs", lambda deltas: [c for c in full(deltas)
+                                                              if c.key in ("none", "dct-distort", f"dct-distort@at{PAPER_SIDE}")])
+    return full
+
+
+def test_usability_command_pipeline(imagenet_sample_dir, tmp_path, capsys, three_configs):
+    out = tmp_path / "us"
+    argv = ["usability", "--data", str(imagenet_sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
+            "--quiet", "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    card = json.loads(capsys.readouterr().out)
+    rows = {r["Configuration"]: r for r in card["rows"]}
+    assert set(rows) == {"none (bare model)", "dct-distort, default table", f"dct-distort, default table, defended at {PAPER_SIDE}"}
+    assert float(rows["none (bare model)"]["ACC (ours, mean over draws)"]) == 1.0  # protocol images only
+    default = rows["dct-distort, default table"]
+    assert default["ACC (paper)"] == "0.95" and default["table"]  # the table the default resolves to is named
+    assert all(r["n"] == "3" for r in card["rows"])
+    assert main(argv) == 0  # resumable: a second run reuses every unit
+    assert json.loads(capsys.readouterr().out)["rows"] == card["rows"]
+
+
+@pytest.mark.slow
 def test_usability_command_on_the_shared_sample(imagenet_sample_dir, tmp_path, capsys):
     out = tmp_path / "us"
     argv = ["usability", "--data", str(imagenet_sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
