@@ -36,39 +36,33 @@ def three_configs(monkeypatch):
     return full
 
 
-def test_usability_command_pipeline(imagenet_sample_dir, tmp_path, capsys, three_configs):
-    out = tmp_path / "us"
-    argv = ["usability", "--data", str(imagenet_sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
+def _run_twice(sample_dir, out, capsys):
+    """Run the command on 3 images, 2 draws, check what every row must hold, run it again
+    (resumed: every unit reused, the same table) and return the rows by configuration."""
+    argv = ["usability", "--data", str(sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
             "--quiet", "--json", "--device", "cpu"]
     assert main(argv) == 0
     card = json.loads(capsys.readouterr().out)
     rows = {r["Configuration"]: r for r in card["rows"]}
-    assert set(rows) == {"none (bare model)", "dct-distort, default table", f"dct-distort, default table, defended at {PAPER_SIDE}"}
     assert float(rows["none (bare model)"]["ACC (ours, mean over draws)"]) == 1.0  # protocol images only
     default = rows["dct-distort, default table"]
     assert default["ACC (paper)"] == "0.95" and default["table"]  # the table the default resolves to is named
     assert all(r["n"] == "3" for r in card["rows"])
-    assert main(argv) == 0  # resumable: a second run reuses every unit
+    assert (out / "tables" / "usability.csv").is_file() and "## Usability" in (out / "report.md").read_text()
+    assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == card["rows"]
+    return rows
+
+
+def test_usability_command_pipeline(imagenet_sample_dir, tmp_path, capsys, three_configs):
+    rows = _run_twice(imagenet_sample_dir, tmp_path / "us", capsys)
+    assert set(rows) == {"none (bare model)", "dct-distort, default table", f"dct-distort, default table, defended at {PAPER_SIDE}"}
 
 
 @pytest.mark.slow
 def test_usability_command_on_the_shared_sample(imagenet_sample_dir, tmp_path, capsys):
-    out = tmp_path / "us"
-    argv = ["usability", "--data", str(imagenet_sample_dir), "--out", str(out), "--n", "3", "--draws", "2",
-            "--quiet", "--json", "--device", "cpu"]
-    assert main(argv) == 0
-    card = json.loads(capsys.readouterr().out)
-    rows = {r["Configuration"]: r for r in card["rows"]}
-    assert float(rows["none (bare model)"]["ACC (ours, mean over draws)"]) == 1.0  # protocol images only
-    default = rows["dct-distort, default table"]
-    assert default["ACC (paper)"] == "0.95" and default["table"]  # the table the default resolves to is named
-    assert all(r["n"] == "3" for r in card["rows"])
+    rows = _run_twice(imagenet_sample_dir, tmp_path / "us", capsys)
     assert len(rows) == len(configs(U.get_preset("paper").deltas))
-    assert (out / "tables" / "usability.csv").is_file() and "## Usability" in (out / "report.md").read_text()
-    # resumable: a second run reuses every unit
-    assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["rows"] == card["rows"]
 
 
 @pytest.mark.parametrize("flags, message", [(["--n", "0"], "--n"), (["--draws", "0"], "--draws")])

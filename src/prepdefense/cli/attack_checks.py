@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import attacks
+from ..attacks.ensemble import PassCounter
 from ..attacks.verdict import evaluate_on_draws
 from ..attacks.diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS, describe_randomness, gradient_agreement, gradient_warnings
 from ..seeding import child_seed, make_generator
@@ -58,21 +59,6 @@ HELP = (
     "of them at the attack's own settings on --diag-n images, about (3 + 1/eot) x diag_n/n of the "
     "attack's cost. 'off': none. Bare --diagnostics means 'default'."
 )
-
-
-class PassCounter:
-    """Counts images through ``module`` (a forward pre-hook); ``images`` is the running total."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.images = 0
-        self._handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, _module: nn.Module, args) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            self.images += int(args[0].shape[0])
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 AttackRunner = Callable[[Any, nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Generator], Any]
