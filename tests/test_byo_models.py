@@ -4,6 +4,8 @@ labels for any number of classes, end to end through ``predict`` and ``attack``.
 
 from __future__ import annotations
 
+import json
+
 import warnings
 
 import pytest
@@ -71,6 +73,18 @@ def test_module_defined_model_through_predict_and_attack(tiny, capsys):
                    "--attack", "pgd", "--n", "4", "--steps", "3", "--eps", "0.05", "--draws", "2", "--device", "cpu")
     assert out["n"] == 4 and out["clean_accuracy"] == 1.0 and out["model"] == f"{MOD}:tiny_net"
     assert 0.0 <= out["asr"] <= 1.0 and out["l2_rms_max"] <= 0.05 + 1e-4
+    card = cli_json(capsys, "evaluate", "--model", f"{MOD}:tiny_net", "--data", str(folder), "--defense", "fd+rand",
+                    "--norm", "linf", "--n", "4", "--budget", "quick", "--no-curve", "--device", "cpu")
+    assert _card_ok(card, f"{MOD}:tiny_net", 4)
+
+
+def _card_ok(card, model_name: str, n: int) -> bool:
+    """evaluate's card on a user's model: the model named, n images, per-attack figures."""
+    assert card["schema_version"] == 1 and card["n"] == n
+    assert model_name in json.dumps(card["model"])
+    assert card["per_attack"] and all("after" in r for r in card["per_attack"])
+    assert 0.0 <= card["ensemble"]["robust_accuracy_expected"] <= card["clean"]["robust_accuracy_expected"] <= 1.0
+    return True
 
 
 def test_tiny_torchscript_model_through_predict_and_attack(tiny, tmp_path, capsys):
@@ -83,6 +97,9 @@ def test_tiny_torchscript_model_through_predict_and_attack(tiny, tmp_path, capsy
     out = cli_json(capsys, "attack", "--model", f"torchscript:{path}", "--data", str(folder), "--defense", "none",
                    "--attack", "fgsm", "--n", "3", "--eps", "0.03", "--untargeted", "--device", "cpu")
     assert out["n"] == 3 and out["clean_accuracy"] == 1.0
+    card = cli_json(capsys, "evaluate", "--model", f"torchscript:{path}", "--data", str(folder), "--defense", "jpeg",
+                    "--norm", "l2", "--n", "3", "--budget", "quick", "--no-curve", "--device", "cpu")
+    assert _card_ok(card, f"torchscript:{path}", 3)
 
 
 def test_protocol_sample_draws_targets_among_the_models_classes(tiny):
