@@ -231,6 +231,24 @@ def test_our_attacks_on_art_and_foolbox_models_with_their_own_normalisation(prob
         torch.testing.assert_close(theirs.adversarial, ours.adversarial, rtol=0, atol=1e-3)
 
 
+def test_evaluate_runs_on_art_and_foolbox_models(problem):
+    """`evaluate`'s ensemble on a peer's model (its own normalisation) gives the verdict it gives
+    on the same torch model (issue 12, item 3)."""
+    from prepdefense.attacks import ensemble
+
+    net, x, y = problem
+    reference = Normalize(net, MEAN, STD).eval()
+    art_clf = _art_classifier(net, preprocessing=(np.array(MEAN, dtype=np.float32).reshape(3, 1, 1),
+                                                  np.array(STD, dtype=np.float32).reshape(3, 1, 1)))
+    fmodel = fb.PyTorchModel(net, bounds=(0, 1), device="cpu", preprocessing=dict(mean=list(MEAN), std=list(STD), axis=-3))
+    kw = dict(labels=y[:6], norm="linf", eps=0.003, budget="smoke", generator=0, with_curve=False, checks=False)
+    ours = ensemble.evaluate(reference, x[:6], **kw)
+    for wrapped in (from_art_classifier(art_clf), from_foolbox_model(fmodel, net)):
+        theirs = ensemble.evaluate(wrapped, x[:6], **kw)
+        assert theirs.n == ours.n == 6 and [r["attack"] for r in theirs.per_attack] == [r["attack"] for r in ours.per_attack]
+        assert abs(theirs.robust["robust_accuracy_worst"] - ours.robust["robust_accuracy_worst"]) <= 1 / 6 + 1e-9
+
+
 def test_from_art_classifier_averages_an_eot_preprocessor_and_refuses_numpy_chains(problem):
     net, x, y = problem
     art_preprocessor = pytest.importorskip("art.defences.preprocessor")
