@@ -75,3 +75,18 @@ def test_resize_is_identity_at_the_same_size_and_rejects_bad_sides(x):
     assert resize_images(x, (16, 16)) is x
     with pytest.raises(ValueError, match="defend_at"):
         Defended(defenses.create("jpeg"), SizedModel(), defend_at=0)
+
+
+@pytest.mark.parametrize("name", ["tv", "rand", "dct-distort"])
+def test_eot_over_a_model_defended_at_another_side(name, x):
+    """EOT batches the draws of a chunk itself: it must defend at ``defend_at`` too."""
+    from prepdefense.attacks.eot import EOT
+
+    model = SizedModel()
+    deployed = Defended(defenses.create(name), model, defend_at=24)
+    eot = EOT(deployed, 3, reduce="none")
+    params = eot.sample_params(x, 5)
+    z = eot.apply(x, params)
+    assert z.shape == (3, x.shape[0], 5)
+    for k in range(3):
+        assert torch.allclose(z[k], deployed.apply(x, params[str(k)]), atol=1e-6)

@@ -67,5 +67,15 @@ def test_usability_command_on_the_shared_sample(imagenet_sample_dir, tmp_path, c
 
 @pytest.mark.parametrize("flags, message", [(["--n", "0"], "--n"), (["--draws", "0"], "--draws")])
 def test_usage_errors(tmp_path, capsys, flags, message):
-    assert main(["usability", "--out", str(tmp_path / "o"), *flags]) == 2
+    assert main(["usability", "--data", "builtin", "--out", str(tmp_path / "o"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_data_is_required_and_too_few_protocol_images_is_one_line(tmp_path, capsys):
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit) as e:
+        main(["usability", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err
+    assert main(["usability", "--data", "builtin", "--out", str(tmp_path / "o"), "--n", "5"]) == 2
+    assert "--n 5" in capsys.readouterr().err

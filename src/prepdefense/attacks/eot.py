@@ -117,7 +117,7 @@ class EOT(nn.Module):
     def _chunk(self, x: torch.Tensor, chunk: List[Optional[Params]]) -> torch.Tensor:
         m = self.model
         if isinstance(m, Defended) and m.ensemble <= 1:
-            views = [m.defense.run(x, p) for p in chunk]
+            views = [m._defend(x, p) for p in chunk]  # the defense (at ``defend_at``, when set)
             if all(v.shape == views[0].shape for v in views):
                 z = m.model(torch.cat(views, dim=0))
                 return z.view(len(chunk), x.shape[0], *z.shape[1:])

@@ -221,6 +221,8 @@ def run(args) -> int:
         bar.close()
 
         adv = result.adversarial.detach()
+        if args.save_adv:  # saved before the verdict and the checks, so nothing made is lost to a later error
+            saved_path = save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids)
         if "asr_expected" in result.info and not args.transfer:
             full_verdict = result.info  # judged on fresh draws by the attack itself
         else:
@@ -277,7 +279,7 @@ def run(args) -> int:
         counter.remove()
     out["seconds"] = round(time.time() - t0, 2)
     if args.save_adv:
-        out["saved_adversarial"] = str(save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids))
+        out["saved_adversarial"] = str(saved_path)
 
     if args.json:
         print_json(out)

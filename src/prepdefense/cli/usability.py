@@ -27,11 +27,14 @@ def add_parser(subparsers) -> None:
             "Clean accuracy of the defended model for every defense (both quantization tables, the paper's "
             "defense also defended at 299 px, Table 4's delta sweep) on N images the bare model classifies "
             "correctly, mean and spread over R draws, beside the paper's Table 1 / Table 4 figures. Cost: about "
-            "N x R forward passes per configuration (22 configurations; tv is about 10x slower per image). "
-            "On 2 CPU cores, N=200 and R=3 take about 10 minutes."
+            "N x R forward passes per configuration (23 configurations), 30 times that for the crop ensemble; tv "
+            "is the slowest defense per image. N=200 and R=3 took 65 minutes on 2 CPU cores shared with other "
+            "jobs (benchmarks/RESULTS.md)."
         ),
     )
-    p.add_argument("--data", default="builtin", help="image folder (labels.csv or synset sub-folders) or 'builtin' (default)")
+    p.add_argument("--data", required=True,
+                   help="image folder (labels.csv or synset sub-folders); needs at least --n images the bare model "
+                        "classifies correctly ('builtin' has only 4)")
     p.add_argument("--out", required=True, help="output folder (report.md, tables/usability.csv; resumable)")
     p.add_argument("--n", type=int, default=200, help="protocol images (correctly classified by the bare model; default 200)")
     p.add_argument("--draws", type=int, default=3, help="draws per random defense (default 3)")

@@ -89,6 +89,8 @@ class Defended(nn.Module):
         return resize_images(defended, size or tuple(x.shape[-2:]))
 
     def _defend(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """The model's input for one draw: the defense's output (run at ``defend_at`` and resized
+        to the model's input when set). EOT calls this for each draw of a chunk."""
         if self.defend_at is None:
             return self.defense.run(x, params)
         return self._model_input(self.defense.run(resize_images(x, self.defend_at), params), x)

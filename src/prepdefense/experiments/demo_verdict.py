@@ -67,7 +67,7 @@ def strong_verdict(model: nn.Module, defense: nn.Module, defense_name: str, x: t
 
 def verdict_sentence(result: EnsembleResult, defense_name: str) -> str:
     """One sentence that says what the measured figures mean (images the defense alone already
-    gets wrong on every draw are counted apart from those an attack broke)."""
+    gets wrong on some draw are counted apart from those an attack broke)."""
     exp = float(result.robust["robust_accuracy_expected"])
     worst = float(result.robust["robust_accuracy_worst"])
     n = result.n

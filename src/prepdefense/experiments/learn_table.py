@@ -112,7 +112,8 @@ def learn_table(
     adversarial = torch.empty_like(sample.x)
     success = torch.zeros(n, dtype=torch.bool)
     l2_rms = torch.full((n,), math.inf)
-    identity = {"model": model_name, "image_ids": list(sample.ids), "targets": sample.targets.tolist(),
+    identity = {"model": model_name, "weights_sha256": _weights_digest(model), "image_ids": list(sample.ids),
+                "targets": sample.targets.tolist(),
                 "attack": attack.hyperparameters(), "size": size, "batch_size": int(batch_size)}
     partial = _checkpoints(Path(out), identity, fresh)
     resumed = 0
@@ -178,6 +179,19 @@ def learn_table(
         "seconds": round(seconds, 1),
         "metadata": metadata,
     }
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, shapes and values), so a checkpoint
+    made with other weights under the same model name is not resumed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        h.update(name.encode("utf-8"))
+        h.update(str(tuple(t.shape)).encode("utf-8"))
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _checkpoints(out: Path, identity: Dict[str, Any], fresh: bool) -> Path:

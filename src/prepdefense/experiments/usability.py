@@ -5,7 +5,8 @@ The paper's first property of a defense is that it keeps the model's accuracy on
 images. Here it is measured on ``preset.usability_images`` protocol images (images the bare
 model classifies correctly, PROTOCOL.md "Images"): a seeded random order of the whole image
 source, kept while the bare model is right, so the bare model scores 1.00 and every point
-lost is the defense's. Each configuration is judged on ``preset.usability_draws`` independent
+lost at the model's resolution is the defense's (for the rows defended at 299 px, a control row
+runs the same read-at-299-and-resize pipeline without a defense). Each configuration is judged on ``preset.usability_draws`` independent
 draws (one for a deterministic defense); the report gives the mean accuracy over draws and
 the spread (lowest and highest draw), beside the paper's figure.
 
@@ -26,6 +27,7 @@ import torch
 
 from .. import seeding
 from ..draws import DrawKey, image_id
+from ..errors import PrepDefenseError
 from . import paper_numbers as P
 from .context import RunContext, predict_draws
 from .experiment import Experiment, Records, Section
@@ -59,6 +61,8 @@ def configs(deltas: Sequence[float]) -> List[Config]:
     t1 = {d: acc for d, (_, _, acc) in P.TABLE1.items()}
     out = [
         Config("none", "none (bare model)", "none"),
+        Config(f"none@at{PAPER_SIDE}", f"none, read at {PAPER_SIDE} and resized (control for the rows defended at {PAPER_SIDE})",
+               "none", defend_at=PAPER_SIDE),
         Config("dct-distort", "dct-distort, default table", OUR_DEFENSE, paper_acc=t1.get(OUR_DEFENSE)),
         Config("dct-distort@fd", "dct-distort, FD table", OUR_DEFENSE, {"table": "fd"}),
         Config(f"dct-distort@at{PAPER_SIDE}", f"dct-distort, default table, defended at {PAPER_SIDE}", OUR_DEFENSE,
@@ -112,6 +116,9 @@ def usability_indices(ctx: RunContext) -> List[int]:
         with torch.no_grad():
             right = ctx.classifier(x.to(ctx.device)).argmax(1).cpu().eq(labels).tolist()
         kept += [index_of[name] for name, ok in zip(ids, right) if ok]
+    if len(kept) < want:
+        raise PrepDefenseError(f"usability needs {want} images the bare model classifies correctly; the image source "
+                               f"has only {len(kept)} of {len(order)} (lower --n, or give a larger folder)")
     ctx.cache["usability_indices"] = kept[:want]
     return ctx.cache["usability_indices"]
 
@@ -122,7 +129,7 @@ def run(ctx: RunContext, unit: Unit) -> Records:
     indices = usability_indices(ctx)
     sl = shard_slice(unit.shard, SHARD_IMAGES, len(indices))
     x, labels, ids = ctx.load_indices(indices[sl], size=cfg.defend_at)
-    if cfg.defense == "none":
+    if cfg.defense == "none" and cfg.defend_at is None:
         model = ctx.classifier
     else:
         from ..defenses import Defended
@@ -172,7 +179,9 @@ def report_usability(rep: ReportContext) -> str:
         f"Protocol images (the bare model is right on every one, so it scores 1.00), each configuration judged on "
         f"{draws} independent draws where random. The paper's ACC is Table 1's (Inception V3 on 1000 random ImageNet "
         f"images, so its bare model is not at 1.00) and, for the delta rows, Table 4's clean row. 'defended at {PAPER_SIDE}': "
-        f"the images are read at {PAPER_SIDE} px, defended there and resized to the model's input.",
+        f"the images are read at {PAPER_SIDE} px, defended there and resized to the model's input; "
+        f"the row 'none, read at {PAPER_SIDE} and resized' is the same pipeline without a defense, so the points "
+        f"lost there are the resizing's, not the defense's.",
         "",
         md_table(header, rows),
     ]
