@@ -304,9 +304,9 @@ class TotalVariation(Defense):
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """Never on the autograd graph (``differentiable = False``: attacks use BPDA)."""
         with torch.no_grad():
-            return self._apply(x.detach(), params)
+            return self._reconstruct(x.detach(), params)
 
-    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+    def _reconstruct(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
         mask = params["mask"].to(x.device)
