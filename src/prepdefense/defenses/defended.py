@@ -81,19 +81,15 @@ class Defended(nn.Module):
     def _defended_shape(self, x: torch.Tensor):
         return (*x.shape[:2], *self.defend_at) if self.defend_at is not None else tuple(x.shape)
 
-    def _model_input(self, defended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The defense's output at the model's input size (only when ``defend_at`` is set)."""
-        if self.defend_at is None:
-            return defended
-        size = _side_pair(self.input_size) if isinstance(self.input_size, (int, tuple, list)) else None
-        return resize_images(defended, size or tuple(x.shape[-2:]))
-
     def _defend(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """The model's input for one draw: the defense's output (run at ``defend_at`` and resized
-        to the model's input when set). EOT calls this for each draw of a chunk."""
+        to the model's input, ``model.input_size`` or else the input's size, when set). EOT calls
+        this for each draw of a chunk."""
         if self.defend_at is None:
             return self.defense.run(x, params)
-        return self._model_input(self.defense.run(resize_images(x, self.defend_at), params), x)
+        defended = self.defense.run(resize_images(x, self.defend_at), params)
+        size = _side_pair(self.input_size) if isinstance(self.input_size, (int, tuple, list)) else None
+        return resize_images(defended, size or tuple(x.shape[-2:]))
 
     def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
         """The defense's draw for ``x`` (per ensemble member when ``ensemble > 1``)."""

@@ -32,7 +32,7 @@ from . import paper_numbers as P
 from .context import RunContext, predict_draws
 from .experiment import Experiment, Records, Section
 from .reporting import ReportContext, fmt, md_table, write_csv
-from .units import ALL_BASELINES, OUR_DEFENSE, Preset, Unit, n_shards, shard_len, shard_slice, unit_seed
+from .units import ALL_BASELINES, OUR_DEFENSE, Preset, Unit, ensemble_size, n_shards, shard_len, shard_slice, unit_seed
 
 __all__ = ["EXPERIMENT", "Config", "configs", "plan", "run", "report_usability", "usability_indices", "PAPER_SIDE"]
 
@@ -92,7 +92,8 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     if n <= 0:
         return []
     return [Unit("usability", c.defense, "clean", s, variant=c.key,
-                 cost=shard_len(s, SHARD_IMAGES, n) * preset.usability_draws * (3 if c.defense == "tv" else 1) * 0.35)
+                 cost=shard_len(s, SHARD_IMAGES, n) * preset.usability_draws * ensemble_size(preset, c.defense)
+                 * (3 if c.defense == "tv" else 1) * 0.35)
             for c in configs(preset.deltas) for s in range(n_shards(n, SHARD_IMAGES))]
 
 
