@@ -47,7 +47,7 @@ from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
 from .attack_flags import (add_attack_flags, attack_kwargs, attacks_by_flags, check_attack_combinations,
                            given_attack_flags, handles_defense, supports_targeted)
-from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_out_file, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_out_file, check_defense, check_model,
                      check_model_options, check_number, check_seed, model_options, one_line_skip_warnings, print_json,
                      progress, resolve_device)
 
@@ -70,7 +70,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
-    p.add_argument("--defense", required=True, help="defense name, a+b chain, a user's package.module:Class, or 'none' for the bare model")
+    p.add_argument("--defense", required=True, help=DEFENSE_HELP)
     p.add_argument("--attack", required=True, help="attack name: " + ", ".join(attacks.names()))
     p.add_argument("--n", type=int, default=100, help="images in the protocol sample (default 100)")
     grp = p.add_mutually_exclusive_group()

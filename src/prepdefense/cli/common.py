@@ -15,12 +15,17 @@ import torch
 
 from .. import data, defenses, models
 from ..data.builtin import BUILTIN_IMAGES
-from ..errors import ModelUnavailableError
+from ..errors import ModelUnavailableError, PrepDefenseError
 
 # Built in the experiments layer (``reproduce`` needs them too); re-exported for the sub-commands.
 from ..experiments.components import UsageError, build_defended, build_model, resolve_device
 
-__all__ = ["UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
+#: ``--defense`` help, one text for every sub-command that takes a single defense.
+DEFENSE_HELP = ("defense name, with parameters in brackets where they differ from the defaults "
+                "(e.g. 'dct-distort[table=fd]'), an a+b chain, a user's package.module:Class, "
+                "or 'none' for the bare model")
+
+__all__ = ["DEFENSE_HELP", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
            "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
            "add_model_options", "check_model_options", "model_options", "MAX_SEED"]
@@ -189,23 +194,27 @@ def check_model(name: str, weights: Optional[str] = None) -> None:
 
 
 def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bool = False) -> str:
-    """Check a defense name or ``a+b`` chain (and build it once, cheaply); returns it
-    normalised (:func:`prepdefense.defenses.normalize_name`: built-in names in lower case,
-    ``package.module:Class`` parts as written)."""
-    text = defenses.normalize_name((name or "").strip())
+    """Check a defense name, ``name[key=value,...]`` or ``a+b`` chain (and build it once,
+    cheaply); returns it normalised (:func:`prepdefense.defenses.normalize_name`: built-in
+    names in lower case, ``package.module:Class`` parts as written, parameters canonical)."""
     known = ", ".join(defenses.names() + defenses.entry_point_names()) + ", or package.module:Class"
+    try:
+        text = defenses.normalize_name((name or "").strip())
+    except ValueError as e:
+        raise UsageError(f"bad {flag} {name!r}: {e}") from None
     if not text:
         raise UsageError(f"{flag} is empty; give a defense ({known}), a chain such as fd+rand, or none")
     if allow_all and text == "all":
         return text
-    if "+" in text:
-        parts = [p.strip() for p in text.split("+")]
+    parts = defenses.split_chain(text)
+    if len(parts) > 1:
         if not all(parts):
             raise UsageError(
                 f"{flag} {name!r} has an empty part (a '+' at the start or end, or '++'); "
                 f"join defense names with single '+', e.g. fd+rand"
             )
-        unknown = [p for p in parts if ":" not in p and p not in defenses.names() + defenses.entry_point_names()]
+        bases = [defenses.parse_part(p)[0] for p in parts]
+        unknown = [b for b in bases if ":" not in b and b not in defenses.names() + defenses.entry_point_names()]
         if unknown:
             raise UsageError(f"unknown defense {unknown[0]!r} in {flag} {name!r}; known: {known}")
     try:
@@ -214,7 +223,7 @@ def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bo
         raise UsageError(str(e.args[0]) if e.args else f"unknown defense {text!r}; known: {known}") from None
     except defenses.UserDefenseError as e:
         raise UsageError(f"{flag} {name!r}: {e}") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, PrepDefenseError) as e:
         raise UsageError(f"bad {flag} {name!r}: {e}") from None
     return text
 

@@ -22,7 +22,7 @@ import textwrap
 from pathlib import Path
 
 from ..attacks import ensemble as E
-from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_defense, check_model,
                      check_model_options, check_number, check_out_folder, check_seed, model_options, one_line_skip_warnings,
                      print_json, resolve_device)
 
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
             "keeps a resumable run and writes card.json, report.md, accuracy_vs_eps.png and adversarial.pt."
         ),
     )
-    p.add_argument("--defense", required=True, help="defense name, a+b chain, a user's package.module:Class, or 'none' for the bare model")
+    p.add_argument("--defense", required=True, help=DEFENSE_HELP)
     p.add_argument("--norm", required=True, choices=("linf", "l2"), help="threat model: linf, or l2 (the paper's normalised RMS L2)")
     p.add_argument("--eps", type=float, default=None,
                    help="radius: Linf max-abs (default 8/255), or for l2 the normalised RMS L2 sqrt(sum d^2/(C*H*W)) (default 0.05)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..atomic_io import atomic_write_text
 from ..experiments.judge import MIN_DRAWS, judge, load_adversarial
-from .common import (MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, build_model, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, build_model, check_defense, check_model,
                      check_model_options, check_out_file, check_seed, model_options, print_json, resolve_device)
 
 
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--adv", required=True, help="adversarial examples: a .npz or .pt file, or a folder of images with labels.csv")
     p.add_argument("--clean", default=None, help="for a folder: the folder of the clean images (same file names), for the distances")
-    p.add_argument("--defense", required=True, help="defense name, a+b chain, a user's package.module:Class, or 'none' for the bare model")
+    p.add_argument("--defense", required=True, help=DEFENSE_HELP)
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)

@@ -8,6 +8,10 @@ A name (or a chain part) may also be a user's defense: ``package.module:Class`` 
 published in the ``prepdefense.defenses`` entry-point group (:mod:`.user`), so
 ``fd+my_pkg.blur:Blur`` mixes a built-in and a user defense. Built-in names are case-blind;
 ``package.module:Class`` keeps its case (:func:`normalize_name`).
+
+Parameters that make a different defense go into the name in brackets (:mod:`.spec`):
+``create("dct-distort[table=fd]")`` is ``create("dct-distort", table="fd")``, and the name,
+written canonically, is the defense's id in stores, cards and reports.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ._registry import REGISTRY, register
 from .base import Defense, check_images
 from .compose import Compose
 from .defended import Defended
+from .spec import format_part, parse_part, split_chain
 from .user import ENTRY_POINT_GROUP, UserDefenseError, create_user_defense, entry_point_names
 
 
@@ -42,37 +47,56 @@ def names() -> List[str]:
 
 def normalize_name(name: str) -> str:
     """A defense name or chain as :func:`create` reads it: parts stripped, built-in and
-    entry-point names in lower case, ``package.module:Class`` parts as written."""
-    return "+".join(p.strip() if ":" in p else p.strip().lower() for p in str(name).split("+"))
+    entry-point names in lower case, ``package.module:Class`` parts as written, bracketed
+    parameters in canonical form (``Dct-Distort[ delta=0.10,table=fd]`` ->
+    ``dct-distort[delta=0.1,table=fd]``).
+
+    Raises:
+        ValueError: unbalanced brackets or a malformed ``[key=value,...]``.
+    """
+    out = []
+    for part in split_chain(str(name)):
+        base, params = parse_part(part)
+        out.append(format_part(base if ":" in base else base.lower(), params))
+    return "+".join(out)
 
 
-def _create_one(name: str, **params: Any) -> Defense:
+def _create_one(part: str, **params: Any) -> Defense:
+    name, given = parse_part(part)
+    both = sorted(set(given) & set(params))
+    if both:
+        raise ValueError(f"parameter {both[0]!r} is given both in the name {part!r} and as a keyword")
+    params = {**given, **params}
     if ":" not in name and name in REGISTRY:
+        accepted = REGISTRY.parameters(name)
+        unknown = sorted(set(params) - set(accepted) - set(REGISTRY.entry(name).fixed))
+        if unknown:
+            raise ValueError(f"defense {name!r} takes no parameter {unknown[0]!r}; it takes: "
+                             + (", ".join(accepted) or "none"))
         return REGISTRY.create(name, **params)
     try:
-        defense = create_user_defense(name)
+        return create_user_defense(name, **params)
     except KeyError:
         REGISTRY.entry(name)  # raises the KeyError listing the known names
         raise
-    if params:
-        raise ValueError(f"parameters cannot be given for the user defense {name!r}; build it yourself")
-    return defense
 
 
 def create(name: str, **params: Any) -> Defense:
-    """Build a defense by name. ``params`` go to a single built-in defense; a ``+`` chain
-    takes each part's defaults (build parts yourself and use :class:`Compose` to tune them).
+    """Build a defense by name. ``params`` go to a single defense; a ``+`` chain takes each
+    part's parameters from its brackets (``fd+rand[max_pad=32]``), or build the parts
+    yourself and use :class:`Compose`.
 
     Raises:
         KeyError: an unknown name (the message lists the known ones).
-        ValueError: a user's defense that cannot be loaded (:class:`UserDefenseError`), or
-            parameters for a chain.
+        ValueError: a user's defense that cannot be loaded (:class:`UserDefenseError`),
+            keyword parameters for a chain, a parameter the defense does not take, or a
+            malformed ``name[key=value,...]``.
     """
     name = normalize_name(name)
     if name in ("none", ""):
         return REGISTRY.create("none")
-    if "+" in name:
-        parts = name.split("+")
+    parts = split_chain(name)
+    if len(parts) > 1:
         if params:
             raise ValueError(f"parameters cannot be given for the chain {name!r}; build its parts and use Compose")
         return Compose([_create_one(p) for p in parts], names=parts)
@@ -80,4 +104,4 @@ def create(name: str, **params: Any) -> Defense:
 
 
 __all__ = ["Defense", "Defended", "Compose", "create", "names", "normalize_name", "entry_point_names", "register",
-           "check_images", "REGISTRY", "ENTRY_POINT_GROUP", "UserDefenseError"]
+           "check_images", "REGISTRY", "ENTRY_POINT_GROUP", "UserDefenseError", "split_chain", "parse_part"]

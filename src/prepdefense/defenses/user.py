@@ -2,7 +2,7 @@
 entry point (issue 12, item 2).
 
 ``package.module:Class`` imports ``package.module`` and calls ``Class()`` (a class or any
-zero-argument callable; a module-level ``nn.Module`` instance is used as it is). The result
+callable; ``package.module:Class[k=v]`` calls ``Class(k=v)``; a module-level ``nn.Module`` instance is used as it is). The result
 must be an ``nn.Module``: a :class:`~prepdefense.defenses.base.Defense` is used directly, any
 other module is wrapped in :class:`~prepdefense.defenses.base.ModuleDefense` (called as
 ``module(x)``, or ``module(x, generator=g)`` when it declares ``randomized = True``).
@@ -53,14 +53,17 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _build(obj: Any, what: str) -> Defense:
+def _build(obj: Any, what: str, params: Dict[str, Any]) -> Defense:
+    if isinstance(obj, nn.Module) and params:
+        raise UserDefenseError(f"{what} is a module instance; it takes no parameters")
     if not isinstance(obj, nn.Module):
         if not callable(obj):
             raise UserDefenseError(f"{what} is a {type(obj).__name__}, not a defense class")
         try:
-            obj = obj()
+            obj = obj(**params)
         except TypeError as e:
-            raise UserDefenseError(f"{what}() cannot be called without arguments ({_first_line(e)})") from None
+            args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise UserDefenseError(f"{what}({args}) cannot be called ({_first_line(e)})") from None
     if not isinstance(obj, nn.Module):
         raise UserDefenseError(f"{what}() returned a {type(obj).__name__}, not an nn.Module")
     return as_defense(obj)
@@ -80,15 +83,16 @@ def _resolve(spec: str) -> Any:
         raise UserDefenseError(f"module {head!r} has no {tail!r} (defense {spec})") from None
 
 
-def create_user_defense(name: str) -> Defense:
-    """Build the user's defense ``name`` (``package.module:Class`` or an entry-point name).
+def create_user_defense(name: str, **params: Any) -> Defense:
+    """Build the user's defense ``name`` (``package.module:Class`` or an entry-point name),
+    calling it with ``params`` (keywords; none by default).
 
     Raises:
         KeyError: ``name`` is neither a spec nor a published entry point.
         UserDefenseError: the module, class or entry point cannot be loaded or built.
     """
     if is_user_spec(name):
-        return _build(_resolve(name), name)
+        return _build(_resolve(name), name, params)
     ep = _entry_points().get(name.strip().lower())
     if ep is None:
         raise KeyError(name)
@@ -97,4 +101,4 @@ def create_user_defense(name: str) -> Defense:
     except Exception as e:  # a third party's import: any failure means "cannot load"
         raise UserDefenseError(f"entry point {ep.name} = {ep.value} cannot be loaded "
                                f"({type(e).__name__}: {_first_line(e)})") from None
-    return _build(obj, f"{ep.name} ({ep.value})")
+    return _build(obj, f"{ep.name} ({ep.value})", params)

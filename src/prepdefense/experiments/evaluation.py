@@ -357,18 +357,20 @@ def _ids_in(check: Dict[str, Any], ids: Sequence[str]) -> Dict[str, Any]:
 # the card, the report, the files
 # ---------------------------------------------------------------------------------------------
 def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
-    """The defense's name, constructor parameters (built-in parts: their defaults as used),
-    description (repr) and kind."""
+    """The defense's name, constructor parameters (built-in parts: those in the name's
+    brackets, else their defaults as used), description (repr) and kind."""
     from .. import defenses
 
     defense = getattr(defended, "defense", None)
     params: Dict[str, Any] = {}
-    for part in str(name).split("+"):
-        part = part.strip()
-        if part and ":" not in part and part in defenses.names():
+    parts = defenses.split_chain(str(name))
+    for part in parts:
+        base, given = defenses.parse_part(part)
+        if base and ":" not in base and base in defenses.names():
             got = {}
-            for p in defenses.REGISTRY.parameters(part).values():
-                value = getattr(defense, p.name, p.default) if "+" not in name else p.default
+            for p in defenses.REGISTRY.parameters(base).values():
+                value = given[p.name] if p.name in given else (
+                    getattr(defense, p.name, p.default) if len(parts) == 1 else p.default)
                 if isinstance(value, (int, float, str, bool, type(None), tuple, list)):
                     got[p.name] = value
                 elif hasattr(value, "tolist"):
