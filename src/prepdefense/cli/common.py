@@ -25,7 +25,7 @@ DEFENSE_HELP = ("defense name, with parameters in brackets where they differ fro
                 "(e.g. 'dct-distort[table=fd]'), an a+b chain, a user's package.module:Class, "
                 "or 'none' for the bare model")
 
-__all__ = ["DEFENSE_HELP", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
+__all__ = ["DEFENSE_HELP", "check_shard", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
            "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
            "add_model_options", "check_model_options", "model_options", "MAX_SEED"]
@@ -226,6 +226,18 @@ def check_defense(name: Optional[str], *, flag: str = "--defense", allow_all: bo
     except (ValueError, TypeError, PrepDefenseError) as e:
         raise UsageError(f"bad {flag} {name!r}: {e}") from None
     return text
+
+
+def check_shard(text: Optional[str]):
+    """``--shard K/N`` as a :class:`~prepdefense.experiments.sharding.ShardSpec` (None when not given)."""
+    if text is None:
+        return None
+    from ..experiments.sharding import parse_shard
+
+    try:
+        return parse_shard(text)
+    except PrepDefenseError as e:
+        raise UsageError(str(e)) from None
 
 
 def _nearest_existing(path: Path) -> Path:

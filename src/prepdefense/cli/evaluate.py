@@ -10,7 +10,9 @@ the robust accuracy (expected over draws and worst case, 95% intervals), which a
 each image, a per-attack table and the checklist flags. With ``--out DIR`` it keeps the run
 there (resumable per attack x image shard) and writes ``card.json`` (the robustness card,
 schema in :mod:`prepdefense.experiments.evaluation`), ``report.md``, ``accuracy_vs_eps.png``
-and ``adversarial.pt``. ``--json`` prints the card on stdout.
+and ``adversarial.pt``. ``--json`` prints the card on stdout. ``--shard K/N`` runs one shard of
+the attacks into its own ``--out``; ``prepdefense merge`` combines the shards, and the command
+without ``--shard`` on the merged folder finishes the run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from ..attacks import ensemble as E
 from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_defense, check_model,
-                     check_model_options, check_number, check_out_folder, check_seed, model_options, one_line_skip_warnings,
+                     check_model_options, check_number, check_out_folder, check_seed, check_shard, model_options, one_line_skip_warnings,
                      print_json, resolve_device)
 
 
@@ -75,6 +77,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, the attacks and the draws (default 0)")
     p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--json", action="store_true", help="print the robustness card (one JSON object) on stdout")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (1/N .. N/N) into its own --out: the clean verdicts and attacks of the image "
+                        "shards dealt to it (whole chains, balanced by cost); 'prepdefense merge OUT SHARD_OUT...' combines "
+                        "the shards, then this command without --shard and with --out OUT reuses them and runs the checks, "
+                        "the curve and the card (equal to an unsharded run's)")
     p.set_defaults(func=run)
 
 
@@ -86,6 +93,11 @@ def _check(args) -> str:
     check_at_least("--batch-size", args.batch_size)
     check_number("--eps", args.eps, positive=True)
     check_seed(args.seed)
+    args.shard = check_shard(args.shard)
+    if args.shard is not None and args.out is None:
+        raise UsageError(f"--shard {args.shard} needs --out (each shard keeps its units there for 'prepdefense merge')")
+    if args.shard is not None and args.json:
+        raise UsageError("--json prints the card, which needs every shard: merge the shards, then run without --shard and with --json")
     if args.out is not None:
         check_out_folder(args.out)
     elif args.fresh:
@@ -109,6 +121,7 @@ def run(args) -> int:
         out=Path(args.out) if args.out is not None else None, data=args.data, model=args.model, weights=args.weights,
         model_options=model_options(args), device=args.device, draws=args.draws, shard_size=args.shard_size,
         batch_size=args.batch_size, fresh=args.fresh, quiet=args.quiet or args.json, checks=args.checks, curve=args.curve,
+        shard=args.shard,
     )
     stream = None
     devnull = None
@@ -121,7 +134,10 @@ def run(args) -> int:
     finally:
         if devnull is not None:
             devnull.close()
-    if args.json:
+    if outcome.card is None:
+        print(f"shard {args.shard}: {len(outcome.shard_units or [])} unit(s) in {args.out} ({outcome.ran} run, {outcome.reused} reused); "
+              f"next: 'prepdefense merge OUT SHARD_OUT...' over every shard, then this command without --shard and with --out OUT")
+    elif args.json:
         print_json(outcome.card)
     else:
         _print_text(outcome)

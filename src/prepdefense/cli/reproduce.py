@@ -19,11 +19,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import PrepDefenseError
 from ..experiments import registry
 from ..experiments import units as U
 from ..experiments.executors import EXECUTORS, RAY_EXTRA_HINT
-from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
+from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, check_shard, one_line_skip_warnings,
                      resolve_device)
 
 
@@ -102,14 +101,7 @@ def run(args) -> int:
     if args.fresh and args.report_only:
         raise UsageError("--fresh deletes the stored results that --report-only would report; use one of them")
     check_out_folder(args.out)
-    shard = None
-    if args.shard is not None:
-        from ..experiments.sharding import parse_shard
-
-        try:
-            shard = parse_shard(args.shard)
-        except PrepDefenseError as e:
-            raise UsageError(str(e)) from None
+    shard = check_shard(args.shard)
     if args.report_only and not (Path(args.out).expanduser() / "run.json").is_file():
         raise UsageError(f"--report-only: {args.out} holds no run to report (no run.json); run without --report-only first")
     check_seed(args.seed)

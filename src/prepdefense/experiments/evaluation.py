@@ -88,6 +88,7 @@ from .metadata import collect_metadata, now_iso
 from .plots import plot_accuracy_vs_eps
 from .progress import Progress
 from .reporting import fmt_ci, md_table
+from .sharding import ShardSpec, select, shard_spec
 from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
 from .ensemble_records import attack_records, clean_records, state_from_clean, steps_from_records
 from .units import Unit, n_shards, shard_slice
@@ -187,10 +188,15 @@ class _Run:
 def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], *, seed: int,
               defense: str, norm: str, eps: float, budget: E.Budget, draws: int = E.MIN_DRAWS, shard_size: int = 10,
               checks: bool = True, curve: bool = True, batch_size: Optional[int] = None,
-              progress: Optional[Progress] = None) -> Tuple[E.EnsembleResult, Dict[str, Any]]:
+              progress: Optional[Progress] = None,
+              image_shards: Optional[Sequence[int]] = None) -> Tuple[Optional[E.EnsembleResult], Dict[str, Any]]:
     """Run (or resume) every unit of the evaluation into ``store`` and return the verdict
     (an :class:`~prepdefense.attacks.ensemble.EnsembleResult` over the whole sample, with its
-    kept examples) and ``{"ran", "reused", "seconds"}``."""
+    kept examples) and ``{"ran", "reused", "seconds"}``.
+
+    With ``image_shards`` (a shard of the run, ``--shard K/N``), only the chains of those
+    image shards run (their clean verdicts and attacks); the verdict is then None, since the
+    checks, the curve and the figures need every image shard (the run on the merged folder)."""
     ids = list(ids)
     x, labels, key_all, k = E.check_inputs(model, x, labels, DrawKey(seed, [image_id(i) for i in ids]), None, draws)
     randomized = bool(getattr(model, "randomized", False))
@@ -202,20 +208,27 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
     unit = lambda attack, s, variant="": plan[Unit(EXPERIMENT, defense, attack, s, variant).id]  # noqa: E731
 
     # Clean verdicts, then every attack over every shard (auto-attack's rule per image).
-    states: List[E.EnsembleState] = []
+    mine = set(range(len(shards)) if image_shards is None else image_shards)
+    states: Dict[int, E.EnsembleState] = {}
+    clean: Dict[int, torch.Tensor] = {}
     for s, sl in enumerate(shards):
+        if s not in mine:
+            continue
+
         def compute_clean(_rescale, sl=sl):
             st = E.start(model, x[sl], labels[sl], draws=draws, key=run.key(sl), keep_examples=False)
             return clean_records(st, ids[sl], labels[sl]), {"draws": st.draws}
         stored = run.do(unit("clean", s), compute_clean)
-        states.append(state_from_clean(stored["records"], ids[sl]))
-    clean_correct = torch.cat([st.correct for st in states])
+        states[s] = state_from_clean(stored["records"], ids[sl])
+        clean[s] = states[s].correct.clone()  # the attacks below update the states in place
     kept = x.detach().clone()
     steps_all: List[E.StepOutcome] = []
     infos: Dict[str, List[Dict[str, Any]]] = {}
     for spec in budget.attacks:
         parts = []
         for s, sl in enumerate(shards):
+            if s not in mine:
+                continue
             st = states[s]
 
             def compute_attack(rescale, st=st, sl=sl, s=s, spec=spec):
@@ -235,7 +248,11 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
             infos.setdefault(spec.label, []).append(step.info)
             st.apply(step)
             parts.append(E.StepOutcome(step.label, step.kind, step.rows + sl.start, step.correct, None, step.distance, step.info))
-        steps_all.append(_merge_steps(parts, _sum_info(infos[spec.label])))
+        if image_shards is None:
+            steps_all.append(_merge_steps(parts, _sum_info(infos[spec.label])))
+    if image_shards is not None:
+        return None, {"ran": run.ran, "reused": run.reused, "seconds": run.seconds}
+    clean_correct = torch.cat([clean[s] for s in range(len(shards))])
     per_attack, state = E.per_attack_figures(clean_correct, steps_all, seed=key_all.seed % (2**32))
     E.annotate(per_attack, budget, randomized)
     for s, sl in enumerate(shards):  # the kept examples, from the cached tensors of the attacks they came from
@@ -578,6 +595,12 @@ class EvaluateConfig:
         draws: verdict draws (>= 10); shard_size: images per unit.
         fresh: delete an earlier run in ``out`` first; quiet: log lines instead of a progress bar.
         checks, curve: run the unbounded / more-steps checks and the curve's attacks.
+        shard: run only shard K of N (``"K/N"`` or a
+            :class:`~prepdefense.experiments.sharding.ShardSpec`): the clean verdicts and
+            attacks of its image shards (``sharding.py`` deals the chains, balanced by cost),
+            into its own ``out``; no card. ``prepdefense merge`` combines the shards, and the
+            same configuration without ``shard`` on the merged folder reuses every unit and
+            runs the checks, the curve and the card.
     """
 
     defense: str
@@ -599,20 +622,26 @@ class EvaluateConfig:
     quiet: bool = False
     checks: bool = True
     curve: bool = True
+    shard: Optional[Any] = None
 
 
 @dataclass
 class EvaluateOutcome:
-    card: Dict[str, Any]
+    """What a run did; ``card`` is None for a shard of a run (``shard_units``: its units)."""
+
+    card: Optional[Dict[str, Any]]
     files: Dict[str, Path]
     resumed: bool
     ran: int
     reused: int
     seconds: float
+    shard_units: Optional[List[str]] = None
 
 
-def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, data_id: str) -> Dict[str, Any]:
-    return {"command": "evaluate", "card_schema_version": CARD_SCHEMA_VERSION, "model": config.model, "weights": config.weights,
+def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, data_id: str,
+              shard: Optional[ShardSpec] = None) -> Dict[str, Any]:
+    # A shard's store names its shard (the unsharded identity has no "shard" key; merge.py).
+    return {**({"shard": shard.as_dict()} if shard is not None else {}), "command": "evaluate", "card_schema_version": CARD_SCHEMA_VERSION, "model": config.model, "weights": config.weights,
             "model_options": to_jsonable(config.model_options), "data": data_id, "defense": config.defense, "norm": norm, "eps": eps,
             "budget": budget.as_dict(), "n": int(config.n), "seed": int(config.seed), "draws": int(config.draws),
             "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME}
@@ -648,6 +677,9 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
 
     norm, eps = check_eps(config.norm, config.eps)
     budget = E.get_budget(config.budget)
+    shard = shard_spec(config.shard)
+    if shard is not None and config.out is None:
+        raise PrepDefenseError("a shard of an evaluation needs an output folder (out / --out) to merge later")
     device = resolve_device(config.device)
     tmp = None
     if config.out is None:
@@ -665,7 +697,8 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         store.open()
         store.clean_temporaries()
         metadata = collect_metadata(device)
-        run_cfg = {"identity": _identity(config, norm, eps, budget, _data_id(config.data)), "device": str(device), "metadata": metadata}
+        run_cfg = {"identity": _identity(config, norm, eps, budget, _data_id(config.data), shard), "device": str(device),
+                   "metadata": metadata}
         resumed = store.check_or_write_config(run_cfg)
         if classifier is None:
             classifier = build_model(config.model, config.weights, device, **config.model_options)
@@ -679,19 +712,34 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         randomized = bool(getattr(defended, "randomized", False))
         units = plan_units(config.defense, budget, len(ids), config.shard_size, checks=config.checks, curve=config.curve,
                            randomized=randomized, draws=config.draws)
+        image_shards = None
+        if shard is not None:  # only the chains (clean, attacks) dealt to this shard
+            chains = [u for u in units if u.attack != "curve" and u.variant != "subset"]
+            units = select(chains, shard)
+            image_shards = sorted({u.shard for u in units})
+            store.update_config(shard={**shard.as_dict(), "only": None, "planned_units": len(chains), "units": [u.id for u in units]})
         todo = [u for u in units if not store.is_done(EXPERIMENT, u.id)]
         progress = Progress(sum(u.cost for u in todo), len(todo), quiet=config.quiet, stream=stream, desc="evaluate")
         progress.log(f"{'resuming' if resumed else 'starting'} evaluate of {config.defense} ({norm} eps {eps:.4g}, budget {budget.name}, "
-                     f"{len(ids)} images) in {out if tmp is None else 'a temporary folder'}: {len(units)} units, "
+                     f"{len(ids)} images) in {out if tmp is None else 'a temporary folder'}"
+                     + (f", shard {shard} (image shards {', '.join(map(str, image_shards)) or 'none'})" if shard else "")
+                     + f": {len(units)} units, "
                      f"{len(units) - len(todo)} already done, {len(todo)} to run on {device}")
         progress.start_experiment(EXPERIMENT, len(todo), sum(u.cost for u in todo), title="the attack ensemble")
         try:
             result, stats = run_units(store, defended, x, labels, ids, seed=config.seed, defense=config.defense, norm=norm, eps=eps,
                                       budget=budget, draws=config.draws, shard_size=config.shard_size, checks=config.checks,
-                                      curve=config.curve, batch_size=config.batch_size, progress=progress)
+                                      curve=config.curve, batch_size=config.batch_size, progress=progress, image_shards=image_shards)
         finally:
             progress.end_experiment(EXPERIMENT)
             progress.close()
+        if result is None:  # a shard: its units are stored; merge, then finish on the merged folder
+            store.append_session({"started": metadata["time"], "ended": now_iso(), "units_run": stats["ran"],
+                                  "units_reused": stats["reused"], "shard": str(shard)})
+            progress.log(f"shard {shard}: {len(units)} unit(s) stored in {out} ({stats['ran']} run, {stats['reused']} reused); "
+                         "combine the shards with 'prepdefense merge OUT SHARD_OUT...', then run this command without --shard "
+                         "and with --out OUT for the checks, the curve and the card")
+            return EvaluateOutcome(None, {}, resumed, stats["ran"], stats["reused"], stats["seconds"], [u.id for u in units])
         model_info = {"name": config.model, "weights": config.weights, "options": to_jsonable(config.model_options),
                       "input_size": getattr(classifier, "input_size", None), "num_classes": getattr(classifier, "num_classes", None)}
         data = {"source": str(config.data), "sample": to_jsonable(sample.info), "ids": ids}

@@ -10,6 +10,11 @@ as if one process had computed it: ``OUT/run.json`` has the unsharded identity, 
 ``prepdefense reproduce`` with the same arguments and ``--out OUT`` resumes it (and computes
 whatever a missing shard left out).
 
+The shards of ``evaluate --shard K/N`` merge the same way, without a report: their units are
+the chains (clean verdicts and attacks) of the image shards, and ``prepdefense evaluate``
+with the same arguments and ``--out OUT`` reuses them and runs the checks, the curve and the
+card, which need every image shard.
+
 A unit stored by two shards (a shard given twice) is taken once, the first finished copy in
 the order given; a unit's records are the same in any shard, since they depend only on the
 run's seed and the unit's id.
@@ -46,6 +51,7 @@ class MergeOutcome:
     units: int
     failed_units: List[str] = field(default_factory=list)
     missing_units: List[str] = field(default_factory=list)
+    command: str = "reproduce"
 
     def summary(self) -> str:
         """One line for the log."""
@@ -66,14 +72,15 @@ def _read_shard(folder: Path) -> Dict[str, Any]:
     if not folder.is_dir():
         raise ShardMismatchError(f"{folder} is not a folder")
     if not cfg_path.is_file():
-        raise ShardMismatchError(f"{folder} holds no run (no run.json); give the --out folders of `prepdefense reproduce --shard K/N`")
+        raise ShardMismatchError(f"{folder} holds no run (no run.json); give the --out folders of "
+                                 "`prepdefense reproduce --shard K/N` or `prepdefense evaluate --shard K/N`")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ShardMismatchError(f"{cfg_path} is unreadable ({type(e).__name__}); was the shard's run interrupted before it started?") from None
     ident = cfg.get("identity") or {}
     if not isinstance(ident.get("shard"), dict):
-        raise ShardMismatchError(f"{folder} holds an unsharded run, not a shard (run `prepdefense reproduce --shard K/N` for each shard)")
+        raise ShardMismatchError(f"{folder} holds an unsharded run, not a shard (run the command with --shard K/N for each shard)")
     return cfg
 
 
@@ -126,7 +133,7 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
         if base(cfg) != first_base:
             raise ShardMismatchError(
                 f"{f} and {first} are shards of different runs ({_describe_diff(first_base, base(cfg))}); "
-                "merge only the shards of one run (same --data, --model, --weights, --seed, --preset)"
+                "merge only the shards of one run (the same command and arguments apart from --shard)"
             )
         n = int(cfg["identity"]["shard"]["count"])
         if n != count:
@@ -223,10 +230,12 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
         ok = {u["unit_id"] for u in store.units(status="ok")}
         failed = sorted(u["unit_id"] for u in store.units(status="error") if u["unit_id"] not in ok)
         missing_units = sorted({uid for uid in assigned if uid not in ok} - set(failed))
-        report = write_report(store)
+        evaluation = first_base.get("command") == "evaluate"
+        report = None if evaluation else write_report(store)
         outcome = MergeOutcome(out=out, report=report, count=count, shards=sorted(seen), missing_shards=missing,
                                duplicate_shards=sorted(set(duplicates)), units=len(ok) + len(failed),
-                               failed_units=failed, missing_units=missing_units)
+                               failed_units=failed, missing_units=missing_units,
+                               command="evaluate" if evaluation else "reproduce")
         print(outcome.summary(), file=stream)
         return outcome
     finally:

@@ -57,7 +57,7 @@ from ..draws import DRAW_SCHEME
 from .progress import Progress
 from .report import write_report
 from .sample_strip import sample_strip_figure
-from .sharding import ShardSpec, parse_shard, select
+from .sharding import ShardSpec, select, shard_spec
 from .store import ResultStore
 from .units import Preset, Unit
 
@@ -165,14 +165,6 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
     return ident
 
 
-def _shard_spec(shard: Any) -> Optional[ShardSpec]:
-    if shard is None or isinstance(shard, ShardSpec):
-        return shard
-    if isinstance(shard, (tuple, list)) and len(shard) == 2:
-        return ShardSpec(int(shard[0]), int(shard[1]))
-    return parse_shard(str(shard))
-
-
 def _data_id(data: Any) -> str:
     if isinstance(data, (str, Path)) and str(data) != "builtin":
         return str(Path(data).expanduser().resolve())
@@ -232,7 +224,7 @@ def reproduce(
     started = now_iso()
     preset = U.get_preset(config.preset).with_overrides(**config.overrides) if config.overrides else U.get_preset(config.preset)
     experiments = registry.parse_only(config.only)
-    shard = _shard_spec(config.shard)
+    shard = shard_spec(config.shard)
     device = resolve_device(config.device)
     store = ResultStore(Path(config.out))
     store.lock()

@@ -1,4 +1,4 @@
-"""``reproduce --shard K/N``: which planned units shard K of N runs (issue 13, item 1).
+"""``reproduce --shard K/N`` and ``evaluate --shard K/N``: which planned units shard K of N runs (issue 13, item 1).
 
 A shard runs whole units, never part of one. Every unit's randomness comes from the run's
 seed and the unit's id only (``units.unit_seed``), and its images are the preset's image
@@ -11,7 +11,9 @@ go to the same shard, so nothing is computed twice: a Table 2 attack on an image
 the Table 3 and Table 4 rows that defend its examples (``standard/<attack>/s<shard>``), and
 the Section 6.4 approximator with every BPDA unit run through it (``learned/<defense>``), and
 the strong attack's chain of a defense, norm and image shard (its clean verdict and each
-attack of the ensemble, which attacks only what the ones before it left robust).
+attack of the ensemble, which attacks only what the ones before it left robust), and
+``evaluate``'s chain of an image shard likewise (``evaluate --shard K/N`` runs only chains:
+its checks and curve need every shard's verdict, so the run on the merged folder does them).
 Every other unit is its own group. The groups, largest estimated cost first (``Unit.cost``;
 ties in plan order), are dealt one by one to the shard with the least cost so far (ties: the
 lowest shard). The plan and the costs depend only on the preset and ``--only``, so every
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..errors import PrepDefenseError
 from .units import Unit
 
-__all__ = ["ShardSpec", "parse_shard", "group_key", "assign", "select"]
+__all__ = ["ShardSpec", "parse_shard", "shard_spec", "group_key", "assign", "select"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,15 @@ def parse_shard(text: str) -> ShardSpec:
     return ShardSpec(int(m.group(1)), int(m.group(2)))
 
 
+def shard_spec(shard: Any) -> Optional[ShardSpec]:
+    """None, a :class:`ShardSpec`, a ``(K, N)`` pair or ``"K/N"`` as a :class:`ShardSpec` (or None)."""
+    if shard is None or isinstance(shard, ShardSpec):
+        return shard
+    if isinstance(shard, (tuple, list)) and len(shard) == 2:
+        return ShardSpec(int(shard[0]), int(shard[1]))
+    return parse_shard(str(shard))
+
+
 _STANDARD = ("table2", "table3", "table4")
 
 
@@ -74,6 +85,9 @@ def group_key(unit: Unit) -> Hashable:
         return ("standard", unit.attack, unit.shard)
     if unit.experiment == "learned":
         return ("learned", unit.defense)
+    if unit.experiment == "evaluate" and unit.variant != "subset" and unit.attack != "curve":
+        # ``evaluate``'s chain of an image shard: its clean verdict and each attack of the budget.
+        return ("evaluate", unit.defense, unit.shard)
     if unit.experiment == "strong" and unit.attack != "diagnostics":
         # One chain of the attack ensemble: each link attacks what the links before it left robust.
         return ("strong", unit.defense, unit.variant, unit.shard)

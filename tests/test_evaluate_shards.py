@@ -1,0 +1,95 @@
+"""``evaluate --shard K/N`` and ``merge`` (issues 10 and 13, item 1): two shards merged, then the
+run finished on the merged folder, equal the unsharded run record for record; the shards split
+whole chains (an image shard's clean verdict and attacks) and none twice; usage errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from byo_helpers import cli, label_by_model, noise_images
+from prepdefense.experiments import evaluation as V
+from prepdefense.experiments.store import ResultStore
+from toy_models import TinyConvNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--model", "toy_models:tiny_convnet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("evaluate-shard-images")
+    noise_images(folder, 8, side=40, seed=5)
+    label_by_model(folder, TinyConvNet().eval())
+    return folder
+
+
+def _args(images, out, *extra):
+    return ["evaluate", *TINY, "--defense", "rand", "--norm", "linf", "--n", "6", "--shard-size", "2", "--budget", "quick",
+            "--seed", "2", "--data", str(images), "--out", str(out), "--quiet", *extra]
+
+
+def _units(folder: Path):
+    """Every stored unit's records and summary, by id (the timings left out)."""
+    store = ResultStore(folder)
+    out = {}
+    for u in store.units(V.EXPERIMENT):
+        summary = dict(u.get("summary") or {})
+        info = dict(summary.pop("info", None) or {})
+        info.pop("seconds", None)
+        summary.pop("seconds", None)
+        out[u["unit_id"]] = (u["status"], u["records"], summary, info)
+    return out
+
+
+def test_two_shards_merged_then_finished_equal_one_run(images, tmp_path, capsys):
+    one = tmp_path / "one"
+    code, _, err = cli(capsys, *_args(images, one))
+    assert code == 0, err
+    shards = [tmp_path / "s1", tmp_path / "s2"]
+    for k, folder in enumerate(shards, 1):
+        code, text, err = cli(capsys, *_args(images, folder, "--shard", f"{k}/2"))
+        assert code == 0, err
+        assert f"shard {k}/2" in text and "prepdefense merge" in text
+        assert not (folder / "card.json").exists()  # a shard has no verdict of its own
+    s1, s2 = (set(_units(f)) for f in shards)
+    assert s1 and s2 and not s1 & s2
+    # Whole chains: an image shard's clean verdict and all its attacks are in one shard.
+    chains = lambda ids: {u.rsplit("/", 1)[1] for u in ids}  # noqa: E731
+    assert not chains(s1) & chains(s2) and chains(s1) | chains(s2) == {"s0", "s1", "s2"}
+    assert not any("/curve/" in u or "check-" in u for u in s1 | s2)  # these need every image shard
+
+    merged = tmp_path / "merged"
+    code, text, err = cli(capsys, "merge", str(merged), *map(str, shards))
+    assert code == 0, err
+    assert "finish with 'prepdefense evaluate'" in text and not (merged / "report.md").exists()
+    code, text, err = cli(capsys, *_args(images, merged))
+    assert code == 0, err
+    assert f"{len(s1 | s2)} already done" in err  # every attack reused; the checks and the curve ran
+
+    whole, combined = _units(one), _units(merged)
+    assert whole.keys() == combined.keys()
+    for uid in whole:
+        assert whole[uid] == combined[uid], uid
+    a, b = (json.loads((f / "card.json").read_text()) for f in (one, merged))
+    assert a["per_image"] == b["per_image"] and a["ensemble"] == b["ensemble"] and a["curve"] == b["curve"]
+    assert a["flags"]["warnings"] == b["flags"]["warnings"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shard", "3/2"], "numbered from 1 to 2"),
+    (["--shard", "half"], "give K/N"),
+    (["--shard", "1/2", "--json"], "--json prints the card"),
+])
+def test_shard_usage_errors(images, tmp_path, capsys, extra, message):
+    code, _, err = cli(capsys, *_args(images, tmp_path / "x", *extra))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_shard_needs_out(images, capsys):
+    args = [a for a in _args(images, "unused") if a not in ("--out", "unused")]
+    code, _, err = cli(capsys, *args, "--shard", "1/2")
+    assert code == 2 and "--shard 1/2 needs --out" in err
