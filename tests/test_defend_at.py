@@ -90,3 +90,78 @@ def test_eot_over_a_model_defended_at_another_side(name, x):
     assert z.shape == (3, x.shape[0], 5)
     for k in range(3):
         assert torch.allclose(z[k], deployed.apply(x, params[str(k)]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# --defend-at S on the command line (predict, attack, evaluate)
+# --------------------------------------------------------------------------------------------
+STRICT = ["--model", "toy_models:strict_tiny_convnet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from byo_helpers import label_by_model, noise_images
+    from toy_models import TinyConvNet
+
+    f = tmp_path_factory.mktemp("defend-at-images")
+    noise_images(f, 8, side=64, seed=3)
+    label_by_model(f, TinyConvNet().eval())
+    return f
+
+
+def test_predict_defends_at_the_given_side(folder, capsys):
+    from byo_helpers import cli_json
+    from prepdefense import data
+    from toy_models import StrictTinyConvNet
+
+    out = cli_json(capsys, "predict", *STRICT, "--data", str(folder), "--defense", "none", "--defend-at", "48")
+    assert out["defend_at"] == 48 and out["n"] == 8
+    x, y = data.load_images(folder, size=48)[:2]
+    with torch.no_grad():
+        expected = (StrictTinyConvNet()(resize_images(x, (32, 32))).argmax(1) == y).float().mean().item()
+    assert out["accuracy"] == pytest.approx(expected)
+
+
+def test_evaluate_attacks_at_the_defended_side(folder, tmp_path, capsys):
+    from byo_helpers import cli_json
+
+    args = ["evaluate", *STRICT, "--data", str(folder), "--defense", "jpeg", "--norm", "linf", "--n", "4", "--budget", "quick",
+            "--no-checks", "--no-curve"]
+    card = cli_json(capsys, *args, "--defend-at", "48", "--out", str(tmp_path / "at48"))
+    assert card["defense"]["defend_at"] == [48, 48] and card["threat_model"]["image_shape"] == [3, 48, 48]
+    ex = torch.load(tmp_path / "at48" / "adversarial.pt", weights_only=False)
+    assert ex["adversarial"].shape == (4, 3, 48, 48)
+    # The sample is picked by the bare model at its own side: the same images as without it.
+    plain = cli_json(capsys, *args)
+    assert plain["defense"]["defend_at"] is None and plain["data"]["ids"] == card["data"]["ids"]
+    # Every attack (transfer too: the bare model behind the same resize) ran on the 48-px images.
+    assert all(not r.get("skipped") for r in card["per_attack"])
+
+
+def test_attack_transfer_and_checks_at_the_defended_side(folder, capsys):
+    from byo_helpers import cli_json
+
+    out = cli_json(capsys, "attack", *STRICT, "--data", str(folder), "--defense", "jpeg", "--attack", "transfer", "--n", "3",
+                   "--steps", "2", "--defend-at", "48", "--diagnostics", "full", "--diag-n", "2")
+    assert out["defend_at"] == 48 and "diagnostics" in out
+
+
+def test_defend_at_usage_error(folder, capsys):
+    from byo_helpers import cli
+
+    code, _, err = cli(capsys, "evaluate", *STRICT, "--data", str(folder), "--defense", "jpeg", "--norm", "linf", "--n", "2",
+                       "--defend-at", "4")
+    assert code == 2 and "--defend-at" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transfer_source_keeps_the_resize():
+    from prepdefense.attacks.transfer import source_classifier
+    from toy_models import StrictTinyConvNet
+
+    net = StrictTinyConvNet()
+    deployed = Defended(defenses.create("jpeg"), net, defend_at=48)
+    src = source_classifier(deployed)
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(src(x), net(resize_images(x, (32, 32))))
+    assert source_classifier(Defended(defenses.create("jpeg"), net)) is net

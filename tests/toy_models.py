@@ -46,3 +46,18 @@ class TinyConvNet(nn.Module):
 def tiny_convnet() -> nn.Module:
     """``--model toy_models:tiny_convnet`` (the tests' folder is on ``sys.path``)."""
     return TinyConvNet().eval()
+
+
+class StrictTinyConvNet(TinyConvNet):
+    """:class:`TinyConvNet` that refuses any input but its declared 32x32 (a model with a fixed
+    input, as most are): a run that feeds it another size fails loudly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            raise ValueError(f"StrictTinyConvNet takes {self.input_size}x{self.input_size} input, got {tuple(x.shape[-2:])}")
+        return super().forward(x)
+
+
+def strict_tiny_convnet() -> nn.Module:
+    """``--model toy_models:strict_tiny_convnet``."""
+    return StrictTinyConvNet().eval()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..defenses.defended import Defended
+from ..defenses.identity import Identity
 from ..draws import DrawKey
 from ._registry import register
 from .base import Attack, AttackResult, forward
@@ -41,10 +42,16 @@ __all__ = ["Transfer", "source_classifier"]
 
 
 def source_classifier(model: nn.Module) -> nn.Module:
-    """The bare classifier inside ``model`` (through ``EOT`` and ``Defended``), or ``model``."""
+    """The bare classifier inside ``model`` (through ``EOT`` and ``Defended``), or ``model``;
+    for a defense run at another side (``Defended(..., defend_at=S)``), the classifier behind
+    the same resize, so that it takes the attacked images as the defended model does."""
     while isinstance(model, EOT):
         model = model.model
-    return model.model if isinstance(model, Defended) else model
+    if not isinstance(model, Defended):
+        return model
+    if model.defend_at is None:
+        return model.model
+    return Defended(Identity(), model.model, defend_at=model.defend_at)
 
 
 class Transfer(Attack):

@@ -47,7 +47,8 @@ from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
 from .attack_flags import (add_attack_flags, attack_kwargs, attacks_by_flags, check_attack_combinations,
                            given_attack_flags, handles_defense, supports_targeted)
-from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_data, check_out_file, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_defend_at_option, add_model_options, check_data,
+                     check_defend_at, check_out_file, check_defense, check_model,
                      check_model_options, check_number, check_seed, model_options, one_line_skip_warnings, print_json,
                      progress, resolve_device)
 
@@ -70,6 +71,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
+    add_defend_at_option(p)
     p.add_argument("--defense", required=True, help=DEFENSE_HELP)
     p.add_argument("--attack", required=True, help="attack name: " + ", ".join(attacks.names()))
     p.add_argument("--n", type=int, default=100, help="images in the protocol sample (default 100)")
@@ -168,6 +170,7 @@ def run(args) -> int:
     defense_name = check_defense(args.defense)
     check_model(args.model, args.weights)
     check_model_options(args)
+    check_defend_at(args)
     listed = check_data(args.data)
     if args.save_adv:
         if not args.save_adv.endswith(".npz"):
@@ -180,9 +183,12 @@ def run(args) -> int:
     device = resolve_device(args.device)
     t0 = time.time()
     classifier = build_model(args.model, args.weights, device, **model_options(args))
-    defended = build_defended(classifier, defense_name, args.seed, device)
+    defended = build_defended(classifier, defense_name, args.seed, device, defend_at=args.defend_at)
+    # The undefended model in the attacked images' geometry (resized from --defend-at S when set).
+    bare = build_defended(classifier, "none", args.seed, device, defend_at=args.defend_at)
     with one_line_skip_warnings():
-        sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device)
+        sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device,
+                                      load_size=args.defend_at)
     x = sample.x.to(device)
     labels = sample.labels.to(device)
     targets = sample.targets.to(device) if targeted else None
@@ -215,7 +221,7 @@ def run(args) -> int:
 
     counter = PassCounter(classifier)
     try:
-        target_model = classifier if args.transfer else attacked_model(model_eot)
+        target_model = bare if args.transfer else attacked_model(model_eot)
         result = run_on(attack, target_model, x, labels, targets, run_key.child("attack"))
         attack_passes = counter.images
         bar.close()
@@ -249,6 +255,7 @@ def run(args) -> int:
             "history": result.history,
             "model": args.model,
             "defense": defense_name,
+            "defend_at": args.defend_at,
             "attack": name,
             "attack_settings": _settings(attack),
             "transfer": bool(args.transfer),
@@ -268,7 +275,7 @@ def run(args) -> int:
         if mode != "off":
             checks = Checks(
                 name=name, kwargs=kwargs, model_eot=model_eot, attacked_model=attacked_model, run_attack=run_on,
-                defended=defended, classifier=classifier, counter=counter, attack_passes=attack_passes,
+                defended=defended, classifier=bare, counter=counter, attack_passes=attack_passes,
                 fooled_fraction=list(full_verdict["per_image_fooled_fraction"]), draws=args.draws, main_info=result.info,
             )
             diag = checks.run(mode, x, labels, targets, generator=make_generator(child_seed(g)),

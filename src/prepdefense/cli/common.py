@@ -25,7 +25,7 @@ DEFENSE_HELP = ("defense name, with parameters in brackets where they differ fro
                 "(e.g. 'dct-distort[table=fd]'), an a+b chain, a user's package.module:Class, "
                 "or 'none' for the bare model")
 
-__all__ = ["DEFENSE_HELP", "check_shard", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
+__all__ = ["DEFENSE_HELP", "check_shard", "add_defend_at_option", "check_defend_at", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
            "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
            "add_model_options", "check_model_options", "model_options", "MAX_SEED"]
@@ -75,6 +75,20 @@ def add_model_options(p) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="the model's number of classes (default: its num_classes attribute, else its output width)")
     p.add_argument("--mean", default=None, help="per-channel mean the model expects its input normalised with, e.g. 0.485,0.456,0.406 (with --std)")
     p.add_argument("--std", default=None, help="per-channel std the model expects its input normalised with, e.g. 0.229,0.224,0.225 (with --mean)")
+
+
+def add_defend_at_option(p) -> None:
+    """``--defend-at S``: the defense at another resolution than the model's (issue 15, item 3)."""
+    p.add_argument("--defend-at", type=int, default=None, metavar="S",
+                   help="read the images at S px, run the defense there and resize its output to the model's input "
+                        "(the paper defends Inception V3's own 299-px input; --defend-at 299 keeps that defense as is in "
+                        "front of a 224-px model); the attack's budget is then in the S-px space. Default: the defense "
+                        "runs at the model's input side, the paper's setting for its own model")
+
+
+def check_defend_at(args) -> None:
+    check_at_least("--defend-at", getattr(args, "defend_at", None), data.MIN_SIDE,
+                   hint=" (the side at which the defense runs)")
 
 
 def _floats(flag: str, text: Optional[str]) -> Optional[tuple]:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ..attacks import ensemble as E
 from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_defense, check_model,
-                     check_model_options, check_number, check_out_folder, check_seed, check_shard, model_options, one_line_skip_warnings,
+                     check_model_options, check_number, check_out_folder, check_seed, check_shard, model_options,
+                     add_defend_at_option, check_defend_at, one_line_skip_warnings,
                      print_json, resolve_device)
 
 
@@ -68,6 +69,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
+    add_defend_at_option(p)
     p.add_argument("--draws", type=int, default=E.MIN_DRAWS, help=f"fresh draws judging each kept example (at least {E.MIN_DRAWS}; default {E.MIN_DRAWS})")
     p.add_argument("--shard-size", type=int, default=10, help="images per unit of work (resumption granularity; default 10)")
     p.add_argument("--batch-size", type=int, default=None, help="images attacked together (default: a whole shard)")
@@ -105,6 +107,7 @@ def _check(args) -> str:
     defense = check_defense(args.defense)
     check_model(args.model, args.weights)
     check_model_options(args)
+    check_defend_at(args)
     resolve_device(args.device)
     listed = check_data(args.data)
     if args.n > listed:
@@ -121,7 +124,7 @@ def run(args) -> int:
         out=Path(args.out) if args.out is not None else None, data=args.data, model=args.model, weights=args.weights,
         model_options=model_options(args), device=args.device, draws=args.draws, shard_size=args.shard_size,
         batch_size=args.batch_size, fresh=args.fresh, quiet=args.quiet or args.json, checks=args.checks, curve=args.curve,
-        shard=args.shard,
+        shard=args.shard, defend_at=args.defend_at,
     )
     stream = None
     devnull = None

@@ -18,6 +18,8 @@ from .. import data
 from ..errors import DataError
 from .common import (
     add_common_data_args,
+    add_defend_at_option,
+    check_defend_at,
     add_model_options,
     build_defended,
     build_model,
@@ -45,6 +47,7 @@ def add_parser(subparsers) -> None:
     )
     add_common_data_args(p)
     add_model_options(p)
+    add_defend_at_option(p)
     p.add_argument("--defense", default="none", help="preprocessing defense in front of the model, e.g. dct-distort, fd+rand "
                    "or a user's package.module:Class (default: none)")
     p.set_defaults(func=run)
@@ -68,12 +71,14 @@ def run(args) -> int:
     # unknown model or defense, a bad chain fail at once (skipped-file warnings come later).
     check_common(args)
     defense = check_defense(args.defense)
+    check_defend_at(args)
     device = resolve_device(args.device)
     check_data(args.data)
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device, **model_options(args))
-        classifier = build_defended(model, defense, args.seed, device)
-        dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit, num_classes=model.num_classes)
+        classifier = build_defended(model, defense, args.seed, device, defend_at=args.defend_at)
+        dataset = data.load_dataset(args.data, size=args.defend_at or model.input_size, limit=args.limit,
+                                    num_classes=model.num_classes)
         n, correct = score(classifier, dataset, batch_size=args.batch_size, device=device, show_progress=not args.json)
     if n == 0:
         raise DataError(f"no readable image in {args.data} ({dataset.skipped} file(s) skipped)")
@@ -84,6 +89,7 @@ def run(args) -> int:
         "skipped": dataset.skipped,
         "model": args.model,
         "defense": defense,
+        "defend_at": args.defend_at,
         "seed": args.seed,
         "device": str(device),
         "data": str(args.data),

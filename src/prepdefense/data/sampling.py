@@ -68,6 +68,7 @@ def protocol_sample(
     device: Union[str, torch.device] = "cpu",
     exclude_ids: Iterable[str] = (),
     num_classes: Optional[int] = None,
+    load_size: Optional[int] = None,
 ) -> ProtocolSample:
     """Pick ``n`` images the undefended ``model`` classifies correctly, and a target each.
 
@@ -84,6 +85,10 @@ def protocol_sample(
             the evaluation set).
         num_classes: the model's number of classes K, targets are drawn below it (default:
             ``model.num_classes``, else the width of the model's logits).
+        load_size: return the picked images at this side instead (read again from the
+            source): the sample is still picked by the model at ``size``, but the attacked
+            images live at another resolution, e.g. for a defense run at the paper's 299 px
+            in front of a 224-px model (``Defended(..., defend_at=299)``). Needs a source.
 
     Raises:
         TypeError: ``model`` not a module, or ``n``/``seed``/``batch_size`` not integers.
@@ -117,6 +122,8 @@ def protocol_sample(
     xs: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
     ids: List[str] = []
+    picked: List[int] = []
+    position = {e.id: i for i, e in enumerate(ds.entries)}
     tried = 0
     k = int(declared) if declared is not None else None
     device = torch.device(device)
@@ -133,6 +140,7 @@ def protocol_sample(
                 xs.append(x[j])
                 labels.append(y[j])
                 ids.append(batch_ids[j])
+                picked.append(position[batch_ids[j]])
             if len(ids) >= n:
                 break
     correct = len(ids)
@@ -142,8 +150,17 @@ def protocol_sample(
             f"correctly by the model ({len(excluded & set(ds.ids))} excluded); {n} were asked for"
         )
     label_t = torch.stack(labels[:n]).long()
+    x_out = torch.stack(xs[:n])
+    if load_size is not None and int(load_size) != int(x_out.shape[-1]):
+        if isinstance(source_or_dataset, ImageDataset):
+            raise DataError("load_size needs a folder or 'builtin' as the source, not a dataset")
+        again = load_dataset(source_or_dataset, size=int(load_size), num_classes=int(declared) if declared is not None else NUM_CLASSES)
+        batches = list(iter_batches(again, max(1, batch_size), indices=picked[:n]))
+        if not batches or sum(len(b[2]) for b in batches) != n:
+            raise DataError(f"some of the {n} picked images of {ds.source} could not be read again at {load_size} px")
+        x_out = torch.cat([b[0] for b in batches])
     return ProtocolSample(
-        x=torch.stack(xs[:n]),
+        x=x_out,
         labels=label_t,
         targets=draw_targets(label_t, target_gen, k),
         ids=ids[:n],

@@ -64,10 +64,12 @@ def build_model(name: str, weights: Optional[str], device: torch.device, *, inpu
     return model.to(device).eval()
 
 
-def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device) -> nn.Module:
-    """``Defended(defenses.create(name), model)`` seeded with ``seed``; the bare model for ``none``."""
+def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device,
+                   defend_at: Optional[int] = None) -> nn.Module:
+    """``Defended(defenses.create(name), model, defend_at=defend_at)`` seeded with ``seed``; the
+    bare model for ``none`` (resized from ``defend_at`` to the model's input when set)."""
     name = defenses.normalize_name((defense_name or "none").strip())
-    if name == "none":
+    if name == "none" and defend_at is None:
         return model
     try:
         defense = defenses.create(name)
@@ -75,4 +77,4 @@ def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch
         raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
     except ValueError as e:
         raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
-    return Defended(defense, model, generator=make_generator(seed)).to(device)
+    return Defended(defense, model, generator=make_generator(seed), defend_at=defend_at).to(device)

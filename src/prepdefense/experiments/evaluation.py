@@ -33,7 +33,8 @@ undefined, e.g. over no image):
 * ``schema``, ``schema_version``, ``created`` (UTC, ISO 8601);
 * ``model``: ``name``, ``weights``, ``input_size``, ``num_classes``, ``options`` (``--mean``...);
 * ``defense``: ``name``, ``parameters`` (each built-in part's constructor defaults as used),
-  ``description`` (its repr), ``randomized``, ``differentiable``;
+  ``description`` (its repr), ``randomized``, ``differentiable``, ``defend_at`` (``[H, W]``
+  the defense runs at before the resize to the model's input; null: the model's input);
 * ``threat_model``: ``norm`` (``linf``/``l2``), ``eps``, ``eps_unit``, ``euclidean_radius``
   (L2), ``targeted`` (false: robust accuracy), ``image_shape``;
 * ``budget``: the preset (:meth:`~prepdefense.attacks.ensemble.Budget.as_dict`: attacks with
@@ -401,6 +402,7 @@ def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
         "description": " ".join(repr(defense).split()) if defense is not None else "none (the bare classifier)",
         "randomized": bool(getattr(defended, "randomized", False)),
         "differentiable": bool(getattr(defense, "differentiable", True)) if defense is not None else True,
+        "defend_at": to_jsonable(getattr(defended, "defend_at", None)),
     }
 
 
@@ -601,6 +603,9 @@ class EvaluateConfig:
             into its own ``out``; no card. ``prepdefense merge`` combines the shards, and the
             same configuration without ``shard`` on the merged folder reuses every unit and
             runs the checks, the curve and the card.
+        defend_at: run the defense at this side and resize to the model's input
+            (``Defended(..., defend_at=S)``); the sample is picked by the bare model at its own
+            input side and attacked at S px. None: the defense runs at the model's input side.
     """
 
     defense: str
@@ -623,6 +628,7 @@ class EvaluateConfig:
     checks: bool = True
     curve: bool = True
     shard: Optional[Any] = None
+    defend_at: Optional[int] = None
 
 
 @dataclass
@@ -644,10 +650,12 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
     return {**({"shard": shard.as_dict()} if shard is not None else {}), "command": "evaluate", "card_schema_version": CARD_SCHEMA_VERSION, "model": config.model, "weights": config.weights,
             "model_options": to_jsonable(config.model_options), "data": data_id, "defense": config.defense, "norm": norm, "eps": eps,
             "budget": budget.as_dict(), "n": int(config.n), "seed": int(config.seed), "draws": int(config.draws),
-            "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME}
+            "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME,
+            **({"defend_at": int(config.defend_at)} if config.defend_at is not None else {})}
 
 
-def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device):
+def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device,
+                         load_size: Optional[int] = None):
     """The protocol sample (``data.protocol_sample``: the first ``n`` images, in the seed's
     order, the classifier gets right), cached in the store so a resumed run reads it back.
     Candidates are classified ``min(32, n)`` at a time (the pick does not depend on it)."""
@@ -657,7 +665,7 @@ def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n
     cached = store.load_tensors("sample")
     if cached is not None and len(cached.get("ids", [])) == n:
         return Sample(cached["x"], cached["labels"], cached["targets"], cached["ids"], cached.get("info"))
-    s = protocol_sample(classifier, data, n=n, seed=seed, device=device, batch_size=min(32, max(1, n)))
+    s = protocol_sample(classifier, data, n=n, seed=seed, device=device, batch_size=min(32, max(1, n)), load_size=load_size)
     info = {"source": s.source, "tried": s.tried, "correct": s.correct, "skipped": s.skipped, "seed": s.seed}
     store.save_tensors("sample", {"x": s.x.cpu(), "labels": s.labels.cpu(), "targets": s.targets.cpu(), "ids": list(s.ids), "info": info})
     return Sample(s.x.cpu(), s.labels.cpu(), s.targets.cpu(), s.ids, info)
@@ -705,8 +713,8 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         classifier = classifier.to(device).eval()
         for p in classifier.parameters():
             p.requires_grad_(False)
-        defended = build_defended(classifier, config.defense, config.seed, device)
-        sample = _load_or_draw_sample(store, classifier, config.data, int(config.n), int(config.seed), device)
+        defended = build_defended(classifier, config.defense, config.seed, device, defend_at=config.defend_at)
+        sample = _load_or_draw_sample(store, classifier, config.data, int(config.n), int(config.seed), device, load_size=config.defend_at)
         store.update_config(sample={**sample.info, "n": len(sample), "first_ids": sample.ids[:5]})
         x, labels, ids = sample.x.to(device), sample.labels.to(device), list(sample.ids)
         randomized = bool(getattr(defended, "randomized", False))
