@@ -114,7 +114,7 @@ EARLY = [
     ("attack --defense fd --attack fgsm --n 1 --data {empty}", "image folder is empty"),
     ("learn-table --data /no/such/folder --out {tmp}/t.json", "image folder not found"),
     ("learn-table --data {file} --out {tmp}/t.json", "not a folder"),
-    ("reproduce --out {tmp}/r --data /no/such/folder", "is not a folder"),
+    ("reproduce --out {tmp}/r --data /no/such/folder", "image folder not found"),
     ("reproduce --out {tmp}/r --data {file}", "is not a folder"),
     ("reproduce --out {tmp}/r --data {empty} --preset smoke", "image folder is empty"),
     # -- models and weights -----------------------------------------------------------------------

@@ -157,6 +157,16 @@ def test_config_mismatch_refused_and_fresh(tmp_path):
     assert st.check_or_write_config({"identity": {"seed": 1}}) is False
 
 
+def test_config_mismatch_names_the_nested_field_not_the_whole_preset(tmp_path):
+    st = ResultStore(tmp_path).open()
+    preset = {"name": "quick", "n": 10, "eot": 4, "attacks": [{"name": "apgd-ce", "steps": 20}] * 5}
+    st.check_or_write_config({"identity": {"seed": 0, "preset": preset}})
+    with pytest.raises(ConfigMismatchError) as e:
+        st.check_or_write_config({"identity": {"seed": 0, "preset": {**preset, "eot": 8}}})
+    message = str(e.value)
+    assert "preset.eot: 4 -> 8" in message and "apgd-ce" not in message and "--fresh" in message
+
+
 def test_tensor_cache_roundtrip(tmp_path):
     st = ResultStore(tmp_path).open()
     assert st.load_tensors("table2/pgd/s0") is None

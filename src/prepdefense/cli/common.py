@@ -182,6 +182,11 @@ def check_data(source: str, flag: str = "--data") -> int:
         return len(BUILTIN_IMAGES)
     if not str(source).strip():
         raise UsageError(f"{flag} is empty; give an image folder or 'builtin'")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"image folder not found: {source} ({flag} takes a folder of images or 'builtin')")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {source!r} is not a folder (give a folder of images or 'builtin')")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", data.SkippedFileWarning)
         entries, _missing = data.loading.folder_entries(source, num_classes=None)

@@ -109,8 +109,6 @@ def run(args) -> int:
     check_model(args.model, args.weights)
     resolve_device(args.device)
     data = args.data
-    if data != "builtin" and not Path(data).expanduser().is_dir():
-        raise UsageError(f"--data {data!r} is not a folder (give a folder of images or 'builtin')")
     listed = check_data(data)
     n_images = U.get_preset(args.preset).n_images
     if not args.report_only and listed < n_images:

@@ -57,8 +57,6 @@ def run(args) -> int:
     check_seed(args.seed)
     check_model(args.model, args.weights)
     resolve_device(args.device)
-    if args.data != "builtin" and not Path(args.data).expanduser().is_dir():
-        raise UsageError(f"--data {args.data!r} is not a folder (give a folder of images or 'builtin')")
     listed = check_data(args.data)
     if listed < args.n:
         raise UsageError(f"--n {args.n} needs at least {args.n} images, but --data {args.data} lists {listed}")

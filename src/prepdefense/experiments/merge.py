@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 from ..errors import PrepDefenseError
 from .report import write_report
 from .sample_strip import adversarial_candidates
-from .store import ConfigMismatchError, ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
+from .store import ConfigMismatchError, ResultStore, atomic_write_bytes, atomic_write_text, describe_differences, to_jsonable
 
 __all__ = ["MergeOutcome", "ShardMismatchError", "merge_shards"]
 
@@ -84,19 +84,6 @@ def _read_shard(folder: Path) -> Dict[str, Any]:
     return cfg
 
 
-def _describe_diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    parts = []
-    for k in keys[:4]:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            sub = sorted(s for s in set(va) | set(vb) if va.get(s) != vb.get(s))
-            parts.append(f"{k}.{sub[0]}: {va.get(sub[0])!r} vs {vb.get(sub[0])!r}" if sub else k)
-        else:
-            parts.append(f"{k}: {va!r} vs {vb!r}")
-    return "; ".join(parts)
-
-
 def _sample_ids(folder: Path) -> Optional[List[str]]:
     store = ResultStore(folder)
     cached = store.load_tensors("sample")
@@ -132,7 +119,7 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
     for f, cfg in zip(folders[1:], cfgs[1:]):
         if base(cfg) != first_base:
             raise ShardMismatchError(
-                f"{f} and {first} are shards of different runs ({_describe_diff(first_base, base(cfg))}); "
+                f"{f} and {first} are shards of different runs ({describe_differences(first_base, base(cfg), limit=4, arrow=' vs ')}); "
                 "merge only the shards of one run (the same command and arguments apart from --shard)"
             )
         n = int(cfg["identity"]["shard"]["count"])
@@ -174,7 +161,7 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
         except ConfigMismatchError:
             old = (store.read_config() or {}).get("identity", {})
             raise ShardMismatchError(
-                f"{out} already holds another run ({_describe_diff(old, first_base)}); merge into a new folder"
+                f"{out} already holds another run ({describe_differences(old, first_base, limit=4, arrow=' vs ')}); merge into a new folder"
             ) from None
         store.update_config(merged_from=[{"folder": str(f.resolve()), "shard": f"{i}/{count}"} for f, i in zip(folders, indices)])
 

@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ..errors import PrepDefenseError
 from ..atomic_io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
@@ -109,6 +109,25 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def _leaf_differences(a: Any, b: Any, path: str, out: List[Tuple[str, Any, Any]]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                _leaf_differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), out)
+    elif a != b:
+        out.append((path, a, b))
+
+
+def describe_differences(old: Dict[str, Any], new: Dict[str, Any], limit: int = 6, arrow: str = " -> ") -> str:
+    """The fields where two configurations differ, as ``a.b: old -> new`` (nested dicts down to
+    the differing leaves, so a changed preset names the field, not the whole preset), at most
+    ``limit`` of them."""
+    out: List[Tuple[str, Any, Any]] = []
+    _leaf_differences(old, new, "", out)
+    text = "; ".join(f"{k}: {a!r}{arrow}{b!r}" for k, a, b in out[:limit])
+    return text + (f"; and {len(out) - limit} more" if len(out) > limit else "")
 
 
 def record_key(record: Dict[str, Any]) -> tuple:
@@ -243,8 +262,7 @@ class ResultStore:
         if old is not None:
             old_id, new_id = old.get("identity", {}), config.get("identity", {})
             if old_id != new_id:
-                keys = sorted(k for k in set(old_id) | set(new_id) if old_id.get(k) != new_id.get(k))
-                diffs = "; ".join(f"{k}: {old_id.get(k)!r} -> {new_id.get(k)!r}" for k in keys[:6])
+                diffs = describe_differences(old_id, new_id)
                 raise ConfigMismatchError(
                     f"{self.root} holds a run with another configuration ({diffs}); "
                     "rerun with the same arguments to resume, pass --fresh to start over, or choose another --out"
