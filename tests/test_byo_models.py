@@ -266,3 +266,20 @@ def test_timm_model_through_predict(fake_extras, tmp_path, capsys):
     got = cli_json(capsys, "predict", "--model", "timm:tiny", "--weights", str(weights), "--num-classes", "10",
                    "--data", str(folder), "--device", "cpu")
     assert got["accuracy"] == 1.0 and got["n"] == 4
+
+
+def test_traced_model_with_declared_size_through_randomness_and_learn_table(tiny, tmp_path, capsys):
+    """A traced TorchScript file keeps no attributes: ``--input-size``/``--num-classes`` declare
+    them on ``randomness`` and ``learn-table`` too, as on the other commands."""
+    model, folder, _ = tiny
+    path = _script(model, tmp_path / "traced.pt", example=torch.rand(1, 3, 32, 32))
+    declared = ["--model", f"torchscript:{path}", "--input-size", "32", "--num-classes", "10", "--device", "cpu"]
+    row = cli_json(capsys, "randomness", *declared, "--data", str(folder), "--defense", "jpeg")
+    assert row["accuracy"] is not None and row["n"] == 6 and row["model"] == f"torchscript:{path}"
+    out = tmp_path / "table.json"
+    summary = cli_json(capsys, "learn-table", *declared, "--data", str(folder), "--out", str(out), "--n", "2",
+                       "--exclude-n", "0", "--steps", "50", "--binary-steps", "1", "--initial-const", "10", "--batch-size", "2")
+    assert out.is_file() and summary
+    code, _, err = cli(capsys, "randomness", "--model", f"torchscript:{path}", "--data", str(folder), "--defense", "jpeg",
+                       "--device", "cpu", "--mean", "0.5")
+    assert code == 2 and "--std" in err

@@ -11,13 +11,19 @@ was made by this command.
 from __future__ import annotations
 
 from .common import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
     UsageError,
+    add_model_options,
+    build_model,
     check_at_least,
     check_data,
     check_model,
+    check_model_options,
     check_number,
     check_out_file,
     check_seed,
+    model_options,
     one_line_skip_warnings,
     print_json,
     progress,
@@ -46,7 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="C&W Adam learning rate (default 0.1, the paper's)")
     p.add_argument("--initial-const", type=float, default=1e-2, help="C&W starting c (default 0.01)")
     p.add_argument("--batch-size", type=int, default=8, help="images attacked together (default 8)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier (default: efficientnet-lite0)")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    add_model_options(p)
     p.add_argument("--seed", type=int, default=1, help="seed drawing the images and targets (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--fresh", action="store_true",
@@ -57,7 +65,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .. import models
     from ..experiments.learn_table import learn_table
 
     # Every flag is checked before the model loads and the (long) attack runs (issue 11, item 5).
@@ -68,7 +75,8 @@ def run(args) -> int:
     check_number("--initial-const", args.initial_const, positive=True)
     check_seed(args.seed)
     check_seed(args.exclude_sample_seed, "--exclude-sample-seed")
-    check_model(args.model)
+    check_model(args.model, args.weights)
+    check_model_options(args)
     check_out_file(args.out)
     listed = check_data(args.data)
     needed = args.n + args.exclude_n
@@ -79,10 +87,7 @@ def run(args) -> int:
             f"or give a larger folder"
         )
     device = resolve_device(args.device)
-    try:
-        model = models.create(args.model)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown model {args.model!r}") from None
+    model = build_model(args.model, args.weights, device, **model_options(args))
 
     bar = progress(range(args.n), total=args.n, desc="C&W", unit="img", enabled=not args.json)
     done = [0]

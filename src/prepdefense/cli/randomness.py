@@ -20,10 +20,12 @@ from ..experiments.randomness import measure_randomness
 from .common import (
     UsageError,
     add_common_data_args,
+    add_model_options,
     build_model,
     check_common,
     check_data,
     check_defense,
+    model_options,
     one_line_skip_warnings,
     print_json,
     progress,
@@ -43,6 +45,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_common_data_args(p)
+    add_model_options(p)
     p.add_argument("--defense", required=True, help="defense name (e.g. dct-distort, rand, fd+rand) or 'all'")
     p.set_defaults(func=run)
 
@@ -72,7 +75,7 @@ def run(args) -> int:
     built = [(n, _create_defense(n)) for n in names]
     rows = []
     with one_line_skip_warnings():
-        model = build_model(args.model, args.weights, device)
+        model = build_model(args.model, args.weights, device, **model_options(args))
         dataset = data.load_dataset(args.data, size=model.input_size, limit=args.limit)
         total = math.ceil(len(dataset) / args.batch_size)
         for defense_name, defense in built:
