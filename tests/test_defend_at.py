@@ -134,16 +134,27 @@ def test_evaluate_attacks_at_the_defended_side(folder, tmp_path, capsys):
     # The sample is picked by the bare model at its own side: the same images as without it.
     plain = cli_json(capsys, *args)
     assert plain["defense"]["defend_at"] is None and plain["data"]["ids"] == card["data"]["ids"]
-    # Every attack (transfer too: the bare model behind the same resize) ran on the 48-px images.
+    # Every attack (transfer too: the bare model behind the same resize) ran on the 48-px images,
+    # and the classifier's passes are counted through the resize.
     assert all(not r.get("skipped") for r in card["per_attack"])
+    assert card["passes"]["classifier_images_attacks"] > 0 and card["passes"]["classifier_images"] > 0
+    assert any("48 px" in note for note in card["notes"])
 
 
-def test_attack_transfer_and_checks_at_the_defended_side(folder, capsys):
-    from byo_helpers import cli_json
+def test_attack_transfer_and_checks_at_the_defended_side(folder, tmp_path, capsys):
+    from byo_helpers import cli, cli_json
 
+    saved = tmp_path / "adv.npz"
     out = cli_json(capsys, "attack", *STRICT, "--data", str(folder), "--defense", "jpeg", "--attack", "transfer", "--n", "3",
-                   "--steps", "2", "--defend-at", "48", "--diagnostics", "full", "--diag-n", "2")
+                   "--steps", "2", "--defend-at", "48", "--diagnostics", "full", "--diag-n", "2", "--save-adv", str(saved))
     assert out["defend_at"] == 48 and "diagnostics" in out
+    # judge reads the side from the file and judges the 48-px images the same way.
+    report = cli_json(capsys, "judge", *STRICT, "--adv", str(saved), "--defense", "jpeg")
+    assert report["defend_at"] == 48 and report["n"] == 3 and any("48 px" in n for n in report["notes"])
+    assert report["accuracy"] == pytest.approx(out["accuracy"])
+    # Another side than the images' is refused in one line.
+    code, _, err = cli(capsys, "judge", *STRICT, "--adv", str(saved), "--defense", "jpeg", "--defend-at", "40")
+    assert code != 0 and "defense runs at 40x40" in err and len(err.strip().splitlines()) == 1
 
 
 def test_defend_at_usage_error(folder, capsys):

@@ -33,10 +33,30 @@ def test_parse_and_format_round_trip():
 
 
 def test_normalize_gives_one_id_per_defense():
-    a = defenses.normalize_name("DCT-Distort[ table=fd, delta=0.15 ]")
-    b = defenses.normalize_name("dct-distort[delta=0.150,table=fd]")
-    assert a == b == "dct-distort[delta=0.15,table=fd]"
+    a = defenses.normalize_name("DCT-Distort[ table=fd, delta=0.1 ]")
+    b = defenses.normalize_name("dct-distort[delta=0.100,table=fd]")
+    assert a == b == "dct-distort[delta=0.1,table=fd]"
     assert defenses.normalize_name("FD+Rand") == "fd+rand"  # names without brackets as before
+    # A parameter equal to the default is the default defense; an int for a float default is a float.
+    assert defenses.normalize_name("dct-distort[delta=0.15,cells=10]") == "dct-distort"
+    assert defenses.normalize_name("rand[pad_value=0]") == defenses.normalize_name("rand[pad_value=0.0]") == "rand[pad_value=0.0]"
+    # Text that would read back as a number stays text.
+    text = defenses.normalize_name("dct-distort[table='1']")
+    assert parse_part(text) == ("dct-distort", {"table": "1"})
+
+
+def test_a_table_file_enters_the_identity_by_its_contents(tmp_path):
+    from prepdefense.defenses.quant_tables import FD_TABLE, save_table
+    from prepdefense.defenses.spec import referenced_files
+
+    path = tmp_path / "mine.json"
+    save_table(path, FD_TABLE)
+    name = f"dct-distort[table={path}]"
+    first = referenced_files(name)
+    assert list(first) == ["dct-distort.table"] and first["dct-distort.table"].startswith("sha256:")
+    save_table(path, FD_TABLE * 2)
+    assert referenced_files(name) != first
+    assert referenced_files("dct-distort[table=fd]") == {}
 
 
 def test_bracketed_parameters_build_what_keywords_build():
@@ -48,8 +68,8 @@ def test_bracketed_parameters_build_what_keywords_build():
     key = DrawKey(0, [image_id("a"), image_id("b")])
     assert torch.equal(named(x, generator=key), keywords(x, generator=key))
     assert torch.equal(named.quantize.table, keywords.quantize.table)
-    if default.table_source != "fd":  # a learned table ships: the two tables are different defenses
-        assert not torch.equal(named.quantize.table, default.quantize.table)
+    learned = defenses.create("dct-distort[table=learned]")  # the shipped learned table: another defense
+    assert not torch.equal(named.quantize.table, learned.quantize.table) and default.table_source != "fd"
     chain = defenses.create("fd+rand[pad_value=0.25]")
     assert chain.part_names == ["fd", "rand[pad_value=0.25]"] and chain.parts[1].pad_value == 0.25
 
@@ -114,6 +134,17 @@ def test_evaluate_card_names_the_fd_table(tmp_path, capsys):
     assert card["defense"]["name"] == "dct-distort[table=fd]"
     assert card["defense"]["parameters"]["dct-distort[table=fd]"]["table"] == "fd"
     assert "table=fd" in card["defense"]["description"]
+    # The same folder with the default table is another run: refused, naming the difference.
+    from dataclasses import replace
+    from prepdefense.experiments.store import ConfigMismatchError
+
+    with pytest.raises(ConfigMismatchError, match=r"defense: 'dct-distort\[table=fd\]' -> 'dct-distort'"):
+        with open(os.devnull, "w") as quiet:
+            V.evaluate_defense(replace(config, defense="dct-distort"), classifier=TinyConvNet(), stream=quiet)
+    # The library spells the name canonically itself.
+    with open(os.devnull, "w") as quiet:
+        again = V.evaluate_defense(replace(config, defense="DCT-Distort[ table=fd ]"), classifier=TinyConvNet(), stream=quiet)
+    assert again.resumed and again.ran == 0 and again.card["defense"]["name"] == "dct-distort[table=fd]"
     # The command line accepts it too (and refuses a typo before any work).
     code, _, err = cli(capsys, "evaluate", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--data", str(folder),
                        "--defense", "dct-distort[tabel=fd]", "--norm", "linf", "--n", "2")

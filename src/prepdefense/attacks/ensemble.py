@@ -82,7 +82,7 @@ from .ball import check_eps
 from .base import _num_classes, check_attack_inputs, root_key
 from .bpda import with_bpda
 from .diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS
-from .transfer import source_classifier
+from .transfer import inner_classifier
 from .verdict import bootstrap_interval, judge_on_draws, summarize, wilson_interval
 
 __all__ = [
@@ -504,7 +504,7 @@ def run_attack(spec: EnsembleAttack, model: nn.Module, x: torch.Tensor, labels: 
     randomized = bool(getattr(model, "randomized", False))
     attack = spec.build(norm=norm, eps=eps, randomized=randomized, batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
-    counter = PassCounter(source_classifier(model))
+    counter = PassCounter(inner_classifier(model))
     try:
         res = attack(_gradient_model(spec, model), x, labels=labels, targets=None, generator=key.child("ensemble", label, *stream))
         adv = res.adversarial.detach()
@@ -890,7 +890,7 @@ def evaluate(
         bar.total += (n * len(budget.curve_fractions) * curve_cost if with_curve else 0)
         bar.total += (budget.check_images * (3 * sum(lead.cost(randomized)) + 2 * r) if checks else 0)
 
-    counter = PassCounter(source_classifier(model))
+    counter = PassCounter(inner_classifier(model))
     try:
         state = start(model, x, labels, draws=draws, key=key)
         clean_correct = state.correct.clone()

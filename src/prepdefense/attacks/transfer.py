@@ -38,20 +38,26 @@ from .eot import EOT
 from .gradient import PGD
 from .losses import is_successful
 
-__all__ = ["Transfer", "source_classifier"]
+__all__ = ["Transfer", "source_classifier", "inner_classifier"]
+
+
+def inner_classifier(model: nn.Module) -> nn.Module:
+    """The bare classifier inside ``model`` (through ``EOT`` and ``Defended``), or ``model``:
+    the module every classification runs through (what a pass counter hooks)."""
+    while isinstance(model, EOT):
+        model = model.model
+    return model.model if isinstance(model, Defended) else model
 
 
 def source_classifier(model: nn.Module) -> nn.Module:
-    """The bare classifier inside ``model`` (through ``EOT`` and ``Defended``), or ``model``;
-    for a defense run at another side (``Defended(..., defend_at=S)``), the classifier behind
+    """The undefended model the transfer attack differentiates: :func:`inner_classifier`, or,
+    for a defense run at another side (``Defended(..., defend_at=S)``), that classifier behind
     the same resize, so that it takes the attacked images as the defended model does."""
     while isinstance(model, EOT):
         model = model.model
-    if not isinstance(model, Defended):
-        return model
-    if model.defend_at is None:
-        return model.model
-    return Defended(Identity(), model.model, defend_at=model.defend_at)
+    if isinstance(model, Defended) and model.defend_at is not None:
+        return Defended(Identity(), model.model, defend_at=model.defend_at)
+    return inner_classifier(model)
 
 
 class Transfer(Attack):

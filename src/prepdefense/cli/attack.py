@@ -228,7 +228,7 @@ def run(args) -> int:
 
         adv = result.adversarial.detach()
         if args.save_adv:  # saved before the verdict and the checks, so nothing made is lost to a later error
-            saved_path = save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids)
+            saved_path = save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids, defend_at=args.defend_at)
         if "asr_expected" in result.info and not args.transfer:
             full_verdict = result.info  # judged on fresh draws by the attack itself
         else:
@@ -296,10 +296,10 @@ def run(args) -> int:
 
 
 def save_adversarial(path: str, adv: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor],
-                     ids) -> Path:
+                     ids, defend_at: Optional[int] = None) -> Path:
     """Write an ``.npz`` that ``prepdefense judge`` (and numpy users) read: ``x_adv`` and ``x``
     (N, C, H, W) float32 in [0, 1], ``labels`` (N,) int64, ``targets`` when targeted, ``ids`` (N,)
-    file names. Written atomically."""
+    file names, ``defend_at`` (a scalar) when the defense ran at another side. Written atomically."""
     import io
 
     import numpy as np
@@ -310,6 +310,8 @@ def save_adversarial(path: str, adv: torch.Tensor, x: torch.Tensor, labels: torc
               "labels": labels.cpu().numpy().astype(np.int64), "ids": np.asarray([str(i) for i in ids])}
     if targets is not None:
         arrays["targets"] = targets.cpu().numpy().astype(np.int64)
+    if defend_at is not None:
+        arrays["defend_at"] = np.asarray(int(defend_at), dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(Path(path).expanduser(), buf.getvalue())

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..atomic_io import atomic_write_text
 from ..experiments.judge import MIN_DRAWS, judge, load_adversarial
-from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, build_model, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_defend_at_option, add_model_options, build_model, check_defend_at,
+                     check_defense, check_model,
                      check_model_options, check_out_file, check_seed, model_options, print_json, resolve_device)
 
 
@@ -39,6 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adv", required=True, help="adversarial examples: a .npz or .pt file, or a folder of images with labels.csv")
     p.add_argument("--clean", default=None, help="for a folder: the folder of the clean images (same file names), for the distances")
     p.add_argument("--defense", required=True, help=DEFENSE_HELP)
+    add_defend_at_option(p)
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
@@ -59,6 +61,7 @@ def run(args) -> int:
     defense = check_defense(args.defense)
     check_model(args.model, args.weights)
     check_model_options(args)
+    check_defend_at(args)
     if args.out is not None:
         check_out_file(args.out)
     if args.clean is not None and not Path(args.adv).expanduser().is_dir():
@@ -67,7 +70,7 @@ def run(args) -> int:
     adv = load_adversarial(args.adv, clean=args.clean)  # a bad file fails before the model loads
     model = build_model(args.model, args.weights, device, **model_options(args))
     report = judge(model, defense, adv, draws=args.draws, seed=args.seed, quantize=args.quantize, device=device,
-                   defense_name=defense)
+                   defense_name=defense, defend_at=args.defend_at)
     report["model"] = args.model
     if args.out is not None:
         atomic_write_text(Path(args.out).expanduser(), json.dumps(report, sort_keys=True) + "\n")

@@ -48,7 +48,9 @@ def run(args) -> int:
     outcome = merge_shards(Path(args.out), [Path(s) for s in args.shards], allow_missing=args.allow_missing)
     if outcome.command == "evaluate":
         print(f"merged: {outcome.out}; finish with 'prepdefense evaluate' and the shards' arguments, without --shard, "
-              f"and --out {outcome.out} (it reuses every attack and runs the checks, the curve and the card)")
+              f"and --out {outcome.out} (it reuses the shards' attacks, then runs the checks, the curve and the card)")
+        if outcome.failed_units or outcome.missing_units:
+            print(f"{len(outcome.failed_units)} unit(s) failed and {len(outcome.missing_units)} not run; that command computes them")
         return 0
     print(f"report: {outcome.report}")
     if outcome.failed_units or outcome.missing_units:

@@ -17,6 +17,7 @@ from torch import nn
 from .. import data
 from ..errors import DataError
 from .common import (
+    DEFENSE_HELP,
     add_common_data_args,
     add_defend_at_option,
     check_defend_at,
@@ -48,8 +49,7 @@ def add_parser(subparsers) -> None:
     add_common_data_args(p)
     add_model_options(p)
     add_defend_at_option(p)
-    p.add_argument("--defense", default="none", help="preprocessing defense in front of the model, e.g. dct-distort, fd+rand "
-                   "or a user's package.module:Class (default: none)")
+    p.add_argument("--defense", default="none", help=DEFENSE_HELP + " (default: none)")
     p.set_defaults(func=run)
 
 

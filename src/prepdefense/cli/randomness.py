@@ -18,6 +18,7 @@ from ..seeding import make_generator
 from ..experiments.paper_numbers import TABLE1 as PAPER_TABLE1
 from ..experiments.randomness import measure_randomness
 from .common import (
+    DEFENSE_HELP,
     UsageError,
     add_common_data_args,
     add_model_options,
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
     )
     add_common_data_args(p)
     add_model_options(p)
-    p.add_argument("--defense", required=True, help="defense name (e.g. dct-distort, rand, fd+rand) or 'all'")
+    p.add_argument("--defense", required=True, help=DEFENSE_HELP + ", or 'all' for a row per registered defense")
     p.set_defaults(func=run)
 
 

@@ -49,7 +49,8 @@ def normalize_name(name: str) -> str:
     """A defense name or chain as :func:`create` reads it: parts stripped, built-in and
     entry-point names in lower case, ``package.module:Class`` parts as written, bracketed
     parameters in canonical form (``Dct-Distort[ delta=0.10,table=fd]`` ->
-    ``dct-distort[delta=0.1,table=fd]``).
+    ``dct-distort[delta=0.1,table=fd]``; a built-in's parameter equal to its default is
+    dropped: ``dct-distort[delta=0.15]`` -> ``dct-distort``).
 
     Raises:
         ValueError: unbalanced brackets or a malformed ``[key=value,...]``.
@@ -57,8 +58,29 @@ def normalize_name(name: str) -> str:
     out = []
     for part in split_chain(str(name)):
         base, params = parse_part(part)
-        out.append(format_part(base if ":" in base else base.lower(), params))
+        base = base if ":" in base else base.lower()
+        if base in REGISTRY:
+            params = _canonical_params(base, params)
+        out.append(format_part(base, params))
     return "+".join(out)
+
+
+def _canonical_params(name: str, params: dict) -> dict:
+    """A built-in defense's parameters without those equal to its defaults, and an integer
+    given for a float default as a float (``rand[pad_value=0]`` is ``rand[pad_value=0.0]``)."""
+    defaults = {p.name: p.default for p in REGISTRY.parameters(name).values()}
+    out = {}
+    for key, value in params.items():
+        default = defaults.get(key, _NO_DEFAULT)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if default is not _NO_DEFAULT and type(value) is type(default) and value == default:
+            continue
+        out[key] = value
+    return out
+
+
+_NO_DEFAULT = object()
 
 
 def _create_one(part: str, **params: Any) -> Defense:
@@ -83,7 +105,7 @@ def _create_one(part: str, **params: Any) -> Defense:
 
 def create(name: str, **params: Any) -> Defense:
     """Build a defense by name. ``params`` go to a single defense; a ``+`` chain takes each
-    part's parameters from its brackets (``fd+rand[max_pad=32]``), or build the parts
+    part's parameters from its brackets (``fd+rand[pad_value=0.25]``), or build the parts
     yourself and use :class:`Compose`.
 
     Raises:

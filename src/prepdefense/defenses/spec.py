@@ -3,22 +3,26 @@
 A defense's name is its identity everywhere (stores, unit ids, cards, reports), so the
 parameters that make it a different defense are written into the name itself, in square
 brackets after a built-in or user name: ``dct-distort[table=fd]``,
-``dct-distort[table=fd,delta=0.1]``, ``fd+rand[max_pad=32]`` (brackets bind to the part
+``dct-distort[table=fd,delta=0.1]``, ``fd+rand[pad_value=0.25]`` (brackets bind to the part
 they follow). A value is read as a Python literal when it is one (``0.1``, ``10``,
-``True``, ``None``), else kept as the text written (``fd``, ``tables/mine.json``).
-Quote the whole name in a shell only where it has spaces.
+``True``, ``None``, ``'1'`` for the text 1), else kept as the text written (``fd``,
+``tables/mine.json``). In a shell, quote the whole name: brackets are glob characters.
 
 :func:`format_part` writes the canonical form (keys sorted, no spaces), so two spellings
-of one defense get one id.
+of one defense get one id (``defenses.normalize_name`` also drops a built-in defense's
+parameters that equal its defaults). :func:`referenced_files` lists the files a name's
+values point to, so a run's identity can hold their contents' digest.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-__all__ = ["split_chain", "parse_part", "format_part"]
+__all__ = ["split_chain", "parse_part", "format_part", "referenced_files"]
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -86,5 +90,29 @@ def format_part(name: str, params: Dict[str, Any]) -> str:
     """The canonical ``name[key=value,...]`` (keys sorted; ``name`` alone without parameters)."""
     if not params:
         return name
-    items = ",".join(f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in sorted(params.items()))
+    items = ",".join(f"{k}={_text(v)}" for k, v in sorted(params.items()))
     return f"{name}[{items}]"
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, str):
+        # Bare where it reads back as the same text; quoted where it would read as a number,
+        # a boolean or None ('1'), or hold a separator.
+        return v if _value(v) == v and not set(v) & set(",[]+") and v == v.strip() and v else repr(v)
+    return repr(v)
+
+
+def referenced_files(name: str) -> Dict[str, str]:
+    """``{"<part>.<key>": "sha256:<hex>"}`` for every text value of ``name`` (a chain with
+    bracketed parameters) that names an existing file, e.g. a table's JSON: the run's
+    identity then follows the file's contents, not only its path."""
+    out: Dict[str, str] = {}
+    for part in split_chain(name):
+        base, params = parse_part(part)
+        for key, value in params.items():
+            if isinstance(value, str) and value:
+                path = Path(value).expanduser()
+                if path.is_file():
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                    out[f"{base}.{key}"] = f"sha256:{digest}"
+    return out

@@ -68,10 +68,10 @@ def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch
                    defend_at: Optional[int] = None) -> nn.Module:
     """``Defended(defenses.create(name), model, defend_at=defend_at)`` seeded with ``seed``; the
     bare model for ``none`` (resized from ``defend_at`` to the model's input when set)."""
-    name = defenses.normalize_name((defense_name or "none").strip())
-    if name == "none" and defend_at is None:
-        return model
     try:
+        name = defenses.normalize_name((defense_name or "none").strip())
+        if name == "none" and defend_at is None:
+            return model
         defense = defenses.create(name)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None

@@ -11,6 +11,7 @@ Every file is written atomically (temporary file + ``os.replace``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,7 +25,7 @@ from ..seeding import child_seed, make_generator
 from .demo_attack import attack_builtin, attack_section
 from .demo_verdict import StrongVerdict, strong_verdict, verdict_section
 from .images import png_bytes, side_by_side, to_pil
-from .store import atomic_write_bytes, atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text, unit_file_name
 
 #: A top-k list: (ImageNet index, class name, probability).
 TopK = List[Tuple[int, str, float]]
@@ -116,6 +117,8 @@ def save_demo_images(items: Sequence[DemoImage], out_dir: Path, defense_name: st
     """Write, per image, the clean PNG, the two defended draws and a clean|draw1|draw2 panel."""
     img_dir = Path(out_dir) / "images"
     tag = defense_name.replace("+", "_")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", tag):  # brackets, commas, a table's path: a safe name + hash
+        tag = unit_file_name(tag).rsplit(".", 1)[0]
     for it in items:
         files = {
             "clean": f"images/{it.name}_clean.png",
@@ -206,7 +209,7 @@ def run_demo(
     """Classify the built-in images bare and defended, attack them with a short BPDA+EOT run
     (``attack_rounds=0`` skips it) and with the attack ensemble at ``strong_budget`` (None
     skips it; ``demo_verdict.py``), save the images and the report."""
-    name = (defense_name or default_defense_name()).strip().lower()
+    name = defenses.normalize_name(defense_name or default_defense_name())
     defense = defenses.create(name).to(device)
     items = classify_builtin(model, defense, seed=seed, device=device)
     out = Path(out_dir)

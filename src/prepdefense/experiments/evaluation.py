@@ -90,6 +90,7 @@ from .plots import plot_accuracy_vs_eps
 from .progress import Progress
 from .reporting import fmt_ci, md_table
 from .sharding import ShardSpec, select, shard_spec
+from ..defenses.spec import referenced_files
 from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
 from .ensemble_records import attack_records, clean_records, state_from_clean, steps_from_records
 from .units import Unit, n_shards, shard_slice
@@ -651,7 +652,8 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
             "model_options": to_jsonable(config.model_options), "data": data_id, "defense": config.defense, "norm": norm, "eps": eps,
             "budget": budget.as_dict(), "n": int(config.n), "seed": int(config.seed), "draws": int(config.draws),
             "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME,
-            **({"defend_at": int(config.defend_at)} if config.defend_at is not None else {})}
+            **({"defend_at": int(config.defend_at)} if config.defend_at is not None else {}),
+            **({"defense_files": files} if (files := referenced_files(config.defense)) else {})}
 
 
 def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device,
@@ -683,6 +685,10 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
 
     from ..attacks.ball import check_eps
 
+    from .. import defenses
+    from dataclasses import replace
+
+    config = replace(config, defense=defenses.normalize_name(config.defense))  # one id however it is spelled
     norm, eps = check_eps(config.norm, config.eps)
     budget = E.get_budget(config.budget)
     shard = shard_spec(config.shard)
@@ -755,6 +761,11 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
             else {"card": None, "report": None, "curve": None, "examples": None}
         card = build_card(result, model=model_info, defense=defense_info(defended, config.defense), data=data, seed=config.seed,
                           metadata=metadata, files=files, image_shape=list(x.shape[1:]))
+        if config.defend_at is not None:
+            card["notes"].append(
+                f"The defense runs at {config.defend_at} px and its output is resized to the model's input; the sample was "
+                "picked by the bare model at its own input side, so the clean row (through the resize) may be below 1 "
+                "without the defense being at fault.")
         paths = write_outputs(out, card, result, ids=ids, labels=labels) if tmp is None else {}
         store.append_session({"started": metadata["time"], "ended": now_iso(), "units_run": stats["ran"], "units_reused": stats["reused"]})
         progress.log(f"robust accuracy {card['ensemble']['robust_accuracy_expected']:.3f} expected, "

@@ -45,6 +45,7 @@ from .. import __version__, defenses
 from ..attacks.verdict import evaluate_on_draws, judge_on_draws
 from ..data.loading import pil_to_tensor, to_rgb
 from ..defenses import Defended
+from ..defenses.identity import Identity
 from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import DataError
 from ..metrics import l2_rms, linf
@@ -73,6 +74,8 @@ class AdversarialSet:
         source: where they were read from; ``format``: ``"npz"``, ``"pt"`` or ``"folder"``.
         eight_bit: every adversarial value lies on the 1/255 grid (as read from an 8-bit file).
         notes: every conversion made while reading, one sentence each.
+        defend_at: the side the defense ran at when they were made (an optional scalar
+            ``defend_at`` in the file, written by ``attack --defend-at S --save-adv``), or None.
     """
 
     x_adv: torch.Tensor
@@ -84,6 +87,8 @@ class AdversarialSet:
     format: str = ""
     eight_bit: bool = False
     notes: List[str] = field(default_factory=list)
+    #: The side the defense ran at when they were made (``attack --defend-at``), if the file says.
+    defend_at: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.x_adv.shape[0])
@@ -214,8 +219,10 @@ def _from_arrays(path: Path) -> AdversarialSet:
         raise DataError(f"x has shape {tuple(x.shape)} but x_adv {tuple(x_adv.shape)}; the clean images must match one to one")
     targets = _classes("targets", data["targets"], n, notes) if data.get("targets") is not None else None
     ids = _ids(data["ids"], n) if data.get("ids") is not None else None
+    defend_at = data.get("defend_at")
+    defend_at = int(np.asarray(defend_at).reshape(-1)[0]) if defend_at is not None else None
     return AdversarialSet(x_adv, labels, x, targets, ids, source=str(path), format=path.suffix.lower().lstrip(".").replace("pth", "pt"),
-                          eight_bit=_on_8bit_grid(x_adv), notes=notes)
+                          eight_bit=_on_8bit_grid(x_adv), notes=notes, defend_at=defend_at)
 
 
 # ---------------------------------------------------------------- a folder of images
@@ -403,7 +410,7 @@ def _verdicts(model: nn.Module, deployed: nn.Module, d: Optional[nn.Module], adv
 @torch.no_grad()
 def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: AdversarialSet, *, draws: int = MIN_DRAWS,
           seed: int = 0, quantize: bool = False, device: Union[None, str, torch.device] = None,
-          defense_name: Optional[str] = None) -> Dict[str, Any]:
+          defense_name: Optional[str] = None, defend_at: Optional[int] = None) -> Dict[str, Any]:
     """Judge ``adv`` on ``draws`` fresh draws of ``Defended(defense, model)``.
 
     Args:
@@ -417,6 +424,10 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
         quantize: round the images to 8 bits first (what an 8-bit file would hold).
         device: where to run (default: the model's device).
         defense_name: how the report names the defense (default: its name or class).
+        defend_at: run the defense at this side and resize to the model's input
+            (``Defended(..., defend_at=S)``; the images must be S px, the bare model's figures
+            go through the same resize); default: what the file says (``adv.defend_at``), else
+            the model's input side.
 
     Returns:
         the report: ``accuracy`` / ``asr`` (expected over draws) and ``accuracy_worst`` /
@@ -434,18 +445,26 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
     if int(draws) < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
     n = len(adv)
+    notes_at: List[str] = []
+    if defend_at is None and adv.defend_at is not None:
+        defend_at = adv.defend_at
+        notes_at.append(f"the file says the images were made with the defense at {defend_at} px: judged the same way")
     if n == 0:
         raise DataError(f"{adv.source} holds no image")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    size = getattr(model, "input_size", None)
+    size = int(defend_at) if defend_at is not None else getattr(model, "input_size", None)
     if size is not None and tuple(adv.x_adv.shape[-2:]) != (int(size), int(size)):
         h, w = adv.x_adv.shape[-2:]
+        if defend_at is not None:
+            raise DataError(f"the adversarial images are {h}x{w} but the defense runs at {size}x{size} (defend_at); "
+                            "give the side they were made at")
         raise DataError(f"the adversarial images are {h}x{w} but the model takes {size}x{size}; they are judged as they "
-                        "are (resizing would change the perturbation): make them at the model's input size")
-    notes = list(adv.notes)
+                        "are (resizing would change the perturbation): make them at the model's input size, or give "
+                        "the side the defense runs at (defend_at / --defend-at)")
+    notes = list(adv.notes) + notes_at
     x_adv = adv.x_adv
     if quantize:
         if adv.eight_bit:
@@ -466,7 +485,11 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
         d = defense
         label = defense_name or ("none" if d is None else type(d).__name__)
     model = model.to(device)
-    deployed = model if d is None else Defended(d, model).to(device)
+    if defend_at is not None:  # the defense at that side, then resized to the model's input; the bare model behind the resize
+        model = Defended(Identity(), model, defend_at=int(defend_at)).to(device)
+        deployed = model if d is None else Defended(d, model.model, defend_at=int(defend_at)).to(device)
+    else:
+        deployed = model if d is None else Defended(d, model).to(device)
     with eval_mode(deployed):  # the caller's train/eval flags come back afterwards
         out = _verdicts(model, deployed, d, adv, x_adv, draws=draws, seed=seed, quantize=quantize, device=device, notes=notes)
     out.update({
@@ -475,6 +498,7 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
         "format": adv.format,
         "eight_bit": bool(adv.eight_bit or quantize),
         "defense": label,
+        "defend_at": int(defend_at) if defend_at is not None else None,
         "seed": int(seed),
         "device": str(device),
         "draw_scheme": DRAW_SCHEME,

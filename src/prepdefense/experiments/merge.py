@@ -63,7 +63,8 @@ class MergeOutcome:
         if self.duplicate_shards:
             text += f"; shard(s) {', '.join(map(str, self.duplicate_shards))} given more than once (taken once)"
         if self.missing_shards:
-            text += f"; shard(s) {', '.join(map(str, self.missing_shards))} of {self.count} missing (the report is partial)"
+            what = "the report is partial" if self.command == "reproduce" else "the finishing evaluate computes what they left"
+            text += f"; shard(s) {', '.join(map(str, self.missing_shards))} of {self.count} missing ({what})"
         return text
 
 

@@ -111,11 +111,19 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+_ABSENT = "(absent)"
+
+
 def _leaf_differences(a: Any, b: Any, path: str, out: List[Tuple[str, Any, Any]]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) != b.get(k):
-                _leaf_differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), out)
+            va, vb = a.get(k, _ABSENT), b.get(k, _ABSENT)
+            if va != vb:
+                _leaf_differences(va, vb, f"{path}.{k}" if path else str(k), out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (va, vb) in enumerate(zip(a, b)):
+            if va != vb:
+                _leaf_differences(va, vb, f"{path}[{i}]", out)
     elif a != b:
         out.append((path, a, b))
 
