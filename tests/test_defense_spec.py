@@ -84,6 +84,8 @@ def test_bracketed_parameters_build_what_keywords_build():
     ("dct-distort[table=fd]x", "at the end of the name"),
     ("dct-distort[table=nope]", "unknown quantization table 'nope'"),
     ("nope[a=1]", "unknown defense 'nope'"),
+    ("dct-distort[delta=abc]", "parameter 'delta' of defense 'dct-distort' must be a number"),
+    ("none[x=1]", "defense 'none' takes no parameters"),
 ])
 def test_bad_names_are_one_line_usage_errors(name, message):
     with pytest.raises(UsageError) as e:

@@ -71,7 +71,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
-    add_defend_at_option(p)
+    add_defend_at_option(p, "attack")
     p.add_argument("--defense", required=True, help=DEFENSE_HELP)
     p.add_argument("--attack", required=True, help="attack name: " + ", ".join(attacks.names()))
     p.add_argument("--n", type=int, default=100, help="images in the protocol sample (default 100)")

@@ -21,9 +21,9 @@ from ..errors import ModelUnavailableError, PrepDefenseError
 from ..experiments.components import UsageError, build_defended, build_model, resolve_device
 
 #: ``--defense`` help, one text for every sub-command that takes a single defense.
-DEFENSE_HELP = ("defense name, with parameters in brackets where they differ from the defaults "
-                "(e.g. 'dct-distort[table=fd]'), an a+b chain, a user's package.module:Class, "
-                "or 'none' for the bare model")
+DEFENSE_HELP = ("defense: " + ", ".join(defenses.names()) + "; parameters in brackets where they differ from the "
+                "defaults, quoted for the shell (e.g. 'dct-distort[table=fd]'); an a+b chain; a user's "
+                "package.module:Class; or 'none' for the bare model")
 
 __all__ = ["DEFENSE_HELP", "check_shard", "add_defend_at_option", "check_defend_at", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
@@ -77,13 +77,23 @@ def add_model_options(p) -> None:
     p.add_argument("--std", default=None, help="per-channel std the model expects its input normalised with, e.g. 0.229,0.224,0.225 (with --mean)")
 
 
-def add_defend_at_option(p) -> None:
+_DEFEND_AT_HELP = {
+    "attack": "read the images at S px, run the defense there and resize its output to the model's input; the attack's "
+              "budget is then in the S-px space (the sample is still picked by the bare model at its own side)",
+    "evaluate": "read the images at S px, run the defense there and resize its output to the model's input; the attacks' "
+                "budget is then in the S-px space (the sample is still picked by the bare model at its own side)",
+    "predict": "read the images at S px, run the defense there and resize its output to the model's input",
+    "judge": "the images are S px: run the defense at S and resize its output to the model's input (default: the "
+             "defend_at recorded by 'attack --defend-at S --save-adv', else the model's input side)",
+}
+
+
+def add_defend_at_option(p, command: str) -> None:
     """``--defend-at S``: the defense at another resolution than the model's (issue 15, item 3)."""
     p.add_argument("--defend-at", type=int, default=None, metavar="S",
-                   help="read the images at S px, run the defense there and resize its output to the model's input "
-                        "(the paper defends Inception V3's own 299-px input; --defend-at 299 keeps that defense as is in "
-                        "front of a 224-px model); the attack's budget is then in the S-px space. Default: the defense "
-                        "runs at the model's input side, the paper's setting for its own model")
+                   help=_DEFEND_AT_HELP[command] + ". The paper defends Inception V3's own 299-px input; --defend-at 299 "
+                        "keeps that defense as is in front of a 224-px model. Default: the defense runs at the model's "
+                        "input side, the paper's setting for its own model")
 
 
 def check_defend_at(args) -> None:

@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)
-    add_defend_at_option(p)
+    add_defend_at_option(p, "evaluate")
     p.add_argument("--draws", type=int, default=E.MIN_DRAWS, help=f"fresh draws judging each kept example (at least {E.MIN_DRAWS}; default {E.MIN_DRAWS})")
     p.add_argument("--shard-size", type=int, default=10, help="images per unit of work (resumption granularity; default 10)")
     p.add_argument("--batch-size", type=int, default=None, help="images attacked together (default: a whole shard)")

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--adv", required=True, help="adversarial examples: a .npz or .pt file, or a folder of images with labels.csv")
     p.add_argument("--clean", default=None, help="for a folder: the folder of the clean images (same file names), for the distances")
     p.add_argument("--defense", required=True, help=DEFENSE_HELP)
-    add_defend_at_option(p)
+    add_defend_at_option(p, "judge")
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     add_model_options(p)

@@ -31,10 +31,12 @@ def add_parser(subparsers) -> None:
             "(without --shard) and --out OUT reuses every attack and runs the checks, the curve and the card."
         ),
     )
-    p.add_argument("out", metavar="OUT", help="output folder of the merged run (report.md, results/, tables/, figures/)")
+    p.add_argument("out", metavar="OUT", help="output folder of the merged run (for reproduce: report.md, results/, tables/, "
+                                             "figures/; for evaluate: the units, finished by 'evaluate --out OUT')")
     p.add_argument("shards", nargs="+", metavar="SHARD_OUT", help="the --out folder of each shard")
     p.add_argument("--allow-missing", action="store_true",
-                   help="merge even when some shards of the split are missing (the report is then partial)")
+                   help="merge even when some shards of the split are missing (reproduce: the report is then partial; "
+                        "evaluate: the finishing run computes what they left out)")
     p.set_defaults(func=run)
 
 

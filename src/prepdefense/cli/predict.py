@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
     )
     add_common_data_args(p)
     add_model_options(p)
-    add_defend_at_option(p)
+    add_defend_at_option(p, "predict")
     p.add_argument("--defense", default="none", help=DEFENSE_HELP + " (default: none)")
     p.set_defaults(func=run)
 

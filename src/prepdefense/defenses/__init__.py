@@ -93,8 +93,14 @@ def _create_one(part: str, **params: Any) -> Defense:
         accepted = REGISTRY.parameters(name)
         unknown = sorted(set(params) - set(accepted) - set(REGISTRY.entry(name).fixed))
         if unknown:
-            raise ValueError(f"defense {name!r} takes no parameter {unknown[0]!r}; it takes: "
-                             + (", ".join(accepted) or "none"))
+            if not accepted:
+                raise ValueError(f"defense {name!r} takes no parameters (got {unknown[0]!r})")
+            raise ValueError(f"defense {name!r} takes no parameter {unknown[0]!r}; it takes: " + ", ".join(accepted))
+        for key, value in params.items():
+            default = accepted[key].default if key in accepted else None
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, (str, bool)) or value is None):
+                raise ValueError(f"parameter {key!r} of defense {name!r} must be a number (default {default!r}), got {value!r}")
         return REGISTRY.create(name, **params)
     try:
         return create_user_defense(name, **params)

@@ -736,7 +736,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         progress = Progress(sum(u.cost for u in todo), len(todo), quiet=config.quiet, stream=stream, desc="evaluate")
         progress.log(f"{'resuming' if resumed else 'starting'} evaluate of {config.defense} ({norm} eps {eps:.4g}, budget {budget.name}, "
                      f"{len(ids)} images) in {out if tmp is None else 'a temporary folder'}"
-                     + (f", shard {shard} (image shards {', '.join(map(str, image_shards)) or 'none'})" if shard else "")
+                     + (f", shard {shard} (the chains of image groups {', '.join(f's{i}' for i in image_shards) or 'none'})" if shard else "")
                      + f": {len(units)} units, "
                      f"{len(units) - len(todo)} already done, {len(todo)} to run on {device}")
         progress.start_experiment(EXPERIMENT, len(todo), sum(u.cost for u in todo), title="the attack ensemble")

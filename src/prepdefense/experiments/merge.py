@@ -146,7 +146,7 @@ def merge_shards(out: Path, shard_outs: Sequence[Path], *, allow_missing: bool =
     if missing and not allow_missing:
         raise ShardMismatchError(
             f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing; give every shard's --out folder, "
-            "or pass --allow-missing for a partial report"
+            "or pass --allow-missing to merge what there is (the rest is computed when the run is resumed on OUT)"
         )
 
     store = ResultStore(out)
