@@ -138,8 +138,9 @@ def run(args) -> int:
         if devnull is not None:
             devnull.close()
     if outcome.card is None:
-        print(f"shard {args.shard}: {len(outcome.shard_units or [])} unit(s) in {args.out} ({outcome.ran} run, {outcome.reused} reused); "
-              f"next: 'prepdefense merge OUT SHARD_OUT...' over every shard, then this command without --shard and with --out OUT")
+        print(f"shard {args.shard}: {len(outcome.shard_units or [])} unit(s) in {args.out} ({outcome.ran} run, {outcome.reused} reused)")
+        print(f"next, once all {args.shard.count} shards are done: prepdefense merge OUT {args.out} <the other shards' --out>; "
+              "then this command without --shard and with --out OUT (checks, curve, card)")
     elif args.json:
         print_json(outcome.card)
     else:
