@@ -29,8 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..defenses.defended import Defended
-from ..defenses.identity import Identity
+from ..defenses.defended import Defended, undefended_at
 from ..draws import DrawKey
 from ._registry import register
 from .base import Attack, AttackResult, forward
@@ -41,23 +40,25 @@ from .losses import is_successful
 __all__ = ["Transfer", "source_classifier", "inner_classifier"]
 
 
+def _without_eot(model: nn.Module) -> nn.Module:
+    while isinstance(model, EOT):
+        model = model.model
+    return model
+
+
 def inner_classifier(model: nn.Module) -> nn.Module:
     """The bare classifier inside ``model`` (through ``EOT`` and ``Defended``), or ``model``:
     the module every classification runs through (what a pass counter hooks)."""
-    while isinstance(model, EOT):
-        model = model.model
+    model = _without_eot(model)
     return model.model if isinstance(model, Defended) else model
 
 
 def source_classifier(model: nn.Module) -> nn.Module:
-    """The undefended model the transfer attack differentiates: :func:`inner_classifier`, or,
-    for a defense run at another side (``Defended(..., defend_at=S)``), that classifier behind
-    the same resize, so that it takes the attacked images as the defended model does."""
-    while isinstance(model, EOT):
-        model = model.model
-    if isinstance(model, Defended) and model.defend_at is not None:
-        return Defended(Identity(), model.model, defend_at=model.defend_at)
-    return inner_classifier(model)
+    """The undefended model the transfer attack differentiates: :func:`inner_classifier`, behind
+    the same resize when the defense runs at another side (``Defended(..., defend_at=S)``), so
+    that it takes the attacked images as the defended model does."""
+    model = _without_eot(model)
+    return undefended_at(inner_classifier(model), model.defend_at if isinstance(model, Defended) else None)
 
 
 class Transfer(Attack):

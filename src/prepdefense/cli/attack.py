@@ -42,6 +42,7 @@ from ..draws import DRAW_SCHEME, DrawKey, KeyLike, image_id
 from ..attacks.base import AttackResult
 from ..attacks.bpda import with_bpda
 from ..attacks.eot import EOT
+from ..defenses.defended import undefended_at
 from ..metrics import l2_rms, linf
 from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
@@ -185,7 +186,7 @@ def run(args) -> int:
     classifier = build_model(args.model, args.weights, device, **model_options(args))
     defended = build_defended(classifier, defense_name, args.seed, device, defend_at=args.defend_at)
     # The undefended model in the attacked images' geometry (resized from --defend-at S when set).
-    bare = build_defended(classifier, "none", args.seed, device, defend_at=args.defend_at)
+    bare = undefended_at(classifier, args.defend_at)
     with one_line_skip_warnings():
         sample = data.protocol_sample(classifier, args.data, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device,
                                       load_size=args.defend_at)

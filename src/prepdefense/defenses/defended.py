@@ -16,8 +16,9 @@ from torch import nn
 
 from ..draws import KeyLike, Params, as_key
 from .base import Defense, as_defense, check_images, shaped_like
+from .identity import Identity
 
-__all__ = ["Defended", "resize_images"]
+__all__ = ["Defended", "resize_images", "undefended_at"]
 
 
 def resize_images(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -115,3 +116,11 @@ class Defended(nn.Module):
     def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
         x = check_images(x, values=not self.defense.checks_values_in_apply)
         return self.apply(x, self.sample_params(x, generator))
+
+
+def undefended_at(model: nn.Module, defend_at: Union[None, int, Tuple[int, int]]) -> nn.Module:
+    """The bare ``model`` as a model defended at ``defend_at`` sees its input: ``model`` itself,
+    or ``Defended(Identity(), model, defend_at=defend_at)`` (resized from side S to the model's
+    input). The transfer attack's source, the bare figures of ``judge`` and the attack checks
+    use it, so they take the same S-px images as the defended model."""
+    return model if defend_at is None else Defended(Identity(), model, defend_at=defend_at)

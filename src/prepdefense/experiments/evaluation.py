@@ -74,7 +74,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -686,7 +686,6 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
     from ..attacks.ball import check_eps
 
     from .. import defenses
-    from dataclasses import replace
 
     config = replace(config, defense=defenses.normalize_name(config.defense))  # one id however it is spelled
     norm, eps = check_eps(config.norm, config.eps)

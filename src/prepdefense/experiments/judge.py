@@ -45,7 +45,7 @@ from .. import __version__, defenses
 from ..attacks.verdict import evaluate_on_draws, judge_on_draws
 from ..data.loading import pil_to_tensor, to_rgb
 from ..defenses import Defended
-from ..defenses.identity import Identity
+from ..defenses.defended import undefended_at
 from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import DataError
 from ..metrics import l2_rms, linf
@@ -485,11 +485,9 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
         d = defense
         label = defense_name or ("none" if d is None else type(d).__name__)
     model = model.to(device)
-    if defend_at is not None:  # the defense at that side, then resized to the model's input; the bare model behind the resize
-        model = Defended(Identity(), model, defend_at=int(defend_at)).to(device)
-        deployed = model if d is None else Defended(d, model.model, defend_at=int(defend_at)).to(device)
-    else:
-        deployed = model if d is None else Defended(d, model).to(device)
+    bare = undefended_at(model, defend_at).to(device)  # the bare figures behind the same resize
+    deployed = bare if d is None else Defended(d, model, defend_at=defend_at).to(device)
+    model = bare
     with eval_mode(deployed):  # the caller's train/eval flags come back afterwards
         out = _verdicts(model, deployed, d, adv, x_adv, draws=draws, seed=seed, quantize=quantize, device=device, notes=notes)
     out.update({
