@@ -168,3 +168,45 @@ def test_resolve_table_specs(tmp_path):
         resolve_table("no-such-table")
     with pytest.raises(PrepDefenseError):
         resolve_table(np.ones((4, 4)))
+
+
+def _two_shipped_tables(tmp_path, monkeypatch):
+    """A tables folder with a new ``learned.json`` and the one it replaced, ``learned-v1.json``."""
+    new = torch.full((8, 8), 20.0, dtype=torch.float64)
+    new[0, 0] = 100.0
+    old = torch.full((8, 8), 30.0, dtype=torch.float64)
+    save_table(tmp_path / "learned.json", new, {"attack": "cw", "model": "m", "n_images": 100,
+                                               "attack_settings": {"binary_search_steps": 5, "steps": 200}})
+    save_table(tmp_path / "Learned-V1.json", old, {"attack": "cw", "model": "m", "n_images": 16})
+    monkeypatch.setattr(quant_tables, "TABLES_DIR", tmp_path)
+    monkeypatch.setattr(quant_tables, "LEARNED_TABLE_PATH", tmp_path / "learned.json")
+    return new, old
+
+
+def test_every_shipped_table_is_selectable_by_name(tmp_path, monkeypatch):
+    new, old = _two_shipped_tables(tmp_path, monkeypatch)
+    assert list(quant_tables.shipped_tables()) == ["learned", "learned-v1"]
+    assert torch.equal(default_table()[0], new) and "cw 5x200" in default_table()[1]
+    table, source = resolve_table("LEARNED-v1")  # case-blind, like the other names
+    assert torch.equal(table, old) and "Learned-V1.json" in source and "16 images" in source
+    d = defenses.create("dct-distort[table=learned-v1]")
+    assert torch.equal(d.quantize.table, old) and "Learned-V1.json" in repr(d)
+    with pytest.raises(PrepDefenseError, match="learned-v1"):  # the message lists what there is
+        resolve_table("learned-v2")
+
+
+def test_table_digest_follows_values_not_names(tmp_path, monkeypatch):
+    new, old = _two_shipped_tables(tmp_path, monkeypatch)
+    assert quant_tables.table_digest(new) == quant_tables.table_digest(resolve_table("learned")[0])
+    assert quant_tables.table_digest(new.numpy()) == quant_tables.table_digest(new)
+    assert quant_tables.table_digest(new) != quant_tables.table_digest(old)
+    assert quant_tables.table_digest(FD_TABLE).startswith("sha256:")
+
+
+def test_state_digest_tells_tables_apart_and_is_none_without_state(tmp_path, monkeypatch):
+    _two_shipped_tables(tmp_path, monkeypatch)
+    digest = defenses.state_digest
+    assert digest(defenses.create("dct-distort")) == digest(defenses.create("dct-distort[table=learned]"))
+    assert digest(defenses.create("dct-distort")) != digest(defenses.create("dct-distort[table=learned-v1]"))
+    assert digest(defenses.create("fd")) == digest(defenses.create("dct-quant[table=fd]"))
+    assert digest(defenses.create("grid-distort")) is None

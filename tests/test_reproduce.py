@@ -200,6 +200,23 @@ def test_config_mismatch_refused_then_fresh(tmp_path, image_folder):
     assert res.already_done == 0 and res.ran == res.planned
 
 
+def test_a_new_shipped_table_does_not_resume_a_run_of_the_old_one(tmp_path, image_folder, monkeypatch):
+    """The paper's defense uses the shipped learned table by default: a run made with one table
+    is refused (naming the field) when the shipped table has changed, instead of mixing both."""
+    from prepdefense.defenses import quant_tables
+
+    out = tmp_path / "out"
+    table = tmp_path / "tables" / "learned.json"
+    quant_tables.save_table(table, torch.full((8, 8), 40.0, dtype=torch.float64), {"attack": "cw"})
+    monkeypatch.setattr(quant_tables, "TABLES_DIR", table.parent)
+    monkeypatch.setattr(quant_tables, "LEARNED_TABLE_PATH", table)
+    _run(out, image_folder, only=["table2"], overrides=SMALL)
+    assert _run(out, image_folder, only=["table2"], overrides=SMALL).ran == 0  # same table: resumed
+    quant_tables.save_table(table, torch.full((8, 8), 50.0, dtype=torch.float64), {"attack": "cw"})
+    with pytest.raises(ConfigMismatchError, match="default_table"):
+        _run(out, image_folder, only=["table2"], overrides=SMALL)
+
+
 def _child(tmp_path: Path, sleep: float, *args: str, **popen) -> subprocess.Popen:
     script = tmp_path / "child.py"
     script.write_text(CHILD_SRC)

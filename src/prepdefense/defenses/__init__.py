@@ -16,7 +16,10 @@ written canonically, is the defense's id in stores, cards and reports.
 
 from __future__ import annotations
 
-from typing import Any, List
+import hashlib
+from typing import Any, List, Optional
+
+import torch
 
 # Each module registers its defenses on import (one line beside each class).
 from . import (  # noqa: F401
@@ -131,5 +134,21 @@ def create(name: str, **params: Any) -> Defense:
     return _create_one(name, **params)
 
 
+def state_digest(defense: "torch.nn.Module") -> Optional[str]:
+    """``"sha256:<16 hex>"`` over a defense's buffers and parameters (name, dtype, shape and
+    values, on the CPU), or ``None`` when it holds none. Run stores record it beside the
+    defense's name, so a run never resumes under other values behind the same name (the
+    shipped learned table that ``dct-distort`` uses by default, a user's weights)."""
+    state = sorted(defense.state_dict().items())
+    if not state:
+        return None
+    h = hashlib.sha256()
+    for key, value in state:
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
 __all__ = ["Defense", "Defended", "Compose", "create", "names", "normalize_name", "entry_point_names", "register",
-           "check_images", "REGISTRY", "ENTRY_POINT_GROUP", "UserDefenseError", "split_chain", "parse_part"]
+           "check_images", "REGISTRY", "ENTRY_POINT_GROUP", "UserDefenseError", "split_chain", "parse_part", "state_digest"]

@@ -11,6 +11,11 @@ Paper Section 5.2 and Algorithm 2; PROTOCOL.md "The defense g(x)":
   the argmax of ``|DCT(clean) - DCT(adv)|``; then ``Q = Q0 / max(Q0) * 80 + 20``.
 - :func:`default_table` / :func:`resolve_table`: which table a defense uses and a short
   string saying where it came from (shown in the defense's ``repr``).
+- :func:`shipped_tables`: the tables shipped in ``defenses/tables/``, each selectable by its
+  file's stem (``learned`` is the default; an earlier learned table stays selectable under
+  its own name when a new one replaces it).
+- :func:`table_digest`: a short digest of a table's values, which run stores record so that
+  a run never resumes under another table.
 
 Tables are float64 tensors of shape (8, 8), indexed ``[vertical frequency, horizontal
 frequency]`` (the layout of ``scipy.fft.dctn(block, norm="ortho")``).
@@ -18,6 +23,7 @@ frequency]`` (the layout of ``scipy.fft.dctn(block, norm="ortho")``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,15 +40,20 @@ __all__ = [
     "FD_TABLE",
     "JPEG_LUMA_Q50",
     "LEARNED_TABLE_PATH",
+    "TABLES_DIR",
     "learn_quantization_table",
     "save_table",
     "load_table",
     "default_table",
     "resolve_table",
+    "shipped_tables",
+    "table_digest",
 ]
 
-#: Where the table learned by the project (C&W pairs, Algorithm 2) is shipped.
-LEARNED_TABLE_PATH = Path(__file__).resolve().parent / "tables" / "learned.json"
+#: The folder of shipped tables (``<name>.json``, written by :func:`save_table`).
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
+#: Where the table learned by the project (C&W pairs, Algorithm 2) is shipped: the default.
+LEARNED_TABLE_PATH = TABLES_DIR / "learned.json"
 
 _FD = np.full((BLOCK, BLOCK), 30.0)
 _FD[:4, :4] = 25.0
@@ -169,10 +180,31 @@ def load_table(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, Dict[str, A
 
 def _describe_learned(path: Path, metadata: Dict[str, Any]) -> str:
     details = [str(metadata[k]) for k in ("attack", "model") if metadata.get(k)]
+    settings = metadata.get("attack_settings") or {}
+    if details and isinstance(settings, dict) and settings.get("binary_search_steps") and settings.get("steps"):
+        details[0] += f" {settings['binary_search_steps']}x{settings['steps']}"  # e.g. "cw 5x200"
     n = metadata.get("n_images", metadata.get("n"))
     if n is not None:
         details.append(f"{n} images")
     return f"learned ({path.name}{': ' + ', '.join(details) if details else ''})"
+
+
+def shipped_tables() -> Dict[str, Path]:
+    """``{name: path}`` of every table shipped in :data:`TABLES_DIR`, by file stem in lower
+    case; ``"learned"`` is :data:`LEARNED_TABLE_PATH` when it exists. Each name is a valid
+    ``table=`` value (``dct-distort[table=NAME]``)."""
+    out = {p.stem.lower(): p for p in sorted(TABLES_DIR.glob("*.json")) if p.is_file()}
+    out.pop("learned", None)
+    if LEARNED_TABLE_PATH.is_file():
+        out["learned"] = LEARNED_TABLE_PATH
+    return dict(sorted(out.items()))
+
+
+def table_digest(table: Any) -> str:
+    """``"sha256:<16 hex>"`` of a table's float64 values (8x8): equal tables, equal digests,
+    whatever file or name they came from."""
+    t = _check_table(table)
+    return "sha256:" + hashlib.sha256(t.numpy().astype("<f8").tobytes()).hexdigest()[:16]
 
 
 def default_table() -> Tuple[torch.Tensor, str]:
@@ -192,8 +224,9 @@ def resolve_table(spec: TableSpec = "default") -> Tuple[torch.Tensor, str]:
 
     Args:
         spec: ``"default"`` (:func:`default_table`), ``"learned"`` (the shipped learned
-            table; an error if none is shipped), ``"fd"``, ``"jpeg50"``, a path to a JSON
-            file written by :func:`save_table`, or an 8x8 tensor/array.
+            table; an error if none is shipped), the name of another shipped table
+            (:func:`shipped_tables`), ``"fd"``, ``"jpeg50"``, a path to a JSON file written
+            by :func:`save_table`, or an 8x8 tensor/array.
     """
     if isinstance(spec, (torch.Tensor, np.ndarray, list, tuple)):
         return _check_table(spec), "custom"
@@ -209,16 +242,18 @@ def resolve_table(spec: TableSpec = "default") -> Tuple[torch.Tensor, str]:
         return FD_TABLE.clone(), "fd"
     if key in ("jpeg50", "jpeg", "q50"):
         return JPEG_LUMA_Q50.clone(), "jpeg50"
+    shipped = shipped_tables()
+    if key in shipped:
+        table, metadata = load_table(shipped[key])
+        return table, _describe_learned(shipped[key], metadata)
     if key == "learned":
-        if not LEARNED_TABLE_PATH.is_file():
-            raise PrepDefenseError(
-                f"no learned table shipped at {LEARNED_TABLE_PATH}; run `prepdefense learn-table` "
-                "or use table='fd'"
-            )
-        table, metadata = load_table(LEARNED_TABLE_PATH)
-        return table, _describe_learned(LEARNED_TABLE_PATH, metadata)
+        raise PrepDefenseError(
+            f"no learned table shipped at {LEARNED_TABLE_PATH}; run `prepdefense learn-table` "
+            "or use table='fd'"
+        )
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".json" or path.exists():
         table, _ = load_table(path)
         return table, f"file {spec}"
-    raise PrepDefenseError(f"unknown quantization table {spec!r}; use default, learned, fd, jpeg50 or a JSON file path")
+    names = ", ".join(["default", "fd", "jpeg50", *shipped])
+    raise PrepDefenseError(f"unknown quantization table {spec!r}; use one of {names} or a JSON file path")

@@ -81,6 +81,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import defenses
 from ..attacks import ensemble as E
 from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import PrepDefenseError
@@ -378,8 +379,6 @@ def _ids_in(check: Dict[str, Any], ids: Sequence[str]) -> Dict[str, Any]:
 def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
     """The defense's name, constructor parameters (built-in parts: those in the name's
     brackets, else their defaults as used), description (repr) and kind."""
-    from .. import defenses
-
     defense = getattr(defended, "defense", None)
     params: Dict[str, Any] = {}
     parts = defenses.split_chain(str(name))
@@ -653,7 +652,9 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
             "budget": budget.as_dict(), "n": int(config.n), "seed": int(config.seed), "draws": int(config.draws),
             "shard_size": int(config.shard_size), "draw_scheme": DRAW_SCHEME,
             **({"defend_at": int(config.defend_at)} if config.defend_at is not None else {}),
-            **({"defense_files": files} if (files := referenced_files(config.defense)) else {})}
+            **({"defense_files": files} if (files := referenced_files(config.defense)) else {}),
+            # the values behind the name (the default table is the shipped learned one: a new one must not resume old runs)
+            **({"defense_state": state} if (state := defenses.state_digest(defenses.create(config.defense))) else {})}
 
 
 def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device,
@@ -684,8 +685,6 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
     from .reproduce import _data_id
 
     from ..attacks.ball import check_eps
-
-    from .. import defenses
 
     config = replace(config, defense=defenses.normalize_name(config.defense))  # one id however it is spelled
     norm, eps = check_eps(config.norm, config.eps)

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .. import seeding
+from ..defenses.quant_tables import default_table, table_digest
 from . import registry
 from . import units as U
 from .components import resolve_device
@@ -158,8 +159,11 @@ def make_executor(config: ReproduceConfig) -> Executor:
 def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Optional[ShardSpec] = None) -> Dict[str, Any]:
     # The draw scheme is part of what a run is: resuming under another scheme would mix draws.
     # A shard's store names its shard (an unsharded run's identity has no "shard" key).
+    # So is the table the paper's defense uses by default (the shipped learned table): a new
+    # one must not resume a run made with the old one.
     ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
-             "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS}
+             "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS,
+             "default_table": table_digest(default_table()[0])}
     if shard is not None:
         ident["shard"] = shard.as_dict()
     return ident

@@ -1,0 +1,45 @@
+"""A run store names the values behind a defense's name, not only the name (issue 15, item 1):
+``dct-distort``/``dct-quant`` take the shipped learned table by default, so shipping a new one
+must not let ``evaluate`` resume a run made with the old one; the same table resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from byo_helpers import cli, label_by_model, noise_images
+from prepdefense.defenses import quant_tables
+from toy_models import TinyConvNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("evaluate-table-images")
+    noise_images(folder, 4, side=40, seed=9)
+    label_by_model(folder, TinyConvNet().eval())
+    return folder
+
+
+def _ship(folder: Path, value: float, monkeypatch) -> None:
+    table = folder / "learned.json"
+    quant_tables.save_table(table, torch.full((8, 8), value, dtype=torch.float64), {"attack": "cw", "n_images": 1})
+    monkeypatch.setattr(quant_tables, "TABLES_DIR", folder)
+    monkeypatch.setattr(quant_tables, "LEARNED_TABLE_PATH", table)
+
+
+def test_evaluate_refuses_to_resume_under_another_shipped_table(images, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["evaluate", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--defense", "dct-quant", "--norm", "linf",
+            "--n", "2", "--budget", "quick", "--data", str(images), "--out", str(out), "--quiet"]
+    _ship(tmp_path / "tables", 40.0, monkeypatch)
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    code, text, err = cli(capsys, *args)
+    assert code == 0 and "resuming" in text + err  # the same table resumes
+    _ship(tmp_path / "tables", 50.0, monkeypatch)
+    code, _, err = cli(capsys, *args)
+    assert code != 0 and "defense_state" in err and "--fresh" in err
