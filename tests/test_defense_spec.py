@@ -40,6 +40,13 @@ def test_normalize_gives_one_id_per_defense():
     # A parameter equal to the default is the default defense; an int for a float default is a float.
     assert defenses.normalize_name("dct-distort[delta=0.15,cells=10]") == "dct-distort"
     assert defenses.normalize_name("rand[pad_value=0]") == defenses.normalize_name("rand[pad_value=0.0]") == "rand[pad_value=0.0]"
+    # Table names are case-blind and have one spelling; the default table is the default defense.
+    assert defenses.normalize_name("dct-distort[table=FD]") == "dct-distort[table=fd]"
+    assert defenses.normalize_name("dct-quant[table=JPEG]") == defenses.normalize_name("dct-quant[table=q50]") \
+        == "dct-quant[table=jpeg50]"
+    assert defenses.normalize_name("dct-distort[table=DEFAULT]") == "dct-distort"
+    assert defenses.normalize_name("dct-distort[table=Learned]") == "dct-distort[table=learned]"
+    assert defenses.normalize_name("dct-quant[table=Tables/Mine.json]") == "dct-quant[table=Tables/Mine.json]"  # a path as written
     # Text that would read back as a number stays text.
     text = defenses.normalize_name("dct-distort[table='1']")
     assert parse_part(text) == ("dct-distort", {"table": "1"})

@@ -51,9 +51,10 @@ def names() -> List[str]:
 def normalize_name(name: str) -> str:
     """A defense name or chain as :func:`create` reads it: parts stripped, built-in and
     entry-point names in lower case, ``package.module:Class`` parts as written, bracketed
-    parameters in canonical form (``Dct-Distort[ delta=0.10,table=fd]`` ->
-    ``dct-distort[delta=0.1,table=fd]``; a built-in's parameter equal to its default is
-    dropped: ``dct-distort[delta=0.15]`` -> ``dct-distort``).
+    parameters in canonical form (``Dct-Distort[ delta=0.10,table=FD]`` ->
+    ``dct-distort[delta=0.1,table=fd]``: the defense's ``canonical_params`` spells values
+    one way; a built-in's parameter equal to its default is dropped:
+    ``dct-distort[delta=0.15]`` -> ``dct-distort``).
 
     Raises:
         ValueError: unbalanced brackets or a malformed ``[key=value,...]``.
@@ -63,7 +64,7 @@ def normalize_name(name: str) -> str:
         base, params = parse_part(part)
         base = base if ":" in base else base.lower()
         if base in REGISTRY:
-            params = _canonical_params(base, params)
+            params = _canonical_params(base, getattr(REGISTRY.get(base), "canonical_params", dict)(params))
         out.append(format_part(base, params))
     return "+".join(out)
 

@@ -27,7 +27,7 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -70,6 +70,13 @@ class Defense(nn.Module):
     checks_values_in_apply: bool = False
 
     # -- what a defense declares -------------------------------------------------------------
+    @classmethod
+    def canonical_params(cls, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Its name's bracketed parameters spelled one way (``defenses.normalize_name``), so
+        that two spellings of one setting are one id in stores and cards; default: as given.
+        ``dct-quant``/``dct-distort`` fold table names: ``table=FD`` is ``table=fd``."""
+        return dict(params)
+
     def stages(self) -> Sequence[Tuple[str, "Defense"]]:
         """The stages this defense applies in order, as ``(name, defense)`` (empty: atomic)."""
         return ()

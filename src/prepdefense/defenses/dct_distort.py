@@ -17,7 +17,7 @@ from ..draws import Params
 from .dct_quant import DCTQuantize
 from .grid_distort import GridDistort, index_maps
 from .kernels.dct_quant import compute_dtype, quantize_and_read
-from .quant_tables import TableSpec
+from .quant_tables import TableSpec, canonical_table_spec
 
 __all__ = ["DCTDistort"]
 
@@ -44,6 +44,10 @@ class DCTDistort(Defense):
         super().__init__()
         self.quantize = DCTQuantize(table=table)
         self.distort = GridDistort(delta=delta, cells=cells)
+
+    @classmethod
+    def canonical_params(cls, params):
+        return {k: canonical_table_spec(v) if k == "table" else v for k, v in params.items()}
 
     @property
     def table_source(self) -> str:

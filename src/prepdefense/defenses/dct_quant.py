@@ -22,7 +22,7 @@ import torch
 from ._registry import register
 from .base import Defense
 from .kernels.dct_quant import Operators, compute_dtype, quantization_operators, quantize_and_read
-from .quant_tables import TableSpec, resolve_table
+from .quant_tables import TableSpec, canonical_table_spec, resolve_table
 
 __all__ = ["dct_quantize", "quantization_operators", "DCTQuantize"]
 
@@ -70,6 +70,10 @@ class DCTQuantize(Defense):
         values, source = resolve_table(table)
         self.register_buffer("table", values)
         self.table_source = source
+
+    @classmethod
+    def canonical_params(cls, params):
+        return {k: canonical_table_spec(v) if k == "table" else v for k, v in params.items()}
 
     def operators(self, dtype: torch.dtype, device) -> Operators:
         """:func:`quantization_operators` of the table, cached per dtype/device."""

@@ -48,6 +48,7 @@ __all__ = [
     "resolve_table",
     "shipped_tables",
     "table_digest",
+    "canonical_table_spec",
 ]
 
 #: The folder of shipped tables (``<name>.json``, written by :func:`save_table`).
@@ -219,6 +220,20 @@ def default_table() -> Tuple[torch.Tensor, str]:
     return FD_TABLE.clone(), _NO_LEARNED
 
 
+_ALIASES = {"jpeg": "jpeg50", "q50": "jpeg50"}
+
+
+def canonical_table_spec(spec: Any) -> Any:
+    """A table name as one spelling: ``"FD"`` -> ``"fd"``, ``"JPEG"`` -> ``"jpeg50"``,
+    ``" Learned "`` -> ``"learned"`` (built-in and shipped names are case-blind); anything
+    else (a file path, a tensor) unchanged."""
+    if not isinstance(spec, str):
+        return spec
+    key = spec.strip().lower()
+    key = _ALIASES.get(key, key)
+    return key if key in ("default", "fd", "jpeg50", "learned") or key in shipped_tables() else spec
+
+
 def resolve_table(spec: TableSpec = "default") -> Tuple[torch.Tensor, str]:
     """Turn a table specification into ``(table float64 8x8, source string)``.
 
@@ -240,7 +255,7 @@ def resolve_table(spec: TableSpec = "default") -> Tuple[torch.Tensor, str]:
         return default_table()
     if key == "fd":
         return FD_TABLE.clone(), "fd"
-    if key in ("jpeg50", "jpeg", "q50"):
+    if _ALIASES.get(key, key) == "jpeg50":
         return JPEG_LUMA_Q50.clone(), "jpeg50"
     shipped = shipped_tables()
     if key in shipped:
