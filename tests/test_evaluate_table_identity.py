@@ -31,15 +31,22 @@ def _ship(folder: Path, value: float, monkeypatch) -> None:
     monkeypatch.setattr(quant_tables, "LEARNED_TABLE_PATH", table)
 
 
-def test_evaluate_refuses_to_resume_under_another_shipped_table(images, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    args = ["evaluate", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--defense", "dct-quant", "--norm", "linf",
+def _args(images, out, defense):
+    return ["evaluate", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--defense", defense, "--norm", "linf",
             "--n", "2", "--budget", "quick", "--data", str(images), "--out", str(out), "--quiet"]
+
+
+def test_evaluate_refuses_to_resume_under_another_shipped_table(images, tmp_path, capsys, monkeypatch):
+    learned, fd = _args(images, tmp_path / "learned", "dct-quant"), _args(images, tmp_path / "fd", "fd")
     _ship(tmp_path / "tables", 40.0, monkeypatch)
-    code, _, err = cli(capsys, *args)
-    assert code == 0, err
-    code, text, err = cli(capsys, *args)
+    for args in (learned, fd):
+        code, _, err = cli(capsys, *args)
+        assert code == 0, err
+    code, text, err = cli(capsys, *learned)
     assert code == 0 and "resuming" in text + err  # the same table resumes
     _ship(tmp_path / "tables", 50.0, monkeypatch)
-    code, _, err = cli(capsys, *args)
+    code, _, err = cli(capsys, *learned)
     assert code != 0 and "defense_state" in err and "--fresh" in err
+    assert "quantization table" in err and "shipped learned table has changed" in err  # said in words
+    code, text, err = cli(capsys, *fd)  # a defense with a table of its own is not touched by the change
+    assert code == 0 and "resuming" in text + err, err

@@ -210,3 +210,50 @@ def test_state_digest_tells_tables_apart_and_is_none_without_state(tmp_path, mon
     assert digest(defenses.create("dct-distort")) != digest(defenses.create("dct-distort[table=learned-v1]"))
     assert digest(defenses.create("fd")) == digest(defenses.create("dct-quant[table=fd]"))
     assert digest(defenses.create("grid-distort")) is None
+
+
+def test_built_in_names_and_unwritable_stems_are_never_shipped_names(tmp_path, monkeypatch):
+    new, _ = _two_shipped_tables(tmp_path, monkeypatch)
+    for stem in ("fd", "Default", "jpeg", "q50", "jpeg50", "2", "a,b", "x[1]"):
+        save_table(tmp_path / f"{stem}.json", torch.full((8, 8), 99.0, dtype=torch.float64), {})
+    assert list(quant_tables.shipped_tables()) == ["learned", "learned-v1"]
+    assert torch.equal(resolve_table("fd")[0], FD_TABLE)  # the built-in, not fd.json
+    assert torch.equal(resolve_table("default")[0], new)
+
+
+def test_every_table_shipped_with_the_package_is_selectable_by_its_name():
+    files = sorted(quant_tables.TABLES_DIR.glob("*.json"))
+    assert files, "no table shipped"
+    names = quant_tables.shipped_tables()
+    assert sorted(p.stem.lower() for p in files) == sorted(names)  # none reserved, unwritable or a case twin
+    for name, path in names.items():
+        table, metadata = load_table(path)
+        assert torch.equal(resolve_table(name)[0], table)
+        assert metadata.get("what") and metadata.get("n_images"), f"{path.name} says what made it"
+        assert defenses.normalize_name(f"dct-distort[table={name.upper()}]") in (
+            f"dct-distort[table={name}]", "dct-distort")
+
+
+def test_state_digest_reads_any_state_and_says_when_it_cannot():
+    class Held(torch.nn.Module):
+        def __init__(self, values, extra=None):
+            super().__init__()
+            self.register_buffer("values", values)
+            self.extra = extra
+
+        def get_extra_state(self):
+            return self.extra
+
+        def set_extra_state(self, state):
+            self.extra = state
+
+    digest = defenses.state_digest
+    base = torch.arange(12.0).reshape(3, 4)
+    assert digest(Held(base.t())) == digest(Held(base.t().contiguous()))  # layout is not state
+    assert digest(Held(base.t())) != digest(Held(base))  # shape is
+    assert digest(Held(torch.tensor(True))) != digest(Held(torch.tensor([True])))  # bool, 0-dim
+    assert digest(Held(base, {"a": 1})) != digest(Held(base, {"a": 2}))  # extra state by repr
+    assert digest(Held(torch.zeros(2, requires_grad=True))) == digest(Held(torch.zeros(2)))
+    lazy = torch.nn.LazyLinear(3)
+    with pytest.raises(ValueError, match="uninitialised"):
+        digest(lazy)

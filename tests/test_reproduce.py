@@ -215,6 +215,10 @@ def test_a_new_shipped_table_does_not_resume_a_run_of_the_old_one(tmp_path, imag
     quant_tables.save_table(table, torch.full((8, 8), 50.0, dtype=torch.float64), {"attack": "cw"})
     with pytest.raises(ConfigMismatchError, match="default_table"):
         _run(out, image_folder, only=["table2"], overrides=SMALL)
+    # Reporting computes nothing: a run of the earlier table can still be reported, nothing else differing.
+    assert _run(out, image_folder, only=["table2"], overrides=SMALL, report_only=True).ran == 0
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        _run(out, image_folder, only=["table2"], overrides=SMALL, report_only=True, seed=5)
 
 
 def _child(tmp_path: Path, sleep: float, *args: str, **popen) -> subprocess.Popen:

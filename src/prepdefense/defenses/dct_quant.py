@@ -54,8 +54,9 @@ class DCTQuantize(Defense):
     """Step 1 as a defense: deterministic, not differentiable (``round`` has zero gradient).
 
     Args:
-        table: ``'default'`` (the shipped learned table, else FD), ``'learned'``, ``'fd'``,
-            ``'jpeg50'``, a JSON path, or an 8x8 tensor/array (see ``quant_tables.resolve_table``).
+        table: ``'default'`` (the shipped learned table, else FD), ``'learned'``, the name of
+            another shipped table (``quant_tables.shipped_tables``), ``'fd'``, ``'jpeg50'``, a
+            JSON path, or an 8x8 tensor/array (see ``quant_tables.resolve_table``).
 
     The table is a float64 buffer (cast to the input's dtype at each call, so it follows
     ``.to(device)``); ``table_source`` says where it came from and appears in the repr.

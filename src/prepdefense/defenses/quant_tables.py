@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -182,7 +183,7 @@ def load_table(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, Dict[str, A
 def _describe_learned(path: Path, metadata: Dict[str, Any]) -> str:
     details = [str(metadata[k]) for k in ("attack", "model") if metadata.get(k)]
     settings = metadata.get("attack_settings") or {}
-    if details and isinstance(settings, dict) and settings.get("binary_search_steps") and settings.get("steps"):
+    if metadata.get("attack") and isinstance(settings, dict) and settings.get("binary_search_steps") and settings.get("steps"):
         details[0] += f" {settings['binary_search_steps']}x{settings['steps']}"  # e.g. "cw 5x200"
     n = metadata.get("n_images", metadata.get("n"))
     if n is not None:
@@ -190,11 +191,20 @@ def _describe_learned(path: Path, metadata: Dict[str, Any]) -> str:
     return f"learned ({path.name}{': ' + ', '.join(details) if details else ''})"
 
 
+#: A shipped table's file stem: a letter, then letters, digits, ``-``, ``_`` or ``.`` (so it
+#: reads back as text in a bracketed name).
+_SHIPPABLE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+#: Table names that are not files.
+_RESERVED = ("default", "fd", "jpeg50", "jpeg", "q50")
+
+
 def shipped_tables() -> Dict[str, Path]:
     """``{name: path}`` of every table shipped in :data:`TABLES_DIR`, by file stem in lower
     case; ``"learned"`` is :data:`LEARNED_TABLE_PATH` when it exists. Each name is a valid
     ``table=`` value (``dct-distort[table=NAME]``)."""
-    out = {p.stem.lower(): p for p in sorted(TABLES_DIR.glob("*.json")) if p.is_file()}
+    out = {p.stem.lower(): p for p in sorted(TABLES_DIR.glob("*.json")) if p.is_file() and _SHIPPABLE.fullmatch(p.stem)}
+    for reserved in _RESERVED:  # built-in names win; such a file is never listed
+        out.pop(reserved, None)
     out.pop("learned", None)
     if LEARNED_TABLE_PATH.is_file():
         out["learned"] = LEARNED_TABLE_PATH
@@ -270,5 +280,5 @@ def resolve_table(spec: TableSpec = "default") -> Tuple[torch.Tensor, str]:
     if path.suffix.lower() == ".json" or path.exists():
         table, _ = load_table(path)
         return table, f"file {spec}"
-    names = ", ".join(["default", "fd", "jpeg50", *shipped])
+    names = ", ".join(dict.fromkeys(["default", "fd", "jpeg50", *shipped]))
     raise PrepDefenseError(f"unknown quantization table {spec!r}; use one of {names} or a JSON file path")

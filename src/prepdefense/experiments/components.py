@@ -16,7 +16,7 @@ from ..defenses import Defended
 from ..errors import PrepDefenseError
 from ..seeding import make_generator
 
-__all__ = ["UsageError", "resolve_device", "build_model", "build_defended"]
+__all__ = ["UsageError", "resolve_device", "build_model", "build_defense", "build_defended"]
 
 
 class UsageError(PrepDefenseError):
@@ -64,17 +64,29 @@ def build_model(name: str, weights: Optional[str], device: torch.device, *, inpu
     return model.to(device).eval()
 
 
-def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device,
-                   defend_at: Optional[int] = None) -> nn.Module:
-    """``Defended(defenses.create(name), model, defend_at=defend_at)`` seeded with ``seed``; the
-    bare model for ``none`` (resized from ``defend_at`` to the model's input when set)."""
+def build_defense(defense_name: str) -> Optional[nn.Module]:
+    """``defenses.create(name)``, ``None`` for ``none``; an unknown or malformed name is a
+    :class:`UsageError` (one line)."""
+    name = (defense_name or "none").strip()
     try:
-        name = defenses.normalize_name((defense_name or "none").strip())
-        if name == "none" and defend_at is None:
-            return model
-        defense = defenses.create(name)
+        name = defenses.normalize_name(name)
+        return None if name == "none" else defenses.create(name)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown defense {name!r}") from None
     except ValueError as e:
         raise UsageError(f"bad --defense {defense_name!r}: {e}") from None
+
+
+def build_defended(model: nn.Module, defense_name: str, seed: int, device: torch.device,
+                   defend_at: Optional[int] = None, *, defense: Optional[nn.Module] = None) -> nn.Module:
+    """``Defended(defenses.create(name), model, defend_at=defend_at)`` seeded with ``seed``; the
+    bare model for ``none`` (resized from ``defend_at`` to the model's input when set).
+    ``defense``: the defense :func:`build_defense` made of ``defense_name`` already (it is
+    used, not built again)."""
+    if defense is None:
+        defense = build_defense(defense_name)
+    if defense is None:
+        if defend_at is None:
+            return model
+        defense = defenses.create("none")
     return Defended(defense, model, generator=make_generator(seed), defend_at=defend_at).to(device)

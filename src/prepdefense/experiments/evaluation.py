@@ -85,7 +85,7 @@ from .. import defenses
 from ..attacks import ensemble as E
 from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import PrepDefenseError
-from .components import build_defended, build_model, resolve_device
+from .components import UsageError, build_defense, build_defended, build_model, resolve_device
 from .metadata import collect_metadata, now_iso
 from .plots import plot_accuracy_vs_eps
 from .progress import Progress
@@ -645,7 +645,7 @@ class EvaluateOutcome:
 
 
 def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, data_id: str,
-              shard: Optional[ShardSpec] = None) -> Dict[str, Any]:
+              shard: Optional[ShardSpec] = None, defense_state: Optional[str] = None) -> Dict[str, Any]:
     # A shard's store names its shard (the unsharded identity has no "shard" key; merge.py).
     return {**({"shard": shard.as_dict()} if shard is not None else {}), "command": "evaluate", "card_schema_version": CARD_SCHEMA_VERSION, "model": config.model, "weights": config.weights,
             "model_options": to_jsonable(config.model_options), "data": data_id, "defense": config.defense, "norm": norm, "eps": eps,
@@ -654,7 +654,7 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
             **({"defend_at": int(config.defend_at)} if config.defend_at is not None else {}),
             **({"defense_files": files} if (files := referenced_files(config.defense)) else {}),
             # the values behind the name (the default table is the shipped learned one: a new one must not resume old runs)
-            **({"defense_state": state} if (state := defenses.state_digest(defenses.create(config.defense))) else {})}
+            **({"defense_state": defense_state} if defense_state else {})}
 
 
 def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device,
@@ -709,7 +709,12 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         store.open()
         store.clean_temporaries()
         metadata = collect_metadata(device)
-        run_cfg = {"identity": _identity(config, norm, eps, budget, _data_id(config.data), shard), "device": str(device),
+        defense = build_defense(config.defense)  # built once: its values enter the identity, then it runs
+        try:
+            state = defenses.state_digest(defense) if defense is not None else None
+        except ValueError as e:
+            raise UsageError(f"--defense {config.defense}: {e}") from None
+        run_cfg = {"identity": _identity(config, norm, eps, budget, _data_id(config.data), shard, state), "device": str(device),
                    "metadata": metadata}
         resumed = store.check_or_write_config(run_cfg)
         if classifier is None:
@@ -717,7 +722,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         classifier = classifier.to(device).eval()
         for p in classifier.parameters():
             p.requires_grad_(False)
-        defended = build_defended(classifier, config.defense, config.seed, device, defend_at=config.defend_at)
+        defended = build_defended(classifier, config.defense, config.seed, device, defend_at=config.defend_at, defense=defense)
         sample = _load_or_draw_sample(store, classifier, config.data, int(config.n), int(config.seed), device, load_size=config.defend_at)
         store.update_config(sample={**sample.info, "n": len(sample), "first_ids": sample.ids[:5]})
         x, labels, ids = sample.x.to(device), sample.labels.to(device), list(sample.ids)

@@ -64,6 +64,7 @@ from .executors import RAY_EXTRA_HINT, UnitResult, compute_unit
 from .sharding import group_key
 from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
 from .units import Unit
+from ..defenses.quant_tables import default_table, table_digest
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from .context import RunContext
@@ -254,6 +255,9 @@ class UnitWorker:
         self.crash_once = crash_once
         self.runners: Dict[str, Callable] = payload["runners"]
         self.store = WorkerCache(payload["store_root"], payload["identity"], payload.get("scratch_parent"))
+        #: Why this worker must not compute (its install ships another default table than the
+        #: driver's run was made with), else None; each unit sent then comes back as an error.
+        self.refusal = _table_refusal(payload["identity"])
         classifier = payload["classifier"].to(self.device).eval()
         for p in classifier.parameters():
             p.requires_grad_(False)
@@ -269,6 +273,8 @@ class UnitWorker:
     def compute(self, unit: Unit, stored: Sequence[Dict[str, Any]] = ()) -> UnitResult:
         """Compute ``unit`` (after taking in ``stored``, unit files of its group from the
         driver's store); records and summary as plain JSON, the cache files it wrote attached."""
+        if self.refusal:
+            return UnitResult("error", [], {}, self.refusal, 0.0, worker=self.name)
         for s in stored:
             self.store.add_stored(s)
         if self.crash_once:
@@ -288,6 +294,17 @@ class UnitWorker:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _table_refusal(identity: Dict[str, Any]) -> Optional[str]:
+    """A message when this process's default quantization table (the shipped learned one) is
+    not the one the run's identity records (a worker on another install), else None."""
+    recorded = identity.get("default_table")
+    here = table_digest(default_table()[0])
+    if recorded is None or recorded == here:
+        return None
+    return (f"worker {socket.gethostname()}:{os.getpid()} ships another default quantization table ({here}) than "
+            f"the run was made with ({recorded}); install the same prepdefense on every node")
 
 
 # ---------------------------------------------------------------------------------------------

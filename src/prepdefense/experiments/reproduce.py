@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import seeding
 from ..defenses.quant_tables import default_table, table_digest
+from ..defenses.spec import referenced_files
 from . import registry
 from . import units as U
 from .components import resolve_device
@@ -59,7 +60,7 @@ from .progress import Progress
 from .report import write_report
 from .sample_strip import sample_strip_figure
 from .sharding import ShardSpec, select, shard_spec
-from .store import ResultStore
+from .store import ConfigMismatchError, ResultStore, to_jsonable
 from .units import Preset, Unit
 
 __all__ = ["ReproduceConfig", "ReproduceOutcome", "reproduce", "run_demo_pipeline", "run_unit", "RunContext"]
@@ -164,6 +165,13 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
     ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
              "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS,
              "default_table": table_digest(default_table()[0])}
+    files = {}  # a table file named in a preset's defense (an override from the API): its contents
+    for key, names in preset.as_dict().items():
+        if key.endswith("_defenses") and isinstance(names, (list, tuple)):
+            for name in names:
+                files.update({f"{name} {k}": v for k, v in referenced_files(str(name)).items()})
+    if files:
+        ident["defense_files"] = dict(sorted(files.items()))
     if shard is not None:
         ident["shard"] = shard.as_dict()
     return ident
@@ -250,7 +258,15 @@ def reproduce(
             "quiet": bool(config.quiet),
             "metadata": collect_metadata(device),
         }
-        resumed = store.check_or_write_config(run_cfg)
+        try:
+            resumed = store.check_or_write_config(run_cfg)
+        except ConfigMismatchError:
+            # --report-only computes nothing, so a run made with an earlier shipped table can
+            # still be reported (its units name their tables); any other difference is refused.
+            stored = dict((store.read_config() or {}).get("identity", {}))
+            if not config.report_only or {**stored, "default_table": identity["default_table"]} != to_jsonable(identity):
+                raise
+            resumed = True
         plan = _shard_plan(registry.plan(preset, experiments), shard, store, experiments)
 
         if config.report_only:

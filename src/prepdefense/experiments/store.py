@@ -138,6 +138,20 @@ def describe_differences(old: Dict[str, Any], new: Dict[str, Any], limit: int = 
     return text + (f"; and {len(out) - limit} more" if len(out) > limit else "")
 
 
+#: What a differing identity field means, added to the mismatch message in plain words.
+IDENTITY_HINTS = {
+    "defense_state": "the values behind the defense's name (its quantization table) are not those this run was "
+                     "made with: the shipped learned table has changed since, or the run predates recording them",
+    "default_table": "the paper's defense's default table (the shipped learned one) is not the one this run was "
+                     "made with: it has changed since, or the run predates recording it",
+}
+
+
+def identity_hints(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    """:data:`IDENTITY_HINTS` of the top-level fields where ``old`` and ``new`` differ, joined."""
+    return "; ".join(text for key, text in IDENTITY_HINTS.items() if old.get(key) != new.get(key))
+
+
 def record_key(record: Dict[str, Any]) -> tuple:
     """The identity of a record: its unit, its image (None for a unit summary) and its kind."""
     return (record.get("unit"), record.get("image_id"), record.get("kind", "image"))
@@ -271,9 +285,11 @@ class ResultStore:
             old_id, new_id = old.get("identity", {}), config.get("identity", {})
             if old_id != new_id:
                 diffs = describe_differences(old_id, new_id)
+                hints = identity_hints(old_id, new_id)
                 raise ConfigMismatchError(
-                    f"{self.root} holds a run with another configuration ({diffs}); "
+                    f"{self.root} holds a run with another configuration ({diffs}){': ' + hints if hints else ''}; "
                     "rerun with the same arguments to resume, pass --fresh to start over, or choose another --out"
+                    + (" (earlier shipped tables stay selectable by name, e.g. 'dct-distort[table=NAME]')" if hints else "")
                 )
             merged = dict(old)
             merged["last_session"] = config
