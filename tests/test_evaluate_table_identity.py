@@ -4,12 +4,14 @@ must not let ``evaluate`` resume a run made with the old one; the same table res
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from byo_helpers import cli, label_by_model, noise_images
+from prepdefense import defenses
 from prepdefense.defenses import quant_tables
 from toy_models import TinyConvNet
 
@@ -44,6 +46,9 @@ def test_evaluate_refuses_to_resume_under_another_shipped_table(images, tmp_path
         assert code == 0, err
     code, text, err = cli(capsys, *learned)
     assert code == 0 and "resuming" in text + err  # the same table resumes
+    card = json.loads((tmp_path / "learned" / "card.json").read_text())
+    identity = json.loads((tmp_path / "learned" / "run.json").read_text())["identity"]
+    assert card["defense"]["state_digest"] == identity["defense_state"] == defenses.state_digest(defenses.create("dct-quant"))
     _ship(tmp_path / "tables", 50.0, monkeypatch)
     code, _, err = cli(capsys, *learned)
     assert code != 0 and "defense_state" in err and "--fresh" in err

@@ -403,6 +403,8 @@ def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
         "randomized": bool(getattr(defended, "randomized", False)),
         "differentiable": bool(getattr(defense, "differentiable", True)) if defense is not None else True,
         "defend_at": to_jsonable(getattr(defended, "defend_at", None)),
+        # the values behind the name (its quantization table), as the run's identity records them
+        "state_digest": defenses.state_digest(defense) if defense is not None else None,
     }
 
 
