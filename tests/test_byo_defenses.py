@@ -132,10 +132,27 @@ def test_contract_catches_false_differentiable_claims_and_bad_outputs():
     assert "same DrawKey gave two outputs" in failed(KeepsOwnState())["reproducible"]
 
 
+def test_contract_fails_a_defense_whose_builds_hold_different_values():
+    class RandomWeights(defenses.Defense):
+        differentiable = True
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.rand(3))  # unseeded: each build differs
+
+        def apply(self, x, params):
+            return (x * 0.5 + 0.5 * self.w.view(1, 3, 1, 1).to(x)).clamp(0, 1)
+
+    detail = {c.name: c for c in check_contract(RandomWeights(), size=16, n=2, rebuild=RandomWeights).checks}
+    assert detail["state rebuilt equal"].passed is False and "seed what the constructor" in detail["state rebuilt equal"].detail
+    assert {c.name: c for c in check_contract(RandomWeights(), size=16, n=2).checks}["state rebuilt equal"].passed is None
+
+
 @pytest.mark.parametrize("name", defenses.names())
 def test_every_builtin_defense_keeps_the_contract(name):
-    report = check_contract(defenses.create(name), name=name, size=32, n=2)
+    report = check_contract(defenses.create(name), name=name, size=32, n=2, rebuild=lambda: defenses.create(name))
     assert report.passed, report.table()
+    assert next(c for c in report.checks if c.name == "state rebuilt equal").passed
 
 
 def test_check_defense_usage_errors(capsys):

@@ -44,7 +44,8 @@ def run(args) -> int:
         raise UsageError("NAME none is no defense; name one, e.g. fd or my_pkg.blur:Blur")
     device = resolve_device(args.device)
     defense = defenses.create(name).to(device)
-    report = check_contract(defense, name=name, n=args.n, size=args.size, seed=args.seed, device=device)
+    report = check_contract(defense, name=name, n=args.n, size=args.size, seed=args.seed, device=device,
+                            rebuild=lambda: defenses.create(name))
     if args.json:
         print_json(report.to_dict())
     else:

@@ -16,10 +16,7 @@ written canonically, is the defense's id in stores, cards and reports.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, List, Optional
-
-import torch
+from typing import Any, List
 
 # Each module registers its defenses on import (one line beside each class).
 from . import (  # noqa: F401
@@ -40,6 +37,7 @@ from .base import Defense, check_images
 from .compose import Compose
 from .defended import Defended
 from .spec import format_part, parse_part, split_chain
+from .state import state_digest
 from .user import ENTRY_POINT_GROUP, UserDefenseError, create_user_defense, entry_point_names
 
 
@@ -133,43 +131,6 @@ def create(name: str, **params: Any) -> Defense:
             raise ValueError(f"parameters cannot be given for the chain {name!r}; build its parts and use Compose")
         return Compose([_create_one(p) for p in parts], names=parts)
     return _create_one(name, **params)
-
-
-def state_digest(defense: "torch.nn.Module") -> Optional[str]:
-    """``"sha256:<16 hex>"`` over a defense's ``state_dict()`` (its parameters and persistent
-    buffers: name, dtype, shape and values, on the CPU; other state entries by their
-    ``repr``), or ``None`` when it holds none. Run stores record it beside the defense's name,
-    so a run never resumes under other values behind the same name (the shipped learned table
-    that ``dct-distort`` uses by default, a user's weights). Plain attributes and
-    non-persistent buffers are not part of it.
-
-    Raises:
-        ValueError: the state cannot be read (e.g. a lazy module not yet initialised).
-    """
-    try:
-        state = sorted(defense.state_dict().items())
-    except Exception as e:  # noqa: BLE001 - a user's module: say which and why, in one line
-        raise ValueError(f"cannot read the state of defense {type(defense).__name__}: {e}") from None
-    if not state:
-        return None
-    h = hashlib.sha256()
-    for key, value in state:
-        h.update(f"{key}|".encode())
-        if isinstance(value, torch.Tensor):
-            if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
-                raise ValueError(f"defense {type(defense).__name__} holds an uninitialised (lazy) {key!r}; run it once first")
-            t = value.detach().to("cpu")
-            if t.is_sparse:
-                t = t.to_dense()
-            if t.is_quantized:
-                h.update(f"{t.qscheme()}|{t.q_scale() if t.qscheme() == torch.per_tensor_affine else ''}|".encode())
-                t = t.int_repr()
-            t = t.resolve_conj().resolve_neg().contiguous()
-            h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(value).encode())
-    return "sha256:" + h.hexdigest()[:16]
 
 
 __all__ = ["Defense", "Defended", "Compose", "create", "names", "normalize_name", "entry_point_names", "register",

@@ -26,6 +26,9 @@ randomized claim       two keys give different outputs exactly when ``randomized
 differentiable claim   a useful gradient (finite, not all zero) reaches the input exactly
                        when ``differentiable``; a non-differentiable defense's output is
                        off the autograd graph
+state rebuilt equal    (given a way to build it again) two builds hold the same values
+                       (:func:`~prepdefense.defenses.state.state_digest`), so a run stored
+                       under the defense's name resumes with the same defense
 =====================  ==================================================================
 
 :func:`check_contract` runs them on a few generated images and returns a
@@ -46,6 +49,7 @@ from torch import nn
 
 from ..draws import DrawKey, image_id
 from .base import as_defense
+from .state import state_digest
 
 __all__ = ["Check", "ContractReport", "check_contract", "contract_images", "BATCH_ATOL"]
 
@@ -156,9 +160,11 @@ class _Runner:
 
 
 def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4, size: int = 64, seed: int = 0,
-                   device: torch.device | str = "cpu") -> ContractReport:
+                   device: torch.device | str = "cpu", rebuild: Optional[Callable[[], nn.Module]] = None) -> ContractReport:
     """Hold ``defense`` to the contract (module docstring) on ``n`` generated ``size x size``
-    images on ``device``; ``seed`` fixes the images and the keys.
+    images on ``device``; ``seed`` fixes the images and the keys. ``rebuild``: builds the
+    defense again (``lambda: defenses.create(name)``), for the "state rebuilt equal" check
+    (n/a without it).
 
     Raises:
         ValueError: ``n`` below 2 or ``size`` below 8 (too few to check anything).
@@ -351,5 +357,16 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         return True, "no gradient, as declared (attacks use BPDA)"
 
     r.run("differentiable claim", differentiable_claim)
+
+    def state_rebuilt_equal() -> Tuple[Optional[bool], str]:
+        if rebuild is None:
+            return None, "not asked (no way to build it again was given)"
+        first, second = state_digest(defense), state_digest(rebuild())
+        if first != second:
+            return False, (f"two builds hold different values ({first} and {second}): seed what the constructor "
+                           "draws, or load it from a file, so that a resumed run is the same defense")
+        return True, "no state held" if first is None else f"the same values ({first})"
+
+    r.run("state rebuilt equal", state_rebuilt_equal)
     report.checks = r.checks
     return report

@@ -1,0 +1,52 @@
+"""A digest of the values a defense holds (its quantization table, a user's weights).
+
+Run stores record it beside the defense's name (``evaluate``'s ``defense_state``), and
+``check-defense`` checks that building the defense twice gives the same one, so that a
+resumed run is a run of the same defense, not only of the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+
+__all__ = ["state_digest"]
+
+
+def state_digest(defense: torch.nn.Module) -> Optional[str]:
+    """``"sha256:<16 hex>"`` over a defense's ``state_dict()`` (its parameters and persistent
+    buffers: name, dtype, shape and values, on the CPU; other state entries by their
+    ``repr``), or ``None`` when it holds none. Run stores record it beside the defense's name,
+    so a run never resumes under other values behind the same name (the shipped learned table
+    that ``dct-distort`` uses by default, a user's weights). Plain attributes and
+    non-persistent buffers are not part of it.
+
+    Raises:
+        ValueError: the state cannot be read (e.g. a lazy module not yet initialised).
+    """
+    try:
+        state = sorted(defense.state_dict().items())
+    except Exception as e:  # noqa: BLE001 - a user's module: say which and why, in one line
+        raise ValueError(f"cannot read the state of defense {type(defense).__name__}: {e}") from None
+    if not state:
+        return None
+    h = hashlib.sha256()
+    for key, value in state:
+        h.update(f"{key}|".encode())
+        if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+                raise ValueError(f"defense {type(defense).__name__} holds an uninitialised (lazy) {key!r}; run it once first")
+            t = value.detach().to("cpu")
+            if t.is_sparse:
+                t = t.to_dense()
+            if t.is_quantized:
+                h.update(f"{t.qscheme()}|{t.q_scale() if t.qscheme() == torch.per_tensor_affine else ''}|".encode())
+                t = t.int_repr()
+            t = t.resolve_conj().resolve_neg().contiguous()
+            h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return "sha256:" + h.hexdigest()[:16]
