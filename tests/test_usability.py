@@ -25,6 +25,19 @@ def test_every_defense_both_tables_defend_at_and_the_delta_sweep_are_planned():
     assert dict(zip(*zip(*[(c.key, c.paper_acc) for c in configs(preset.deltas)])))["dct-distort"] == 0.95
 
 
+def test_an_earlier_shipped_table_gets_its_own_row(tmp_path, monkeypatch):
+    import torch
+
+    from prepdefense.defenses import quant_tables
+
+    for stem, value in (("learned", 40.0), ("learned-v1", 50.0)):
+        quant_tables.save_table(tmp_path / f"{stem}.json", torch.full((8, 8), value, dtype=torch.float64), {})
+    monkeypatch.setattr(quant_tables, "TABLES_DIR", tmp_path)
+    monkeypatch.setattr(quant_tables, "LEARNED_TABLE_PATH", tmp_path / "learned.json")
+    rows = {c.key: c for c in configs(U.get_preset("paper").deltas)}
+    assert rows["dct-distort@learned-v1"].params == {"table": "learned-v1"} and "dct-distort@learned" not in rows
+
+
 @pytest.fixture
 def three_configs(monkeypatch):
     """The bare model, the default defense and the same defended at 299: the pipeline, cheaply."""

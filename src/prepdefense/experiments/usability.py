@@ -11,7 +11,8 @@ draws (one for a deterministic defense); the report gives the mean accuracy over
 the spread (lowest and highest draw), beside the paper's figure.
 
 Configurations: every defense with its default parameters, the paper's defense and Step 1
-with the shipped learned table and with the FD table, the paper's defense defended at 299
+with the shipped learned table and with the FD table, the paper's defense with every other
+shipped table (an earlier learned one, selectable by its name), the paper's defense defended at 299
 px and resized to the model's input (``Defended(..., defend_at=299)``: the paper's own
 working resolution) with both tables, and Table 4's delta sweep. The report names the table
 the default resolves to (its metadata), so the figure can be traced to the table that made it.
@@ -26,6 +27,7 @@ from typing import Any, AbstractSet, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import seeding
+from ..defenses.quant_tables import shipped_tables
 from ..draws import DrawKey, image_id
 from ..errors import PrepDefenseError
 from . import paper_numbers as P
@@ -65,6 +67,9 @@ def configs(deltas: Sequence[float]) -> List[Config]:
                "none", defend_at=PAPER_SIDE),
         Config("dct-distort", "dct-distort, default table", OUR_DEFENSE, paper_acc=t1.get(OUR_DEFENSE)),
         Config("dct-distort@fd", "dct-distort, FD table", OUR_DEFENSE, {"table": "fd"}),
+        # every other shipped table (an earlier learned one, kept selectable by its name)
+        *(Config(f"dct-distort@{name}", f"dct-distort, shipped table {name}", OUR_DEFENSE, {"table": name})
+          for name in shipped_tables() if name != "learned"),
         Config(f"dct-distort@at{PAPER_SIDE}", f"dct-distort, default table, defended at {PAPER_SIDE}", OUR_DEFENSE,
                defend_at=PAPER_SIDE, paper_acc=t1.get(OUR_DEFENSE)),
         Config(f"dct-distort@fd@at{PAPER_SIDE}", f"dct-distort, FD table, defended at {PAPER_SIDE}", OUR_DEFENSE,
