@@ -90,6 +90,19 @@ def _evaluate(config):
         return V.evaluate_defense(config, classifier=TinyConvNet(), stream=quiet)
 
 
+def test_an_ensemble_defense_says_what_a_pass_costs(images, tmp_path, capsys):
+    """``crop`` averages ``ensemble`` crops per prediction: the card and the report say that each
+    pass of the defended model is that many classifier passes (30 for the default crop)."""
+    out = tmp_path / "out"
+    card = cli_json(capsys, "evaluate", *TINY, "--defense", "crop[ensemble=3]", "--norm", "linf", "--n", "2", "--budget",
+                    "quick", "--data", str(images), "--out", str(out), "--shard-size", "2", "--no-checks", "--no-curve")
+    assert card["budget"]["cost_per_image"]["this_run"]["ensemble"] == 3
+    assert "each 3 passes of the classifier" in (out / "report.md").read_text()
+    jpeg = cli_json(capsys, "evaluate", *TINY, "--defense", "jpeg", "--norm", "linf", "--n", "2", "--budget", "quick",
+                    "--data", str(images), "--shard-size", "2", "--no-checks", "--no-curve")
+    assert jpeg["budget"]["cost_per_image"]["this_run"]["ensemble"] == 1
+
+
 def test_resume_after_a_kill_and_equal_to_the_library(images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real = E.attack_step

@@ -934,7 +934,8 @@ def evaluate(
         norm=norm, eps=eps, budget=budget, draws=r, n=n,
         clean=_figures(clean_correct, seed), robust=_figures(state.correct, seed),
         per_attack=per_attack, per_image=per_image_rows(state, labels), adversarial=state.adversarial, flags=flags, curve=curve_rows,
-        passes={"estimated_per_image": budget.cost(randomized, draws), "classifier_images": measured,
+        passes={"estimated_per_image": {**budget.cost(randomized, draws), "ensemble": int(getattr(model, "ensemble", 1) or 1)},
+                "classifier_images": measured,
                 "classifier_images_attacks": spent},
         seconds=round(time.perf_counter() - t0, 3),
     )

@@ -62,7 +62,9 @@ undefined, e.g. over no image):
   and ``warnings`` (sentences; empty when nothing calls for attention);
 * ``curve``: points ``fraction``, ``eps``, ``source`` and the figures with intervals (0:
   clean; ``eps``: the ensemble);
-* ``passes``: ``estimated_per_image`` (the budget's upper bound for this defense) and
+* ``passes``: ``estimated_per_image`` (the budget's upper bound for this defense, in passes
+  of the defended model; its ``ensemble``: classifier passes per defended pass, 30 for
+  ``crop``) and
   ``classifier_images`` (counted: images through the classifier, all units of all sessions);
 * ``seconds`` (compute time of the units), ``notes`` (how to read the figures), ``files``
   (the report, the curve and the examples beside the card).
@@ -317,7 +319,9 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
     result = E.EnsembleResult(norm=norm, eps=eps, budget=budget, draws=r, n=n, clean=E._figures(clean_correct, seed32),
                               robust=E._figures(state.correct, seed32), per_attack=per_attack, per_image=per_image, adversarial=kept,
                               flags=flags, curve=curve_rows,
-                              passes={"estimated_per_image": budget.cost(randomized, draws), "classifier_images": measured,
+                              passes={"estimated_per_image": {**budget.cost(randomized, draws),
+                                                              "ensemble": int(getattr(model, "ensemble", 1) or 1)},
+                                      "classifier_images": measured,
                                       "classifier_images_attacks": spent},
                               seconds=round(run.seconds, 3))
     return result, {"ran": run.ran, "reused": run.reused, "seconds": run.seconds}
@@ -503,7 +507,10 @@ def report_markdown(card: Dict[str, Any]) -> str:
         f"parameters {json.dumps(card['defense']['parameters'], sort_keys=True)}).",
         f"- Budget `{b['name']}`: {b['summary']}",
         f"- Cost per image, at most: {cost['gradient']:,.0f} forward+backward and {cost['forward']:,.0f} forward passes "
-        f"(counted in this run: {card['passes']['classifier_images']:,} images through the classifier).",
+        f"of the defended model"
+        + (f", each {cost['ensemble']} passes of the classifier (the defense averages {cost['ensemble']} members per "
+           "prediction)" if cost.get("ensemble", 1) > 1 else "")
+        + f" (counted in this run: {card['passes']['classifier_images']:,} images through the classifier).",
         "",
         "## Per attack", "",
         "Attacks run in this order, each only on the images still robust after the ones before it.", "",
