@@ -137,6 +137,12 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
     resumed = learn_table(out=out, **kw)
     assert len(counted) == 1  # only the missing batch
     assert resumed["table"] == whole["table"] and resumed["metadata"]["resumed_images"] == 2
+    # the iterations C&W actually ran (abort early) and the c of each best example, resumed too
+    runs = whole["metadata"]["iterations_run"]
+    assert runs["budget_per_binary_step"] == 20 and len(runs["per_batch_and_binary_step"]) == 2
+    assert all(len(b) == 1 and 1 <= b[0] <= 20 for b in runs["per_batch_and_binary_step"])
+    assert resumed["metadata"]["iterations_run"] == runs
+    assert resumed["metadata"]["const_of_best"] == whole["metadata"]["const_of_best"]
     assert not (tmp_path / "resumed.json.partial").exists()
     # a checkpoint folder from other settings is refused, and --fresh clears it
     (tmp_path / "other.json.partial").mkdir()

@@ -112,6 +112,8 @@ def learn_table(
     adversarial = torch.empty_like(sample.x)
     success = torch.zeros(n, dtype=torch.bool)
     l2_rms = torch.full((n,), math.inf)
+    const = torch.full((n,), math.nan, dtype=torch.float64)
+    iterations: List[Optional[List[int]]] = []  # per batch: iterations run in each binary-search step
     identity = {"model": model_name, "weights_sha256": _weights_digest(model), "image_ids": list(sample.ids),
                 "targets": sample.targets.tolist(),
                 "attack": attack.hyperparameters(), "size": size, "batch_size": int(batch_size)}
@@ -125,11 +127,15 @@ def learn_table(
             resumed += sl.stop - sl.start
         else:
             res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
-            saved = {"adversarial": res.adversarial.cpu(), "success": res.success.cpu(), "l2_rms": res.info["l2_rms"].float().cpu()}
+            saved = {"adversarial": res.adversarial.cpu(), "success": res.success.cpu(), "l2_rms": res.info["l2_rms"].float().cpu(),
+                     "const": res.info["const"].double().cpu(), "iterations": torch.tensor(res.info["iterations"], dtype=torch.int64)}
             atomic_write_with(part, lambda fh: torch.save(saved, fh))
         adversarial[sl] = saved["adversarial"]
         success[sl] = saved["success"]
         l2_rms[sl] = saved["l2_rms"]
+        if "const" in saved:  # checkpoints written before these were kept have neither
+            const[sl] = saved["const"]
+        iterations.append(saved["iterations"].tolist() if "iterations" in saved else None)
         if on_batch is not None:
             on_batch(sl.stop, n)
 
@@ -150,6 +156,11 @@ def learn_table(
         "n_successful": n_ok,
         "success_rate": n_ok / n,
         "mean_l2_rms_successful": float(l2_rms[success].mean()),
+        # C&W stops a binary-search step once every image of the batch has stopped improving
+        # (abort early, C&W's default): the iterations actually run, per batch and step.
+        "iterations_run": {"per_batch_and_binary_step": iterations, "budget_per_binary_step": int(steps),
+                           "mean_per_binary_step": _mean_iterations(iterations)},
+        "const_of_best": [None if math.isnan(c) else c for c in const.tolist()],
         "image_ids": list(sample.ids),
         "labels": sample.labels.tolist(),
         "targets": sample.targets.tolist(),
@@ -179,6 +190,12 @@ def learn_table(
         "seconds": round(seconds, 1),
         "metadata": metadata,
     }
+
+
+def _mean_iterations(iterations: List[Optional[List[int]]]) -> Optional[float]:
+    """Mean iterations run per binary-search step over the batches that recorded them."""
+    known = [i for batch in iterations if batch for i in batch]
+    return round(sum(known) / len(known), 1) if known else None
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
