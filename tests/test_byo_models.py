@@ -278,7 +278,8 @@ def test_traced_model_with_declared_size_through_randomness_and_learn_table(tiny
     assert row["accuracy"] is not None and row["n"] == 6 and row["model"] == f"torchscript:{path}"
     out = tmp_path / "table.json"
     summary = cli_json(capsys, "learn-table", *declared, "--data", str(folder), "--out", str(out), "--n", "2",
-                       "--exclude-n", "0", "--steps", "50", "--binary-steps", "1", "--initial-const", "10", "--batch-size", "2")
+                       "--exclude-n", "0", "--exclude-usability-n", "0", "--steps", "50", "--binary-steps", "1", "--initial-const",
+                       "10", "--batch-size", "2")
     assert out.is_file() and summary
     code, _, err = cli(capsys, "randomness", "--model", f"torchscript:{path}", "--data", str(folder), "--defense", "jpeg",
                        "--device", "cpu", "--mean", "0.5")

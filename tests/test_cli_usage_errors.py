@@ -67,7 +67,9 @@ EARLY = [
     ("attack --defense fd --attack bpda --until-bound --max-rounds 0 --n 1", "--max-rounds must be at least 1"),
     ("attack --defense fd --attack fgsm --n 5", "--n 5 asks for more images than --data builtin lists (4)"),
     ("learn-table --data builtin --out {tmp}/t.json --n 2",
-     "--n 2 images to attack plus the --exclude-n 100 kept out need 102, but --data builtin lists 4"),
+     "--n 2 images to attack plus the 200 kept out (--exclude-n 100, --exclude-usability-n 200) need 202, "
+     "but --data builtin lists 4"),
+    ("learn-table --data builtin --out {tmp}/t.json --exclude-usability-n -1", "--exclude-usability-n must be at least 0"),
     ("reproduce --out {tmp}/r --preset quick", "--preset quick needs 8 images"),
     # -- numbers ----------------------------------------------------------------------------------
     ("attack --defense fd --attack pgd --eps 0 --n 1", "--eps must be positive, got 0"),
@@ -101,7 +103,7 @@ EARLY = [
     ("randomness --defense fd --device cuda:99", "--device cuda:99"),
     ("demo --out {tmp}/d --device bogus", "bad --device"),
     ("attack --defense fd --attack fgsm --n 1 --device bogus", "bad --device"),
-    ("learn-table --data builtin --out {tmp}/t.json --n 1 --exclude-n 0 --device bogus", "bad --device"),
+    ("learn-table --data builtin --out {tmp}/t.json --n 1 --exclude-n 0 --exclude-usability-n 0 --device bogus", "bad --device"),
     ("reproduce --out {tmp}/r --preset smoke --device bogus", "bad --device"),
     # -- data folders -----------------------------------------------------------------------------
     ("predict --data /no/such/folder", "image folder not found: /no/such/folder"),
@@ -159,7 +161,7 @@ EARLY = [
     ("reproduce --out {file}", "is a file, not a folder"),
     ("reproduce --out {file}/sub --preset smoke", "is a file, not a folder"),
     ("learn-table --data builtin --out {empty}", "is a folder; give a file name"),
-    ("learn-table --data builtin --out {file}/t.json --n 1 --exclude-n 0", "is a file, not a folder"),
+    ("learn-table --data builtin --out {file}/t.json --n 1 --exclude-n 0 --exclude-usability-n 0", "is a file, not a folder"),
     # -- flags that contradict each other or do nothing --------------------------------------------
     ("attack --defense fd --attack pgd --step-size 0.01 --rel-stepsize 0.1 --n 1", "give only one"),
     ("attack --defense fd --attack bpda --max-rounds 5 --n 1", "--max-rounds caps the rounds of --until-bound"),

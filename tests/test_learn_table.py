@@ -61,7 +61,7 @@ def test_learn_table_end_to_end(toy_folder, tmp_path):
     folder, model = toy_folder
     out = tmp_path / "table.json"
     summary = learn_table(data=str(folder), out=out, n=4, seed=1, exclude_sample_seed=0, exclude_n=3,
-                          steps=30, binary_steps=2, initial_const=1.0, batch_size=3, model=model,
+                          exclude_usability_n=2, steps=30, binary_steps=2, initial_const=1.0, batch_size=3, model=model,
                           model_name="toy-linear")
     table, meta = load_table(out)
     assert table.shape == (8, 8)
@@ -74,6 +74,13 @@ def test_learn_table_end_to_end(toy_folder, tmp_path):
     excluded = meta["excluded_evaluation_sample"]["ids"]
     assert len(ids) == 4 and len(excluded) == 3
     assert not set(ids) & set(excluded)
+    # nor any of the images usability measures clean accuracy on (its own seeded order)
+    from prepdefense.data import load_dataset
+    from prepdefense.experiments.usability import usability_sample
+
+    ds = load_dataset(str(folder), size=SIDE)
+    usable = [ds.ids[i] for i in usability_sample(model, ds, seed=0, n=2)]
+    assert meta["excluded_usability_sample"]["ids"] == usable and not set(ids) & set(usable)
     for key in ("model", "attack_settings", "seed", "success_rate", "targets", "run"):
         assert key in meta
     assert meta["model"] == "toy-linear"

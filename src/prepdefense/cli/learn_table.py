@@ -2,7 +2,8 @@
 C&W adversarial examples of the default model (paper Section 5.2; issue 4, item 7).
 
 The images are drawn among those the model classifies correctly, disjoint from the
-evaluation protocol sample (``--exclude-sample-seed``/``--exclude-n``); the table is written
+evaluation protocol sample (``--exclude-sample-seed``/``--exclude-n``) and from the images
+``usability`` measures (``--exclude-usability-n``); the table is written
 with the model, image ids, attack settings, seed and success rate beside it. Pass the file
 to a defense with ``table=PATH``; the package's own table (``defenses/tables/learned.json``)
 was made by this command.
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=100, help="images to attack (default 100)")
     p.add_argument("--exclude-sample-seed", type=int, default=0, help="seed of the evaluation protocol sample kept out (default 0)")
     p.add_argument("--exclude-n", type=int, default=100, help="size of that evaluation sample; 0 disables the exclusion (default 100)")
+    p.add_argument("--exclude-usability-n", type=int, default=200,
+                   help="also keep out the images 'prepdefense usability --n N' measures clean accuracy on (same seed); "
+                        "0 disables it (default 200, usability's default)")
     p.add_argument("--steps", type=int, default=1000, help="C&W iterations per binary-search step (default 1000)")
     p.add_argument("--binary-steps", type=int, default=5, help="C&W binary-search steps over c (default 5)")
     p.add_argument("--lr", type=float, default=0.1, help="C&W Adam learning rate (default 0.1, the paper's)")
@@ -71,6 +75,7 @@ def run(args) -> int:
     for name in ("n", "steps", "binary_steps", "batch_size"):
         check_at_least(f"--{name.replace('_', '-')}", getattr(args, name))
     check_at_least("--exclude-n", args.exclude_n, 0, hint=" (0 disables the exclusion)")
+    check_at_least("--exclude-usability-n", args.exclude_usability_n, 0, hint=" (0 disables it)")
     check_number("--lr", args.lr, positive=True)
     check_number("--initial-const", args.initial_const, positive=True)
     check_seed(args.seed)
@@ -79,12 +84,13 @@ def run(args) -> int:
     check_model_options(args)
     check_out_file(args.out)
     listed = check_data(args.data)
-    needed = args.n + args.exclude_n
+    needed = args.n + max(args.exclude_n, args.exclude_usability_n)  # at least; the two samples may overlap
     if needed > listed:
         raise UsageError(
-            f"--n {args.n} images to attack plus the --exclude-n {args.exclude_n} kept out need {needed}, "
-            f"but --data {args.data} lists {listed}; lower --n or --exclude-n (0 disables the exclusion), "
-            f"or give a larger folder"
+            f"--n {args.n} images to attack plus the {max(args.exclude_n, args.exclude_usability_n)} kept out "
+            f"(--exclude-n {args.exclude_n}, --exclude-usability-n {args.exclude_usability_n}) need {needed}, "
+            f"but --data {args.data} lists {listed}; lower --n, --exclude-n or --exclude-usability-n "
+            f"(0 disables an exclusion), or give a larger folder"
         )
     device = resolve_device(args.device)
     model = build_model(args.model, args.weights, device, **model_options(args))
@@ -100,8 +106,8 @@ def run(args) -> int:
         with one_line_skip_warnings():
             summary = learn_table(
                 data=args.data, out=args.out, n=args.n, seed=args.seed,
-                exclude_sample_seed=args.exclude_sample_seed if args.exclude_n > 0 else None,
-                exclude_n=args.exclude_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
+                exclude_sample_seed=args.exclude_sample_seed, exclude_n=args.exclude_n,
+                exclude_usability_n=args.exclude_usability_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
                 initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
                 model=model, device=device, on_batch=on_batch, note=args.note, fresh=args.fresh,
             )

@@ -2,8 +2,10 @@
 Algorithm 2; PROTOCOL.md "The defense g(x)"; issue 4, item 7).
 
 1. Draw the evaluation protocol sample (``exclude_n`` images, ``exclude_sample_seed``, the
-   sample every table-3 style evaluation uses) and set its images aside, so the table is
-   never learned on images it is later judged on.
+   sample every table-3 style evaluation uses) and the usability images
+   (``exclude_usability_n``, the same seed) and set them aside, so the table is never learned
+   on images it is later judged on. (Table 1 at the paper's size reads 1000 images, nearly
+   every image of a 1001-image folder; it cannot be kept disjoint there.)
 2. Among the remaining images, draw ``n`` that the undefended model classifies correctly,
    each with a protocol-style random target (uniform over the 999 other classes), with
    ``seed`` (:func:`prepdefense.data.protocol_sample` with ``exclude_ids``).
@@ -52,6 +54,7 @@ def learn_table(
     seed: int = 1,
     exclude_sample_seed: Optional[int] = 0,
     exclude_n: int = 100,
+    exclude_usability_n: int = 0,
     steps: int = 1000,
     binary_steps: int = 5,
     lr: float = 0.1,
@@ -74,6 +77,10 @@ def learn_table(
         exclude_sample_seed: seed of the evaluation protocol sample to keep out; None
             disables the exclusion.
         exclude_n: size of that evaluation sample (the protocol's 100).
+        exclude_usability_n: also keep out the images ``usability`` (and ``reproduce``'s
+            usability section) measures clean accuracy on with ``exclude_sample_seed``
+            (:func:`~prepdefense.experiments.usability.usability_sample`; its default 200);
+            0: not.
         steps, binary_steps, lr, initial_const: C&W settings (paper: 1000, 5, 0.1; c0 0.01).
         batch_size: images attacked together.
         model_name: classifier to attack (the default model unless told).
@@ -104,8 +111,14 @@ def learn_table(
     if exclude_sample_seed is not None and exclude_n > 0:
         evaluation = data_api.protocol_sample(model, dataset, n=exclude_n, seed=exclude_sample_seed, device=device)
         excluded = list(evaluation.ids)
-    sample = data_api.protocol_sample(model, dataset, n=n, seed=seed, device=device, exclude_ids=excluded)
-    if set(sample.ids) & set(excluded):  # protocol_sample guarantees it; a cheap guard
+    usability_ids: List[str] = []
+    if exclude_sample_seed is not None and exclude_usability_n > 0:
+        from .usability import usability_sample
+
+        usability_ids = [dataset.ids[i] for i in usability_sample(model, dataset, seed=exclude_sample_seed,
+                                                                  n=exclude_usability_n, device=device)]
+    sample = data_api.protocol_sample(model, dataset, n=n, seed=seed, device=device, exclude_ids=excluded + usability_ids)
+    if set(sample.ids) & (set(excluded) | set(usability_ids)):  # protocol_sample guarantees it; a cheap guard
         raise DataError("learning images overlap the evaluation sample")
 
     attack = CarliniWagnerL2(binary_search_steps=binary_steps, steps=steps, lr=lr, initial_const=initial_const)
@@ -170,6 +183,11 @@ def learn_table(
             "seed": exclude_sample_seed,
             "n": exclude_n if excluded else 0,
             "ids": excluded,
+        },
+        "excluded_usability_sample": {
+            "seed": exclude_sample_seed,
+            "n": len(usability_ids),
+            "ids": usability_ids,
         },
         "counts": counts.tolist(),
         "seconds": round(seconds, 1),

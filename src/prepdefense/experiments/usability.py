@@ -36,7 +36,8 @@ from .experiment import Experiment, Records, Section
 from .reporting import ReportContext, fmt, md_table, write_csv
 from .units import ALL_BASELINES, OUR_DEFENSE, Preset, Unit, ensemble_size, n_shards, shard_len, shard_slice, unit_seed
 
-__all__ = ["EXPERIMENT", "Config", "configs", "plan", "run", "report_usability", "usability_indices", "PAPER_SIDE"]
+__all__ = ["EXPERIMENT", "Config", "configs", "plan", "run", "report_usability", "usability_indices", "usability_sample",
+           "PAPER_SIDE"]
 
 #: The paper's working resolution (Inception V3's input).
 PAPER_SIDE = 299
@@ -104,29 +105,40 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
 
 def usability_indices(ctx: RunContext) -> List[int]:
     """The first ``usability_images`` images of a seeded random order of the image source that
-    the bare model classifies correctly (computed once per run context; deterministic)."""
+    the bare model classifies correctly (:func:`usability_sample`; once per run context)."""
     cache = ctx.cache.get("usability_indices")
-    if cache is not None:
-        return cache
-    ds = ctx.dataset()
-    want = ctx.preset.usability_images
-    order = torch.randperm(len(ds), generator=seeding.make_generator(unit_seed(ctx.seed, "usability-images"))).tolist()
+    if cache is None:
+        cache = ctx.cache["usability_indices"] = usability_sample(ctx.classifier, ctx.dataset(), seed=ctx.seed,
+                                                                  n=ctx.preset.usability_images, device=ctx.device)
+    return cache
+
+
+def usability_sample(classifier: torch.nn.Module, dataset, *, seed: int, n: int, device="cpu") -> List[int]:
+    """Indices into ``dataset`` of the usability images: the first ``n`` of a random order
+    (seeded by ``seed``) that ``classifier`` classifies correctly; unreadable images are skipped.
+    Deterministic, so ``learn-table`` can keep them out of the images it learns from.
+
+    Raises:
+        PrepDefenseError: fewer than ``n`` such images.
+    """
+    from ..data import iter_batches
+
+    order = torch.randperm(len(dataset), generator=seeding.make_generator(unit_seed(seed, "usability-images"))).tolist()
     kept: List[int] = []
     start = 0
-    while start < len(order) and len(kept) < want:
-        step = max(8, min(64, 2 * (want - len(kept))))  # about twice what is still missing
+    while start < len(order) and len(kept) < n:
+        step = max(8, min(64, 2 * (n - len(kept))))  # about twice what is still missing
         chunk = order[start : start + step]
         start += step
-        index_of = {ds.ids[i]: i for i in chunk}
-        x, labels, ids = ctx.load_indices(chunk)  # unreadable images are skipped and counted
-        with torch.no_grad():
-            right = ctx.classifier(x.to(ctx.device)).argmax(1).cpu().eq(labels).tolist()
-        kept += [index_of[name] for name, ok in zip(ids, right) if ok]
-    if len(kept) < want:
-        raise PrepDefenseError(f"usability needs {want} images the bare model classifies correctly; the image source "
+        index_of = {dataset.ids[i]: i for i in chunk}
+        for x, labels, ids in iter_batches(dataset, 64, indices=chunk):  # unreadable images are skipped
+            with torch.no_grad():
+                right = classifier(x.to(device)).argmax(1).cpu().eq(labels).tolist()
+            kept += [index_of[name] for name, ok in zip(ids, right) if ok]
+    if len(kept) < n:
+        raise PrepDefenseError(f"usability needs {n} images the bare model classifies correctly; the image source "
                                f"has only {len(kept)} of {len(order)} (lower --n, or give a larger folder)")
-    ctx.cache["usability_indices"] = kept[:want]
-    return ctx.cache["usability_indices"]
+    return kept[:n]
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
