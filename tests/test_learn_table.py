@@ -150,6 +150,10 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
     assert all(len(b) == 1 and 1 <= b[0] <= 20 for b in runs["per_batch_and_binary_step"])
     assert resumed["metadata"]["iterations_run"] == runs
     assert resumed["metadata"]["const_of_best"] == whole["metadata"]["const_of_best"]
+    # without abort early every iteration runs (and the checkpoints of the other setting are not reused)
+    full = learn_table(out=tmp_path / "full.json", abort_early=False, **kw)
+    assert full["metadata"]["iterations_run"]["per_batch_and_binary_step"] == [[20], [20]]
+    assert full["metadata"]["attack_settings"]["abort_early"] is False
     assert not (tmp_path / "resumed.json.partial").exists()
     # a checkpoint folder from other settings is refused, and --fresh clears it
     (tmp_path / "other.json.partial").mkdir()

@@ -55,6 +55,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--binary-steps", type=int, default=5, help="C&W binary-search steps over c (default 5)")
     p.add_argument("--lr", type=float, default=0.1, help="C&W Adam learning rate (default 0.1, the paper's)")
     p.add_argument("--initial-const", type=float, default=1e-2, help="C&W starting c (default 0.01)")
+    p.add_argument("--no-abort-early", dest="abort_early", action="store_false",
+                   help="run every C&W iteration: without it an image whose loss stopped falling is frozen for the rest "
+                        "of a binary-search step (C&W's abort early, checked every STEPS/10 iterations), which at a "
+                        "short --steps can end a step after a few dozen iterations"),
     p.add_argument("--batch-size", type=int, default=8, help="images attacked together (default 8)")
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
@@ -108,7 +112,8 @@ def run(args) -> int:
                 data=args.data, out=args.out, n=args.n, seed=args.seed,
                 exclude_sample_seed=args.exclude_sample_seed, exclude_n=args.exclude_n,
                 exclude_usability_n=args.exclude_usability_n, steps=args.steps, binary_steps=args.binary_steps, lr=args.lr,
-                initial_const=args.initial_const, batch_size=args.batch_size, model_name=args.model,
+                initial_const=args.initial_const, abort_early=args.abort_early, batch_size=args.batch_size,
+                model_name=args.model,
                 model=model, device=device, on_batch=on_batch, note=args.note, fresh=args.fresh,
             )
     finally:

@@ -59,6 +59,7 @@ def learn_table(
     binary_steps: int = 5,
     lr: float = 0.1,
     initial_const: float = 1e-2,
+    abort_early: bool = True,
     batch_size: int = 8,
     model_name: str = models.DEFAULT_MODEL,
     model: Optional[torch.nn.Module] = None,
@@ -82,6 +83,10 @@ def learn_table(
             (:func:`~prepdefense.experiments.usability.usability_sample`; its default 200);
             0: not.
         steps, binary_steps, lr, initial_const: C&W settings (paper: 1000, 5, 0.1; c0 0.01).
+        abort_early: C&W's abort early (its default): an image whose loss stopped falling is
+            frozen for the rest of a binary-search step, checked every ``steps / 10``
+            iterations, so a short ``steps`` can end a step after a few dozen iterations (the
+            metadata's ``iterations_run`` says how many ran); False runs every iteration.
         batch_size: images attacked together.
         model_name: classifier to attack (the default model unless told).
         model: an already built classifier (then ``model_name`` is only recorded).
@@ -121,7 +126,8 @@ def learn_table(
     if set(sample.ids) & (set(excluded) | set(usability_ids)):  # protocol_sample guarantees it; a cheap guard
         raise DataError("learning images overlap the evaluation sample")
 
-    attack = CarliniWagnerL2(binary_search_steps=binary_steps, steps=steps, lr=lr, initial_const=initial_const)
+    attack = CarliniWagnerL2(binary_search_steps=binary_steps, steps=steps, lr=lr, initial_const=initial_const,
+                             abort_early=abort_early)
     adversarial = torch.empty_like(sample.x)
     success = torch.zeros(n, dtype=torch.bool)
     l2_rms = torch.full((n,), math.inf)
