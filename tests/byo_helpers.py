@@ -119,6 +119,15 @@ def noise_images(folder: Path, n: int, side: int = 40, seed: int = 0) -> List[st
     return names
 
 
+def tiny_convnet_folder(folder: Path, n: int, seed: int) -> Path:
+    """``n`` 40x40 noise images labelled by ``toy_models.TinyConvNet``'s own predictions."""
+    from toy_models import TinyConvNet
+
+    noise_images(folder, n, side=40, seed=seed)
+    label_by_model(folder, TinyConvNet().eval())
+    return folder
+
+
 def label_by_model(folder: Path, model: torch.nn.Module) -> List[int]:
     """Write ``folder/labels.csv`` giving each image the model's own prediction (so every image
     is classified correctly and the protocol sample can use them all)."""

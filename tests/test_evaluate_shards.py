@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from byo_helpers import cli, label_by_model, noise_images
+from byo_helpers import cli, tiny_convnet_folder
 from prepdefense.experiments import evaluation as V
 from prepdefense.experiments.store import ResultStore
-from toy_models import TinyConvNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,10 +20,7 @@ TINY = ["--model", "toy_models:tiny_convnet", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("evaluate-shard-images")
-    noise_images(folder, 8, side=40, seed=5)
-    label_by_model(folder, TinyConvNet().eval())
-    return folder
+    return tiny_convnet_folder(tmp_path_factory.mktemp("evaluate-shard-images"), 8, seed=5)
 
 
 def _args(images, out, *extra):

@@ -10,20 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from byo_helpers import cli, label_by_model, noise_images
+from byo_helpers import cli, tiny_convnet_folder
 from prepdefense import defenses
 from prepdefense.defenses import quant_tables
-from toy_models import TinyConvNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("evaluate-table-images")
-    noise_images(folder, 4, side=40, seed=9)
-    label_by_model(folder, TinyConvNet().eval())
-    return folder
+    return tiny_convnet_folder(tmp_path_factory.mktemp("evaluate-table-images"), 4, seed=9)
 
 
 def _ship(folder: Path, value: float, monkeypatch) -> None:
