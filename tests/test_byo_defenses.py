@@ -147,6 +147,20 @@ def test_contract_fails_a_defense_whose_builds_hold_different_values():
     assert detail["state rebuilt equal"].passed is False and "seed what the constructor" in detail["state rebuilt equal"].detail
     assert {c.name: c for c in check_contract(RandomWeights(), size=16, n=2).checks}["state rebuilt equal"].passed is None
 
+    class CachesOnFirstCall(defenses.Defense):
+        """Deterministic; fills a persistent buffer on its first call (a cache), as built it is empty."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(1))
+
+        def apply(self, x, params):
+            self.seen.fill_(1.0)
+            return x.clone()
+
+    report = check_contract(CachesOnFirstCall(), size=16, n=2, rebuild=CachesOnFirstCall)
+    assert {c.name: c for c in report.checks}["state rebuilt equal"].passed is True, report.table()
+
 
 @pytest.mark.parametrize("name", defenses.names())
 def test_every_builtin_defense_keeps_the_contract(name):

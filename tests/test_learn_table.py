@@ -154,6 +154,20 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
     full = learn_table(out=tmp_path / "full.json", abort_early=False, **kw)
     assert full["metadata"]["iterations_run"]["per_batch_and_binary_step"] == [[20], [20]]
     assert full["metadata"]["attack_settings"]["abort_early"] is False
+    # checkpoints written before the iterations and c were kept still resume (those batches say None)
+    old = tmp_path / "old.json"
+    monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", dying_run)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        learn_table(out=old, **kw)
+    (part,) = (tmp_path / "old.json.partial").glob("batch-*.pt")
+    saved = torch.load(part, weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k not in ("const", "iterations")}, part)
+    monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", real_run)
+    resumed_old = learn_table(out=old, **kw)
+    assert resumed_old["table"] == whole["table"]
+    assert resumed_old["metadata"]["iterations_run"]["per_batch_and_binary_step"][0] is None
+    assert resumed_old["metadata"]["const_of_best"][:2] == [None, None]
     assert not (tmp_path / "resumed.json.partial").exists()
     # a checkpoint folder from other settings is refused, and --fresh clears it
     (tmp_path / "other.json.partial").mkdir()
@@ -161,3 +175,12 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
     with pytest.raises(DataError, match="other settings"):
         learn_table(out=tmp_path / "other.json", **kw)
     assert learn_table(out=tmp_path / "other.json", fresh=True, **kw)["table"] == whole["table"]
+
+
+def test_too_few_usability_images_names_the_flag(toy_folder, tmp_path):
+    from prepdefense.errors import DataError
+
+    folder, model = toy_folder
+    with pytest.raises(DataError, match="--exclude-usability-n"):
+        learn_table(data=str(folder), out=tmp_path / "t.json", n=2, seed=1, exclude_sample_seed=0, exclude_n=0,
+                    exclude_usability_n=50, steps=2, binary_steps=1, model=model, model_name="toy-linear")

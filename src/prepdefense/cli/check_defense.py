@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
             "an entry point of the prepdefense.defenses group, or a + chain of them) and print a table: "
             "declared attributes, shape, range, dtype and device kept, input left unchanged, no global "
             "RNG, reproducible from a key / seed / generator, a batch equal to one image at a time, and "
-            "the randomized and differentiable claims true. Exit 1 when a check fails."
+            "the randomized and differentiable claims true, and two builds holding the same values (so a resumed "
+            "run is the same defense). Exit 1 when a check fails."
         ),
     )
     p.add_argument("name", metavar="NAME", help="defense to check, e.g. my_pkg.blur:Blur or fd+my_pkg.blur:Blur")

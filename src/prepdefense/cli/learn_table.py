@@ -37,16 +37,18 @@ def add_parser(subparsers) -> None:
         "learn-table",
         help="learn the quantization table (Algorithm 2) from C&W adversarial examples",
         description=(
-            "Attack N correctly classified images (disjoint from the evaluation protocol sample) "
+            "Attack N correctly classified images (disjoint from the evaluation protocol sample and from the "
+            "images 'usability' measures) "
             "with targeted C&W L2 on the model, and learn the 8x8 quantization table of Algorithm 2 "
             "from the (clean, adversarial) pairs. The paper's C&W: 5 binary-search steps, 1000 "
-            "iterations, lr 0.1 (slow on a CPU: about N x 5000 forward+backward passes)."
+            "iterations, lr 0.1 (slow on a CPU: about N x 5000 forward+backward passes). The table's metadata "
+            "records the iterations that ran (C&W's abort early can end a binary-search step early)."
         ),
     )
     p.add_argument("--data", required=True, help="image folder (labels.csv or synset sub-folders), or 'builtin'")
     p.add_argument("--out", required=True, help="JSON file to write the table and its metadata to")
     p.add_argument("--n", type=int, default=100, help="images to attack (default 100)")
-    p.add_argument("--exclude-sample-seed", type=int, default=0, help="seed of the evaluation protocol sample kept out (default 0)")
+    p.add_argument("--exclude-sample-seed", type=int, default=0, help="seed of the evaluation protocol sample and of the usability images kept out (default 0)")
     p.add_argument("--exclude-n", type=int, default=100, help="size of that evaluation sample; 0 disables the exclusion (default 100)")
     p.add_argument("--exclude-usability-n", type=int, default=200,
                    help="also keep out the images 'prepdefense usability --n N' measures clean accuracy on (same seed); "
@@ -57,8 +59,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--initial-const", type=float, default=1e-2, help="C&W starting c (default 0.01)")
     p.add_argument("--no-abort-early", dest="abort_early", action="store_false",
                    help="run every C&W iteration: without it an image whose loss stopped falling is frozen for the rest "
-                        "of a binary-search step (C&W's abort early, checked every STEPS/10 iterations), which at a "
-                        "short --steps can end a step after a few dozen iterations"),
+                        "of a binary-search step (C&W's abort early, checked every max(10, STEPS/10) iterations, the "
+                        "first check against the loss at iteration 0, where the distance term is 0), which can end a "
+                        "step at its first check")
     p.add_argument("--batch-size", type=int, default=8, help="images attacked together (default 8)")
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
@@ -122,11 +125,17 @@ def run(args) -> int:
         out = {k: v for k, v in summary.items() if k != "metadata"}
         out["image_ids"] = summary["metadata"]["image_ids"]
         out["attack_settings"] = summary["metadata"]["attack_settings"]
+        out["iterations_run"] = summary["metadata"].get("iterations_run")
         print_json(out)
         return 0
     print(f"learned table written to {summary['out']}")
     print(f"C&W success {summary['n_successful']}/{summary['n']} ({summary['success_rate']:.0%}), "
           f"mean normalised L2 {summary['mean_l2_rms']:.4f}, {summary['seconds']:.0f} s")
+    runs = summary["metadata"].get("iterations_run") or {}
+    if runs.get("mean_per_binary_step") is not None:
+        print(f"C&W iterations run per binary-search step: {runs['mean_per_binary_step']:g} on average of the "
+              f"{runs['budget_per_binary_step']} allowed" + ("" if summary["metadata"]["attack_settings"].get("abort_early") is False
+                                                            else " (abort early; --no-abort-early runs them all)"))
     for row in summary["table"]:
         print(" ".join(f"{v:6.1f}" for v in row))
     return 0

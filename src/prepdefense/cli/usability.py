@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
             "Clean accuracy of the defended model for every defense (the shipped learned table, the FD table and "
             "every other shipped table, the paper's defense also defended at 299 px, Table 4's delta sweep) on N "
             "images the bare model classifies correctly, mean and spread over R draws, beside the paper's Table 1 / "
-            "Table 4 figures. Cost: about N x R forward passes per configuration (about 24), 30 times that for "
+            "Table 4 figures. Cost: about N x R forward passes per configuration (23, one more per extra shipped table), 30 times that for "
             "the crop ensemble; tv "
             "is the slowest defense per image. N=200 and R=3 took 65 minutes on 2 CPU cores shared with other "
             "jobs (benchmarks/RESULTS.md)."

@@ -180,6 +180,10 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
     report = ContractReport(label, bool(randomized), bool(differentiable),
                             setting=f"{n} images 3x{size}x{size}, seed {seed}, {torch.device(device)}")
     r = _Runner()
+    try:  # the values as built, before any check runs the defense (a first call may fill a cache)
+        built_state: Tuple[Optional[str], Optional[str]] = (state_digest(defense), None)
+    except Exception as e:  # noqa: BLE001 - reported by the check, like any failure of the defense
+        built_state = (None, _first_line(e))
     x = contract_images(n, size, seed=seed, device=device)
     ids = [image_id(f"contract-{i}") for i in range(n)]
     key = DrawKey(seed, ids)
@@ -361,7 +365,10 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
     def state_rebuilt_equal() -> Tuple[Optional[bool], str]:
         if rebuild is None:
             return None, "not asked (no way to build it again was given)"
-        first, second = state_digest(defense), state_digest(rebuild())
+        first, error = built_state
+        if error is not None:
+            return False, f"its state cannot be read as built: {error}"
+        second = state_digest(rebuild())
         if first != second:
             return False, (f"two builds hold different values ({first} and {second}): seed what the constructor "
                            "draws, or load it from a file, so that a resumed run is the same defense")

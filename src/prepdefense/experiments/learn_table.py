@@ -84,9 +84,9 @@ def learn_table(
             0: not.
         steps, binary_steps, lr, initial_const: C&W settings (paper: 1000, 5, 0.1; c0 0.01).
         abort_early: C&W's abort early (its default): an image whose loss stopped falling is
-            frozen for the rest of a binary-search step, checked every ``steps / 10``
-            iterations, so a short ``steps`` can end a step after a few dozen iterations (the
-            metadata's ``iterations_run`` says how many ran); False runs every iteration.
+            frozen for the rest of a binary-search step, checked every ``max(10, steps / 10)``
+            iterations (first against the loss at iteration 0), so a step can end at its first
+            check (the metadata's ``iterations_run`` says how many ran); False runs every iteration.
         batch_size: images attacked together.
         model_name: classifier to attack (the default model unless told).
         model: an already built classifier (then ``model_name`` is only recorded).
@@ -120,8 +120,12 @@ def learn_table(
     if exclude_sample_seed is not None and exclude_usability_n > 0:
         from .usability import usability_sample
 
-        usability_ids = [dataset.ids[i] for i in usability_sample(model, dataset, seed=exclude_sample_seed,
-                                                                  n=exclude_usability_n, device=device)]
+        try:
+            usability_ids = [dataset.ids[i] for i in usability_sample(model, dataset, seed=exclude_sample_seed,
+                                                                      n=exclude_usability_n, device=device)]
+        except DataError as e:
+            raise DataError(f"cannot keep the usability images out: {e}; lower --exclude-usability-n "
+                            "(0 disables it)") from None
     sample = data_api.protocol_sample(model, dataset, n=n, seed=seed, device=device, exclude_ids=excluded + usability_ids)
     if set(sample.ids) & (set(excluded) | set(usability_ids)):  # protocol_sample guarantees it; a cheap guard
         raise DataError("learning images overlap the evaluation sample")
@@ -244,7 +248,8 @@ def _checkpoints(out: Path, identity: Dict[str, Any], fresh: bool) -> Path:
     if record.is_file():
         if json.loads(record.read_text(encoding="utf-8")) != json.loads(json.dumps(identity)):
             raise DataError(f"{partial} holds an unfinished learn-table run with other settings (images, targets, model "
-                            f"or C&W settings); delete it or pass --fresh to start over")
+                            f"or C&W settings); rerun with its settings to resume it (a run started before the usability "
+                            f"images were kept out: --exclude-usability-n 0), or delete it or pass --fresh to start over")
     else:
         partial.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(identity))

@@ -29,7 +29,7 @@ import torch
 from .. import seeding
 from ..defenses.quant_tables import shipped_tables
 from ..draws import DrawKey, image_id
-from ..errors import PrepDefenseError
+from ..errors import DataError
 from . import paper_numbers as P
 from .context import RunContext, predict_draws
 from .experiment import Experiment, Records, Section
@@ -119,7 +119,7 @@ def usability_sample(classifier: torch.nn.Module, dataset, *, seed: int, n: int,
     Deterministic, so ``learn-table`` can keep them out of the images it learns from.
 
     Raises:
-        PrepDefenseError: fewer than ``n`` such images.
+        DataError: fewer than ``n`` such images.
     """
     from ..data import iter_batches
 
@@ -136,8 +136,8 @@ def usability_sample(classifier: torch.nn.Module, dataset, *, seed: int, n: int,
                 right = classifier(x.to(device)).argmax(1).cpu().eq(labels).tolist()
             kept += [index_of[name] for name, ok in zip(ids, right) if ok]
     if len(kept) < n:
-        raise PrepDefenseError(f"usability needs {n} images the bare model classifies correctly; the image source "
-                               f"has only {len(kept)} of {len(order)} (lower --n, or give a larger folder)")
+        raise DataError(f"usability needs {n} images the bare model classifies correctly; the image source has only "
+                        f"{len(kept)} of {len(order)} (ask for fewer, or give a larger folder)")
     return kept[:n]
 
 
