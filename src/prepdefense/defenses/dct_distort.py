@@ -17,7 +17,7 @@ from ..draws import Params
 from .dct_quant import DCTQuantize
 from .grid_distort import GridDistort, index_maps
 from .kernels.dct_quant import compute_dtype, quantize_and_read
-from .quant_tables import TableSpec, canonical_table_spec
+from .quant_tables import TableSpec
 
 __all__ = ["DCTDistort"]
 
@@ -45,9 +45,7 @@ class DCTDistort(Defense):
         self.quantize = DCTQuantize(table=table)
         self.distort = GridDistort(delta=delta, cells=cells)
 
-    @classmethod
-    def canonical_params(cls, params):
-        return {k: canonical_table_spec(v) if k == "table" else v for k, v in params.items()}
+    canonical_params = DCTQuantize.canonical_params  # the same table names, folded the same way
 
     @property
     def table_source(self) -> str:
