@@ -380,9 +380,10 @@ def _ids_in(check: Dict[str, Any], ids: Sequence[str]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the card, the report, the files
 # ---------------------------------------------------------------------------------------------
-def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
+def defense_info(defended: nn.Module, name: str, state_digest: Optional[str] = None) -> Dict[str, Any]:
     """The defense's name, constructor parameters (built-in parts: those in the name's
-    brackets, else their defaults as used), description (repr) and kind."""
+    brackets, else their defaults as used), description (repr), kind and ``state_digest``
+    (the run identity's ``defense_state``, computed once by the caller)."""
     defense = getattr(defended, "defense", None)
     params: Dict[str, Any] = {}
     parts = defenses.split_chain(str(name))
@@ -408,7 +409,7 @@ def defense_info(defended: nn.Module, name: str) -> Dict[str, Any]:
         "differentiable": bool(getattr(defense, "differentiable", True)) if defense is not None else True,
         "defend_at": to_jsonable(getattr(defended, "defend_at", None)),
         # the values behind the name (its quantization table), as the run's identity records them
-        "state_digest": defenses.state_digest(defense) if defense is not None else None,
+        "state_digest": state_digest,
     }
 
 
@@ -771,7 +772,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         data = {"source": str(config.data), "sample": to_jsonable(sample.info), "ids": ids}
         files = {"card": FILES["card"], "report": FILES["report"], "curve": FILES["curve"], "examples": FILES["examples"]} if tmp is None \
             else {"card": None, "report": None, "curve": None, "examples": None}
-        card = build_card(result, model=model_info, defense=defense_info(defended, config.defense), data=data, seed=config.seed,
+        card = build_card(result, model=model_info, defense=defense_info(defended, config.defense, state), data=data, seed=config.seed,
                           metadata=metadata, files=files, image_shape=list(x.shape[1:]))
         if config.defend_at is not None:
             card["notes"].append(
