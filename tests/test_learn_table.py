@@ -98,6 +98,9 @@ def test_cli_parser_has_the_documented_options():
          "--exclude-n", "10", "--steps", "7", "--binary-steps", "2", "--seed", "4", "--device", "cpu", "--json"])
     assert (args.n, args.exclude_sample_seed, args.exclude_n, args.steps, args.binary_steps, args.seed) == (5, 3, 10, 7, 2, 4)
     assert args.json and args.device == "cpu"
+    # the C&W flag also under the name `attack --attack cw` gives it
+    alias = build_parser().parse_args(["learn-table", "--data", "d", "--out", "o.json", "--binary-search-steps", "3"])
+    assert alias.binary_steps == 3
 
 
 def test_shipped_table_records_its_provenance():

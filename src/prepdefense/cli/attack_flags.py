@@ -53,7 +53,16 @@ DESCRIPTIONS = {
     "step_size": "absolute step (linf: per pixel; l2: RMS length); overrides --rel-stepsize",
     "rel_stepsize": "step as a fraction of the radius",
     "random_start": "start from a uniform draw in the ball",
-    "momentum": "MI-FGSM decay of the L1-normalised gradient accumulator",
+    "momentum": (
+        "mi-fgsm: decay of the L1-normalised gradient accumulator; apgd, apgd-ce, apgd-dlr: weight of the new "
+        "step against the previous move"
+    ),
+    "rho": "APGD: oscillation threshold of the step-size check (halve the step when fewer steps improved)",
+    "p_init": "Square: initial fraction of pixels changed per iteration",
+    "queries": "gradient-free attacks: loss evaluations per image",
+    "samples": "SPSA: random directions per step, each costing two queries",
+    "delta": "SPSA: finite-difference size, in pixel units",
+    "query_batch": "SPSA: images per model call while estimating (memory only)",
     "loss": "objective: " + " or ".join(LOSSES),
     "losses": "comma-separated objectives, one restart each (" + ", ".join(LOSSES) + ")",
     "kappa": "confidence of the margin (C&W) loss",

@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
                    help="also keep out the images 'prepdefense usability --n N' measures clean accuracy on (same seed); "
                         "0 disables it (default 200, usability's default)")
     p.add_argument("--steps", type=int, default=1000, help="C&W iterations per binary-search step (default 1000)")
-    p.add_argument("--binary-steps", type=int, default=5, help="C&W binary-search steps over c (default 5)")
+    p.add_argument("--binary-steps", "--binary-search-steps", dest="binary_steps", type=int, default=5,
+                   help="C&W binary-search steps over c (default 5; 'attack --attack cw' calls it --binary-search-steps)")
     p.add_argument("--lr", type=float, default=0.1, help="C&W Adam learning rate (default 0.1, the paper's)")
     p.add_argument("--initial-const", type=float, default=1e-2, help="C&W starting c (default 0.01)")
     p.add_argument("--no-abort-early", dest="abort_early", action="store_false",
