@@ -113,6 +113,8 @@ def test_shipped_table_records_its_provenance():
     for key in ("model", "image_ids", "attack_settings", "seed", "success_rate", "run"):
         assert key in meta
     assert not set(meta["image_ids"]) & set(meta["excluded_evaluation_sample"]["ids"])
+    # a table learned since the usability images were kept out records them too (issue 15, item 1)
+    assert not set(meta["image_ids"]) & set(meta.get("excluded_usability_sample", {}).get("ids", []))
 
 
 def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path, monkeypatch):
@@ -153,6 +155,10 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
     assert all(len(b) == 1 and 1 <= b[0] <= 20 for b in runs["per_batch_and_binary_step"])
     assert resumed["metadata"]["iterations_run"] == runs
     assert resumed["metadata"]["const_of_best"] == whole["metadata"]["const_of_best"]
+    # the attack's time per batch, whichever invocation ran it, and their sum
+    timing = resumed["metadata"]["attack_seconds"]
+    assert len(timing["per_batch"]) == 2 and all(t is not None and t >= 0 for t in timing["per_batch"])
+    assert timing["total"] == pytest.approx(sum(timing["per_batch"]), abs=0.11)
     # without abort early every iteration runs (and the checkpoints of the other setting are not reused)
     full = learn_table(out=tmp_path / "full.json", abort_early=False, **kw)
     assert full["metadata"]["iterations_run"]["per_batch_and_binary_step"] == [[20], [20]]
@@ -165,12 +171,14 @@ def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path
         learn_table(out=old, **kw)
     (part,) = (tmp_path / "old.json.partial").glob("batch-*.pt")
     saved = torch.load(part, weights_only=True)
-    torch.save({k: v for k, v in saved.items() if k not in ("const", "iterations")}, part)
+    torch.save({k: v for k, v in saved.items() if k not in ("const", "iterations", "seconds")}, part)
     monkeypatch.setattr(carlini_wagner.CarliniWagnerL2, "run", real_run)
     resumed_old = learn_table(out=old, **kw)
     assert resumed_old["table"] == whole["table"]
     assert resumed_old["metadata"]["iterations_run"]["per_batch_and_binary_step"][0] is None
     assert resumed_old["metadata"]["const_of_best"][:2] == [None, None]
+    assert resumed_old["metadata"]["attack_seconds"]["per_batch"][0] is None
+    assert resumed_old["metadata"]["attack_seconds"]["total"] is None
     assert not (tmp_path / "resumed.json.partial").exists()
     # a checkpoint folder from other settings is refused, and --fresh clears it
     (tmp_path / "other.json.partial").mkdir()

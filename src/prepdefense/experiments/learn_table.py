@@ -137,6 +137,7 @@ def learn_table(
     l2_rms = torch.full((n,), math.inf)
     const = torch.full((n,), math.nan, dtype=torch.float64)
     iterations: List[Optional[List[int]]] = []  # per batch: iterations run in each binary-search step
+    batch_seconds: List[Optional[float]] = []  # per batch: the attack's wall time, whichever invocation ran it
     identity = {"model": model_name, "weights_sha256": _weights_digest(model), "image_ids": list(sample.ids),
                 "targets": sample.targets.tolist(),
                 "attack": attack.hyperparameters(), "size": size, "batch_size": int(batch_size)}
@@ -149,9 +150,11 @@ def learn_table(
             saved = torch.load(part, map_location="cpu", weights_only=True)
             resumed += sl.stop - sl.start
         else:
+            batch_started = time.time()
             res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
             saved = {"adversarial": res.adversarial.cpu(), "success": res.success.cpu(), "l2_rms": res.info["l2_rms"].float().cpu(),
-                     "const": res.info["const"].double().cpu(), "iterations": torch.tensor(res.info["iterations"], dtype=torch.int64)}
+                     "const": res.info["const"].double().cpu(), "iterations": torch.tensor(res.info["iterations"], dtype=torch.int64),
+                     "seconds": torch.tensor(time.time() - batch_started, dtype=torch.float64)}
             atomic_write_with(part, lambda fh: torch.save(saved, fh))
         adversarial[sl] = saved["adversarial"]
         success[sl] = saved["success"]
@@ -159,6 +162,7 @@ def learn_table(
         if "const" in saved:  # checkpoints written before these were kept have neither
             const[sl] = saved["const"]
         iterations.append(saved["iterations"].tolist() if "iterations" in saved else None)
+        batch_seconds.append(float(saved["seconds"]) if "seconds" in saved else None)
         if on_batch is not None:
             on_batch(sl.stop, n)
 
@@ -200,7 +204,11 @@ def learn_table(
             "ids": usability_ids,
         },
         "counts": counts.tolist(),
+        # this invocation's wall time; a resumed run's attack time is spread over invocations:
+        # ``attack_seconds`` sums every batch's (None for a batch checkpointed before they were kept)
         "seconds": round(seconds, 1),
+        "attack_seconds": {"per_batch": [None if t is None else round(t, 1) for t in batch_seconds],
+                           "total": None if None in batch_seconds else round(sum(batch_seconds), 1)},
         "note": note,
         "resumed_images": resumed,
         "run": collect_metadata(device),
