@@ -57,9 +57,12 @@ DESCRIPTIONS = {
         "mi-fgsm: decay of the L1-normalised gradient accumulator; apgd, apgd-ce, apgd-dlr: weight of the new "
         "step against the previous move"
     ),
-    "rho": "APGD: oscillation threshold of the step-size check (halve the step when fewer steps improved)",
+    "rho": (
+        "APGD: halve the step at a checkpoint when fewer than this fraction of the steps since the last "
+        "checkpoint raised the loss"
+    ),
     "p_init": "Square: initial fraction of pixels changed per iteration",
-    "queries": "gradient-free attacks: loss evaluations per image",
+    "queries": "gradient-free attacks: loss evaluations per image (spsa: the query budget, overriding --steps)",
     "samples": "SPSA: random directions per step, each costing two queries",
     "delta": "SPSA: finite-difference size, in pixel units",
     "query_batch": "SPSA: images per model call while estimating (memory only)",
@@ -69,7 +72,7 @@ DESCRIPTIONS = {
     "keep_best": "return each image's best successful iterate instead of the last",
     "restarts": "restarts in all, cycling through --losses (default: one per loss)",
     "step_fraction": "initial step as a fraction of the radius (cosine-decayed to 1% of it)",
-    "lr": "step size (bpda: on the raw gradient; cw: Adam's learning rate)",
+    "lr": "step size (bpda: on the raw gradient; cw, spsa: Adam's learning rate)",
     "until_bound": "bpda/bpda-eot: continue past --steps until every image stops (success or l2 bound)",
     "max_rounds": "cap on the rounds of --until-bound",
     "binary_search_steps": "binary-search steps over the constant c",

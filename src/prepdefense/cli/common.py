@@ -28,7 +28,8 @@ DEFENSE_HELP = ("defense: " + ", ".join(defenses.names()) + "; parameters in bra
 __all__ = ["DEFENSE_HELP", "check_shard", "add_defend_at_option", "check_defend_at", "UsageError", "resolve_device", "build_model", "build_defended", "progress", "print_json",
            "add_common_data_args", "one_line_skip_warnings", "check_at_least", "check_number", "check_seed",
            "check_data", "check_model", "check_defense", "check_out_folder", "check_out_file", "check_common",
-           "add_model_options", "check_model_options", "model_options", "MAX_SEED"]
+           "add_model_options", "check_model_options", "model_options", "MAX_SEED", "MODEL_HELP", "MODEL_HELP_DECLARED",
+           "WEIGHTS_HELP"]
 
 
 def progress(iterable: Iterable, *, total: Optional[int] = None, desc: str = "", enabled: bool = True, unit: str = "it"):
@@ -66,6 +67,9 @@ def add_common_data_args(p, *, default_limit: Optional[int] = None) -> None:
 
 MODEL_HELP = ("classifier: a built-in name (default: efficientnet-lite0), torchscript:PATH, package.module:callable "
               "(returning an nn.Module), torchvision:ARCH or timm:ARCH (with --weights FILE)")
+#: ``--model`` of the commands without :func:`add_model_options` (``reproduce``, ``usability``, ``demo``).
+MODEL_HELP_DECLARED = (MODEL_HELP + "; a model of yours must declare its input_size and num_classes itself (this "
+                       "command has no --input-size, --num-classes, --mean or --std)")
 WEIGHTS_HELP = "local weights file (a state dict) for the model: built-in, torchvision:, timm: or package.module:callable (nothing downloads)"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..experiments.demo import default_defense_name, run_demo
 from ..experiments.demo_verdict import summary as verdict_summary
-from .common import check_at_least, check_defense, check_model, check_out_folder, check_seed
+from .common import MODEL_HELP_DECLARED, WEIGHTS_HELP, check_at_least, check_defense, check_model, check_out_folder, check_seed
 from .common import build_model, one_line_skip_warnings, print_json, resolve_device
 
 
@@ -29,8 +29,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--defense", default=None, help="defense name (default: dct-distort if registered, else none)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier name (default: efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="local weights file for torchvision models")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP_DECLARED)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--rounds", type=int, default=20, help="BPDA+EOT rounds of the demo attack (0 skips the attack; default 20)")

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
             "records the iterations that ran (C&W's abort early can end a binary-search step early)."
         ),
     )
-    p.add_argument("--data", required=True, help="image folder (labels.csv or synset sub-folders), or 'builtin'")
+    p.add_argument("--data", required=True, help="image folder (labels.csv or synset sub-folders); 'builtin' has only 4 "
+                                                 "images, too few once the evaluation and usability images are kept out")
     p.add_argument("--out", required=True, help="JSON file to write the table and its metadata to")
     p.add_argument("--n", type=int, default=100, help="images to attack (default 100)")
     p.add_argument("--exclude-sample-seed", type=int, default=0, help="seed of the evaluation protocol sample and of the usability images kept out (default 0)")
@@ -127,11 +128,15 @@ def run(args) -> int:
         out["image_ids"] = summary["metadata"]["image_ids"]
         out["attack_settings"] = summary["metadata"]["attack_settings"]
         out["iterations_run"] = summary["metadata"].get("iterations_run")
+        out["attack_seconds"] = summary["metadata"].get("attack_seconds")
         print_json(out)
         return 0
     print(f"learned table written to {summary['out']}")
     print(f"C&W success {summary['n_successful']}/{summary['n']} ({summary['success_rate']:.0%}), "
-          f"mean normalised L2 {summary['mean_l2_rms']:.4f}, {summary['seconds']:.0f} s")
+          f"mean normalised L2 {summary['mean_l2_rms']:.4f}, {summary['seconds']:.0f} s in this run")
+    total = (summary["metadata"].get("attack_seconds") or {}).get("total")
+    if total is not None and summary["metadata"].get("resumed_images"):
+        print(f"C&W time over every batch, resumed ones included: {total:.0f} s")
     runs = summary["metadata"].get("iterations_run") or {}
     if runs.get("mean_per_binary_step") is not None:
         print(f"C&W iterations run per binary-search step: {runs['mean_per_binary_step']:g} on average of the "

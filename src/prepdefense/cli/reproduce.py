@@ -22,7 +22,7 @@ from pathlib import Path
 from ..experiments import registry
 from ..experiments import units as U
 from ..experiments.executors import EXECUTORS, RAY_EXTRA_HINT
-from .common import (UsageError, check_data, check_model, check_out_folder, check_seed, check_shard, one_line_skip_warnings,
+from .common import (MODEL_HELP_DECLARED, WEIGHTS_HELP, UsageError, check_data, check_model, check_out_folder, check_seed, check_shard, one_line_skip_warnings,
                      resolve_device)
 
 
@@ -41,8 +41,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (report.md, results/, tables/, figures/)")
     p.add_argument("--preset", default="quick", choices=sorted(U.PRESETS),
                    help="paper: the paper's sizes (100 images, 50 rounds, EOT 30, ...); quick: ~20 min on 2 CPU cores; smoke: tiny (tests)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier name (default: efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="local weights file for torchvision models (nothing downloads)")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP_DECLARED)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out and start over")

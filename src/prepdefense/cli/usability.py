@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 from ..experiments import units as U
-from .common import (UsageError, check_at_least, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
+from .common import (MODEL_HELP_DECLARED, WEIGHTS_HELP, UsageError, check_at_least, check_data, check_model, check_out_folder, check_seed, one_line_skip_warnings,
                      print_json, resolve_device)
 
 __all__ = ["add_parser", "run"]
@@ -39,8 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (report.md, tables/usability.csv; resumable)")
     p.add_argument("--n", type=int, default=200, help="protocol images (correctly classified by the bare model; default 200)")
     p.add_argument("--draws", type=int, default=3, help="draws per random defense (default 3)")
-    p.add_argument("--model", default="efficientnet-lite0", help="classifier name (default: efficientnet-lite0)")
-    p.add_argument("--weights", default=None, help="local weights file for torchvision/timm models (nothing downloads)")
+    p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP_DECLARED)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed: image order and draws (default 0)")
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out and start over")

@@ -2,8 +2,9 @@
 
 Step 1 is :class:`~prepdefense.defenses.dct_quant.DCTQuantize` (8x8 DCT quantization with
 a table ``Q``), Step 2 is :class:`~prepdefense.defenses.grid_distort.GridDistort`
-(Algorithm 3). PROTOCOL.md "The defense g(x)": defaults ``table='default'`` (the learned
-table once shipped, else the FD table, and the repr says which), ``delta=0.15``,
+(Algorithm 3). PROTOCOL.md "The defense g(x)": defaults ``table='default'`` (the shipped
+learned table, ``tables/learned.json``; the FD table if it is missing, and the repr says which),
+``delta=0.15``,
 ``cells=10``; all switchable.
 """
 

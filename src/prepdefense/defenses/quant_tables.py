@@ -3,7 +3,8 @@
 Paper Section 5.2 and Algorithm 2; PROTOCOL.md "The defense g(x)":
 
 - ``FD_TABLE``: the Feature Distillation table of the paper's released code (all 30,
-  top-left 4x4 = 25), used by ``fd`` and, until a learned table ships, by ``dct-distort``.
+  top-left 4x4 = 25), used by ``fd``, and by ``dct-distort`` only when no learned table is
+  installed (the package ships one, ``tables/learned.json``).
 - ``JPEG_LUMA_Q50``: the standard JPEG luminance table at quality 50 (ITU T.81 Annex K;
   equal to what Pillow's libjpeg writes at ``quality=50``).
 - :func:`learn_quantization_table`: Algorithm 2. For every 8x8 block of every channel of

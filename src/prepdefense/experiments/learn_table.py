@@ -137,7 +137,7 @@ def learn_table(
     l2_rms = torch.full((n,), math.inf)
     const = torch.full((n,), math.nan, dtype=torch.float64)
     iterations: List[Optional[List[int]]] = []  # per batch: iterations run in each binary-search step
-    batch_seconds: List[Optional[float]] = []  # per batch: the attack's wall time, whichever invocation ran it
+    batch_seconds: List[Optional[float]] = []  # per batch: the attack's wall time, whichever invocation completed it
     identity = {"model": model_name, "weights_sha256": _weights_digest(model), "image_ids": list(sample.ids),
                 "targets": sample.targets.tolist(),
                 "attack": attack.hyperparameters(), "size": size, "batch_size": int(batch_size)}
@@ -150,11 +150,11 @@ def learn_table(
             saved = torch.load(part, map_location="cpu", weights_only=True)
             resumed += sl.stop - sl.start
         else:
-            batch_started = time.time()
+            batch_started = time.perf_counter()
             res = attack(model, sample.x[sl].to(device), labels=sample.labels[sl].to(device), targets=sample.targets[sl].to(device))
             saved = {"adversarial": res.adversarial.cpu(), "success": res.success.cpu(), "l2_rms": res.info["l2_rms"].float().cpu(),
                      "const": res.info["const"].double().cpu(), "iterations": torch.tensor(res.info["iterations"], dtype=torch.int64),
-                     "seconds": torch.tensor(time.time() - batch_started, dtype=torch.float64)}
+                     "seconds": torch.tensor(time.perf_counter() - batch_started, dtype=torch.float64)}
             atomic_write_with(part, lambda fh: torch.save(saved, fh))
         adversarial[sl] = saved["adversarial"]
         success[sl] = saved["success"]
@@ -205,7 +205,8 @@ def learn_table(
         },
         "counts": counts.tolist(),
         # this invocation's wall time; a resumed run's attack time is spread over invocations:
-        # ``attack_seconds`` sums every batch's (None for a batch checkpointed before they were kept)
+        # ``attack_seconds`` sums every completed batch's (None for a batch checkpointed before they
+        # were kept); the time of a batch killed part-way is not counted
         "seconds": round(seconds, 1),
         "attack_seconds": {"per_batch": [None if t is None else round(t, 1) for t in batch_seconds],
                            "total": None if None in batch_seconds else round(sum(batch_seconds), 1)},
