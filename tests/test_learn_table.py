@@ -116,6 +116,10 @@ def test_shipped_table_records_its_provenance():
     # the shipped table was learned with usability's 200 images kept out too (issue 15, item 1)
     usability = meta["excluded_usability_sample"]
     assert usability["n"] == len(usability["ids"]) == 200 and not set(meta["image_ids"]) & set(usability["ids"])
+    # ... at issue 15's budget: >= 100 images, C&W >= 5 binary-search steps x >= 200 iterations, all of them run
+    settings = meta["attack_settings"]
+    assert meta["n_images"] >= 100 and settings["binary_search_steps"] >= 5 and settings["steps"] >= 200
+    assert settings["abort_early"] is False and meta["iterations_run"]["mean_per_binary_step"] == settings["steps"]
 
 
 def test_learn_table_resumes_a_killed_run_to_the_same_table(toy_folder, tmp_path, monkeypatch):
