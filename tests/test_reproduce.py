@@ -416,3 +416,33 @@ def test_registry_refuses_a_taken_name(toy_experiment):
         registry.register(toy_experiment.EXPERIMENT)
     with pytest.raises(ValueError, match="unknown experiment"):
         registry.parse_only("toy,tabel1")
+
+
+def test_fig4_runs_the_papers_bpda_and_a_stagewise_variant_on_our_defense(tmp_path, image_folder):
+    """Issue 15: Fig. 4's BPDA is the paper's (the identity over the whole of a non-differentiable
+    defense, PROTOCOL.md), and the stronger stage-wise gradient of our defense (identity through
+    the rounding only, the real gradient of the grid distortion) runs and is reported beside it."""
+    from prepdefense import defenses
+    from prepdefense.defenses import Defended
+    from prepdefense.experiments import fig4
+
+    bare = TinyClassifier()
+    assert fig4.paper_approx(Defended(defenses.create(U.OUR_DEFENSE), bare)) == "identity"
+    assert fig4.paper_approx(Defended(defenses.create("jpeg"), bare)) == "identity"
+    assert fig4.paper_approx(Defended(defenses.create("rand"), bare)) is None  # differentiable: its real gradient
+    plan = fig4.plan(U.PRESETS["smoke"], {"fig4"})
+    stagewise = [u for u in plan if u.variant == fig4.STAGEWISE]
+    assert stagewise and {u.defense for u in stagewise} == {U.OUR_DEFENSE}
+    assert {(u.attack, u.shard) for u in stagewise} == {(u.attack, u.shard) for u in plan if u.defense == U.OUR_DEFENSE and not u.variant}
+
+    out = tmp_path / "out"
+    _run(out, image_folder, only=["fig4"], overrides={**SMALL, "fig4_bpda_defenses": (U.OUR_DEFENSE,), "fig4_eot_defenses": ()})
+    units = [u for u in ResultStore(out).units("fig4") if u["status"] == "ok"]
+    gradients = {u["key"].get("variant") or "": u["summary"]["gradient"] for u in units}
+    assert gradients == {"": "identity", fig4.STAGEWISE: None}
+    text = (out / "report.md").read_text()
+    assert "BPDA (stage-wise: real gradient of the grid distortion)" in text
+    # the two variants' records differ (the stage-wise gradient moves the images elsewhere)
+    recs = ResultStore(out).records("fig4")
+    by_variant = {v: [r["l2"] for r in recs if (r.get("variant") or "") == v] for v in ("", fig4.STAGEWISE)}
+    assert by_variant[""] and by_variant[fig4.STAGEWISE] and by_variant[""] != by_variant[fig4.STAGEWISE]

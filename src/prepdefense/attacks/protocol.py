@@ -8,7 +8,11 @@ Per round, for every image still running::
 with the *raw* gradient (no sign, no normalisation: the paper's "learning rate of BPDA is
 0.1", Section 6.1, applied to the gradient as it is) of the per-image cross-entropy (summed over
 the batch, so batch size never changes a step), ``lr = 0.1``, and the gradient of ``g`` taken
-through BPDA (identity for non-differentiable defenses, see :class:`~.bpda.BPDA`). For
+through BPDA (:class:`~.bpda.BPDA`). ``approx=None`` is BPDA's own default, stage-wise for a
+defense made of stages (``dct-distort``: the identity through the rounding, the real gradient of
+the grid distortion), stronger than the paper; :func:`paper_approx` gives the paper's, the
+identity over the whole of a non-differentiable defense, which ``reproduce``'s Fig. 4 and the
+demo use. For
 ``bpda-eot`` the gradient is the average of the gradients of 30 independent draws of ``g``
 per round (the mean over draws of the per-draw cross-entropy, differentiated).
 
@@ -52,7 +56,7 @@ from .bpda import with_bpda
 from .eot import expectation_gradient
 from .verdict import merge_histories, round_record
 
-__all__ = ["ProtocolBPDA", "merge_histories"]
+__all__ = ["ProtocolBPDA", "merge_histories", "paper_approx"]
 
 
 class ProtocolBPDA(Attack):
@@ -206,3 +210,13 @@ class ProtocolBPDA(Attack):
 
 register("bpda", help="BPDA, paper protocol (Section 6.2): raw-gradient steps lr 0.1, stop at success or the l2 bound", fixed={"eot": 1})(ProtocolBPDA)
 register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, gradient averaged over 30 draws")(partial(ProtocolBPDA, eot=30))
+
+
+def paper_approx(model: nn.Module) -> Optional[str]:
+    """The paper's BPDA for the deployed ``model`` (PROTOCOL.md "BPDA, paper protocol": forward
+    through ``g``, backward as the identity): ``"identity"`` over the whole defense when it is
+    not differentiable as a whole (``dct-distort``: the rounding and the grid distortion alike),
+    ``None`` (its real gradient) when it is (``rand``, ``crop``, whose output size differs from
+    the input's, so an identity would not even have the right shape)."""
+    defense = getattr(model, "defense", None)
+    return None if defense is None or getattr(defense, "differentiable", False) else "identity"

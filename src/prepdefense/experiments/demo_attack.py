@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import attacks, data
+from ..attacks.protocol import paper_approx
 from ..attacks.verdict import evaluate_on_draws
 from ..defenses import Defended
 from ..metrics import l2_rms
@@ -69,7 +70,7 @@ def attack_builtin(
     x, labels, targets = x.to(device), labels.to(device), targets.to(device)
     out: Dict[str, DemoAttackResult] = {}
     for name, victim, n_eot in (("bare", model, 1), (defense_name, Defended(defense, model), eot)):
-        attack = attacks.create("bpda-eot", rounds=rounds, eot=n_eot)
+        attack = attacks.create("bpda-eot", rounds=rounds, eot=n_eot, approx=paper_approx(victim))  # the paper's gradient
         res = attack(victim, x, labels=labels, targets=targets, generator=make_generator(child_seed(root)))
         verdict = evaluate_on_draws(victim, res.adversarial, labels, targets, draws=draws, key=make_generator(child_seed(root)))
         verdict = {k: v for k, v in verdict.items() if not isinstance(v, torch.Tensor)}

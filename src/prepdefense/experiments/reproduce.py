@@ -164,7 +164,10 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
     # one must not resume a run made with the old one.
     ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
              "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS,
-             "default_table": table_digest(default_table()[0])}
+             "default_table": table_digest(default_table()[0]),
+             # Fig. 4's gradient: the paper's identity over a non-differentiable defense, and a
+             # stage-wise variant (runs before this key differentiated our defense stage-wise as "bpda")
+             "fig4_gradient": "paper-identity+stagewise-variant"}
     files = {}  # a table file named in a preset's defense (an override from the API): its contents
     for key, names in preset.as_dict().items():
         if key.endswith("_defenses") and isinstance(names, (list, tuple)):
