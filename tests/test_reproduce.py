@@ -430,6 +430,9 @@ def test_fig4_runs_the_papers_bpda_and_a_stagewise_variant_on_our_defense(tmp_pa
     assert fig4.paper_approx(Defended(defenses.create(U.OUR_DEFENSE), bare)) == "identity"
     assert fig4.paper_approx(Defended(defenses.create("jpeg"), bare)) == "identity"
     assert fig4.paper_approx(Defended(defenses.create("rand"), bare)) is None  # differentiable: its real gradient
+    # Table 6's chains with rand change the size: stage by stage (an identity would have the wrong shape)
+    assert fig4.paper_approx(Defended(defenses.create("fd+rand"), bare)) is None
+    assert fig4.paper_approx(Defended(defenses.create("dct-quant+rand"), bare)) is None
     plan = fig4.plan(U.PRESETS["smoke"], {"fig4"})
     stagewise = [u for u in plan if u.variant == fig4.STAGEWISE]
     assert stagewise and {u.defense for u in stagewise} == {U.OUR_DEFENSE}
@@ -446,3 +449,13 @@ def test_fig4_runs_the_papers_bpda_and_a_stagewise_variant_on_our_defense(tmp_pa
     recs = ResultStore(out).records("fig4")
     by_variant = {v: [r["l2"] for r in recs if (r.get("variant") or "") == v] for v in ("", fig4.STAGEWISE)}
     assert by_variant[""] and by_variant[fig4.STAGEWISE] and by_variant[""] != by_variant[fig4.STAGEWISE]
+
+
+def test_table6_runs_every_combination_with_the_papers_gradient(tmp_path, image_folder):
+    """Table 6's BPDA on every combination of the preset, those with rand (size-changing) included."""
+    out = tmp_path / "t6"
+    _run(out, image_folder, only=["table6"], overrides={**SMALL, "table6_rounds": 1})
+    units = ResultStore(out).units("table6")
+    assert units and all(u["status"] == "ok" for u in units), [(u["key"], u.get("error")) for u in units if u["status"] != "ok"]
+    gradient = {u["key"]["defense"]: u["summary"]["gradient"] for u in units}
+    assert gradient.get("fd+rand", None) is None and gradient.get(U.OUR_DEFENSE, "identity") == "identity"

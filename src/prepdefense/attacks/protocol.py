@@ -215,8 +215,11 @@ register("bpda-eot", help="BPDA+EOT, paper protocol (Section 6.3): as bpda, grad
 def paper_approx(model: nn.Module) -> Optional[str]:
     """The paper's BPDA for the deployed ``model`` (PROTOCOL.md "BPDA, paper protocol": forward
     through ``g``, backward as the identity): ``"identity"`` over the whole defense when it is
-    not differentiable as a whole (``dct-distort``: the rounding and the grid distortion alike),
-    ``None`` (its real gradient) when it is (``rand``, ``crop``, whose output size differs from
-    the input's, so an identity would not even have the right shape)."""
+    not differentiable as a whole (``dct-distort``: the rounding and the grid distortion alike);
+    ``None`` (BPDA's own default: the real gradient, stage by stage) when it is differentiable
+    (``rand``, ``crop``) or changes the image's size (a chain such as ``fd+rand``), where an
+    identity would not have the output's shape."""
     defense = getattr(model, "defense", None)
-    return None if defense is None or getattr(defense, "differentiable", False) else "identity"
+    if defense is None or getattr(defense, "differentiable", False) or getattr(defense, "changes_size", False):
+        return None
+    return "identity"

@@ -165,9 +165,10 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
     ident = {"data": data_id, "model": config.model, "weights": config.weights, "seed": int(config.seed),
              "preset": preset.name, "preset_sizes": preset.as_dict(), "draw_scheme": DRAW_SCHEME, "unit_draws": UNIT_DRAWS,
              "default_table": table_digest(default_table()[0]),
-             # Fig. 4's gradient: the paper's identity over a non-differentiable defense, and a
-             # stage-wise variant (runs before this key differentiated our defense stage-wise as "bpda")
-             "fig4_gradient": "paper-identity+stagewise-variant"}
+             # the protocol attacks' gradient (Fig. 4, Table 6, the demo pipeline): the paper's identity
+             # over a non-differentiable defense, and Fig. 4's stage-wise variant beside it (runs before
+             # this key differentiated dct-distort stage-wise as "bpda")
+             "bpda_gradient": "paper-identity+stagewise-variant"}
     files = {}  # a table file named in a preset's defense (an override from the API): its contents
     for key, names in preset.as_dict().items():
         if key.endswith("_defenses") and isinstance(names, (list, tuple)):

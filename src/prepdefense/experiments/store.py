@@ -144,6 +144,9 @@ IDENTITY_HINTS = {
                      "made with: the shipped learned table has changed since, or the run predates recording them",
     "default_table": "the paper's defense's default table (the shipped learned one) is not the one this run was "
                      "made with: it has changed since, or the run predates recording it",
+    "bpda_gradient": "the protocol attacks (Fig. 4, Table 6) now take the paper's gradient, the identity over the "
+                     "whole of a non-differentiable defense, with a stage-wise variant of Fig. 4 beside it; this run "
+                     "predates that (its 'bpda' rows differentiated dct-distort stage-wise): rerun into a new --out",
 }
 
 

@@ -10,7 +10,7 @@ from typing import AbstractSet, List
 from . import paper_numbers as P
 from .context import RunContext
 from .experiment import Experiment, Records, Section
-from .fig4 import protocol_attack
+from .fig4 import PAPER, protocol_attack
 from .reporting import ReportContext, defense_label, fmt, md_table, merge_histories, write_csv
 from .units import Preset, Unit
 
@@ -24,9 +24,11 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
 
 
 def run(ctx: RunContext, unit: Unit) -> Records:
-    """BPDA for the preset's Table 6 rounds."""
+    """BPDA for the preset's Table 6 rounds, with the paper's gradient (:func:`~prepdefense.attacks.protocol.paper_approx`:
+    the identity over a non-differentiable combination that keeps the image's size, stage by stage
+    for one with ``rand``)."""
     p = ctx.preset
-    return protocol_attack(ctx, unit, rounds=p.table6_rounds, max_rounds=p.table6_rounds, eot=p.eot)
+    return protocol_attack(ctx, unit, rounds=p.table6_rounds, max_rounds=p.table6_rounds, eot=p.eot, approx=PAPER)
 
 
 def report_table6(rep: ReportContext) -> str:
