@@ -281,3 +281,16 @@ def test_pixels_from_planes_per_image_equals_batched_and_reference(shape):
         for i in range(n):
             read_rows_then_columns(planes[i].reshape(c, -1, wb), runs[i], columns[i], line, out[i].view(c * h, w))
         assert torch.equal(out, expected)
+
+
+def test_plane_indices_are_int32_while_they_fit_and_int64_beyond():
+    """The padding and read indices are ``int32`` (``index_select`` is faster with them) as long
+    as every offset fits, and ``int64`` past ``2**31 - 1``, so a huge image is never read
+    through a wrapped-around offset."""
+    from prepdefense.defenses.kernels.planes import index_dtype, pad_plane_index, row_then_column_indices
+
+    assert index_dtype(2**31 - 1) == torch.int32
+    assert index_dtype(2**31) == torch.int64
+    assert pad_plane_index(17, 23).dtype == torch.int32
+    runs, columns = row_then_column_indices(torch.arange(17)[None], torch.arange(23)[None], 3, 3)
+    assert runs.dtype == columns.dtype == torch.int32

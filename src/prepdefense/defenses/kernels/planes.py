@@ -25,6 +25,7 @@ __all__ = [
     "from_planes",
     "pad_plane_index",
     "plane_offsets",
+    "index_dtype",
     "row_then_column_indices",
     "row_buffer",
     "read_rows_then_columns",
@@ -64,7 +65,9 @@ def pad_plane_index(h: int, w: int, device=None) -> torch.Tensor:
     ``image.reshape(-1, h * w).index_select(1, index)`` is
     ``to_planes(pad_to_blocks(image)[0])`` flattened per channel: padding and the change of
     layout in one copy. Reflection, or replication when a pad is not smaller than its side,
-    as ``block_dct.pad_to_blocks``. Cached per size and device.
+    as ``block_dct.pad_to_blocks``. Cached per size and device. ``int32`` while the offsets
+    fit (``index_select`` reads half the index bytes: about 7% faster on the CPU,
+    ``benchmarks/RESULTS.md``), else ``int64``.
     """
     key = (h, w, str(torch.device(device) if device is not None else "cpu"))
     index = _INDEX_CACHE.get(key)
@@ -74,11 +77,18 @@ def pad_plane_index(h: int, w: int, device=None) -> torch.Tensor:
         rows = _axis_pad_index(h, h + ph, reflect).view(-1, BLOCK).t()  # (8 i, Hb)
         cols = _axis_pad_index(w, w + pw, reflect).view(-1, BLOCK).t()  # (8 j, Wb)
         flat = rows[:, None, :, None] * w + cols[None, :, None, :]  # (8 i, 8 j, Hb, Wb)
-        index = flat.reshape(-1).to(device)
+        index = flat.reshape(-1).to(device=device, dtype=index_dtype(h * w))
         if len(_INDEX_CACHE) > 32:
             _INDEX_CACHE.clear()
         _INDEX_CACHE[key] = index
     return index
+
+
+def index_dtype(extent: int) -> torch.dtype:
+    """``int32`` for offsets below ``extent`` when they fit in it, else ``int64``. ``index_select``
+    takes either; with ``int32`` it reads half the index bytes (on the CPU the run copies of
+    :func:`read_rows_then_columns` are about 25% faster, the padding copy about 7%)."""
+    return torch.int32 if extent <= torch.iinfo(torch.int32).max else torch.int64
 
 
 def plane_offsets(rows: torch.Tensor, cols: torch.Tensor, hb: int, wb: int, block: int = BLOCK):
@@ -108,7 +118,7 @@ def row_then_column_indices(
     first = (rows % block) * (block * hb) + rows // block
     runs = (first.unsqueeze(2) + torch.arange(block, device=rows.device) * hb).flatten(1)
     columns = (cols % block) * wb + cols // block
-    return runs, columns
+    return runs.to(index_dtype(block * block * hb)), columns.to(index_dtype(block * wb))
 
 
 def row_buffer(like: torch.Tensor, channels: int, height: int, wb: int, block: int = BLOCK):
