@@ -174,3 +174,29 @@ def test_check_defense_usage_errors(capsys):
                           (["no-such"], "unknown defense")):
         code, _, err = cli(capsys, "check-defense", *argv)
         assert code == 2 and message in err, err
+
+
+def test_contract_compares_plain_tensor_attributes_between_builds():
+    """A tensor held as a plain attribute is outside ``state_dict()`` (the run store's digest):
+    two builds that differ in it fail "state rebuilt equal"; equal ones pass with a note that
+    asks for ``register_buffer``."""
+    from prepdefense.defenses.state import plain_tensors
+
+    class PlainWeights(defenses.Defense):
+        differentiable = True
+
+        def __init__(self, seeded=True):
+            super().__init__()
+            g = torch.Generator().manual_seed(3) if seeded else None
+            self.w = torch.rand(3, generator=g)
+
+        def apply(self, x, params):
+            return (x * 0.5 + 0.5 * self.w.view(1, 3, 1, 1).to(x)).clamp(0, 1)
+
+    assert list(plain_tensors(PlainWeights())) == ["w"]
+    assert plain_tensors(defenses.create("dct-distort")) == {}
+    check = {c.name: c for c in check_contract(PlainWeights(False), size=16, n=2,
+                                               rebuild=lambda: PlainWeights(False)).checks}["state rebuilt equal"]
+    assert check.passed is False and "plain tensor attributes (w)" in check.detail
+    check = {c.name: c for c in check_contract(PlainWeights(), size=16, n=2, rebuild=PlainWeights).checks}["state rebuilt equal"]
+    assert check.passed is True and "register_buffer" in check.detail

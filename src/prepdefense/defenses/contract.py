@@ -28,7 +28,9 @@ differentiable claim   a useful gradient (finite, not all zero) reaches the inpu
                        off the autograd graph
 state rebuilt equal    (given a way to build it again) two builds hold the same values
                        (:func:`~prepdefense.defenses.state.state_digest`), so a run stored
-                       under the defense's name resumes with the same defense
+                       under the defense's name resumes with the same defense; tensors
+                       held as plain attributes are compared too, and named in a note
+                       (a run store cannot record them: ``register_buffer`` them)
 =====================  ==================================================================
 
 :func:`check_contract` runs them on a few generated images and returns a
@@ -49,7 +51,7 @@ from torch import nn
 
 from ..draws import DrawKey, image_id
 from .base import as_defense
-from .state import state_digest
+from .state import plain_tensors, state_digest
 
 __all__ = ["Check", "ContractReport", "check_contract", "contract_images", "BATCH_ATOL"]
 
@@ -145,6 +147,16 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and values (NaN equal to NaN), compared on the CPU."""
+    b = b.detach().to("cpu")
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    return bool(torch.equal(a, b))
+
+
 class _Runner:
     """Runs the checks in order, turning an exception in the defense into a failed check."""
 
@@ -184,6 +196,7 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         built_state: Tuple[Optional[str], Optional[str]] = (state_digest(defense), None)
     except Exception as e:  # noqa: BLE001 - reported by the check, like any failure of the defense
         built_state = (None, _first_line(e))
+    built_plain = {k: v.detach().to("cpu", copy=True) for k, v in plain_tensors(defense).items()}
     x = contract_images(n, size, seed=seed, device=device)
     ids = [image_id(f"contract-{i}") for i in range(n)]
     key = DrawKey(seed, ids)
@@ -368,11 +381,20 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         first, error = built_state
         if error is not None:
             return False, f"its state cannot be read as built: {error}"
-        second = state_digest(rebuild())
+        again = rebuild()
+        second = state_digest(again)
         if first != second:
             return False, (f"two builds hold different values ({first} and {second}): seed what the constructor "
                            "draws, or load it from a file, so that a resumed run is the same defense")
-        return True, "no state held" if first is None else f"the same values ({first})"
+        plain = plain_tensors(again)
+        differ = sorted(k for k in set(built_plain) | set(plain) if k not in built_plain or k not in plain
+                        or not _same_tensor(built_plain[k], plain[k]))
+        if differ:
+            return False, (f"two builds hold different plain tensor attributes ({', '.join(differ)}): seed what the "
+                           "constructor draws, and register them with register_buffer so that a run store records them")
+        note = (f"; note: {', '.join(sorted(plain))} are plain tensor attributes, equal here but not recorded by a run "
+                "store (register_buffer them)") if plain else ""
+        return True, ("no state held" if first is None else f"the same values ({first})") + note
 
     r.run("state rebuilt equal", state_rebuilt_equal)
     report.checks = r.checks

@@ -8,11 +8,24 @@ resumed run is a run of the same defense, not only of the same name.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-__all__ = ["state_digest"]
+__all__ = ["state_digest", "plain_tensors"]
+
+
+def plain_tensors(defense: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors a defense (or any of its submodules) holds as plain attributes
+    (``self.w = torch.rand(3)``), by dotted name: they are not in ``state_dict()``, so
+    :func:`state_digest` cannot see them, nor does ``.to(device)`` move them. ``check-defense``
+    compares them between two builds and asks for ``register_buffer`` instead."""
+    found: Dict[str, torch.Tensor] = {}
+    for prefix, module in defense.named_modules():
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                found[f"{prefix}.{key}" if prefix else key] = value
+    return found
 
 
 def state_digest(defense: torch.nn.Module) -> Optional[str]:
@@ -20,8 +33,8 @@ def state_digest(defense: torch.nn.Module) -> Optional[str]:
     buffers: name, dtype, shape and values, on the CPU; other state entries by their
     ``repr``), or ``None`` when it holds none. Run stores record it beside the defense's name,
     so a run never resumes under other values behind the same name (the shipped learned table
-    that ``dct-distort`` uses by default, a user's weights). Plain attributes and
-    non-persistent buffers are not part of it.
+    that ``dct-distort`` uses by default, a user's weights). Plain attributes (see
+    :func:`plain_tensors`) and non-persistent buffers are not part of it.
 
     Raises:
         ValueError: the state cannot be read (e.g. a lazy module not yet initialised).
