@@ -131,3 +131,15 @@ def test_wilson_and_bootstrap():
     assert bootstrap_interval(v, seed=0) == (lo, hi)  # seeded: reports repeat
     assert lo < 0.5 < hi and hi - lo < 0.3
     assert math.isnan(wilson_interval(0, 0)[0])
+
+
+def test_bootstrap_interval_never_claims_more_certainty_than_the_sample_size_gives():
+    """A sample with no spread (every image robust on 0 of 10 draws) does not get the
+    percentile bootstrap's point interval: at least the Wilson interval of the same mean."""
+    assert bootstrap_interval([0.0] * 100) == pytest.approx(wilson_interval(0, 100))
+    assert bootstrap_interval([1.0] * 20) == pytest.approx(wilson_interval(20, 20))
+    lo, hi = bootstrap_interval([0.0] * 99 + [0.1])
+    assert lo == 0.0 and hi >= wilson_interval(0, 100)[1]
+    for bad in ([0.0, 1.5], [float("nan")], [-0.1]):
+        with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
+            bootstrap_interval(bad)

@@ -13,7 +13,10 @@ independent draws, not only one draw. Figures over N images:
 Intervals (over the image sample, draws held fixed): Wilson score intervals for the
 worst-case figures (one Bernoulli per image; ``scipy.stats.binomtest``) and a percentile
 bootstrap over images (``scipy.stats.bootstrap``, 2000 resamples, seeded) for the expected
-figures (a mean of per-image fractions).
+figures (a mean of per-image fractions), never narrower than the Wilson score interval of
+the same mean: the percentile bootstrap alone collapses to a point when every image has the
+same fraction (0.00 robust on every draw of 100 images would read "[0.00, 0.00]"), a
+certainty that 100 images do not give (:func:`bootstrap_interval`).
 
 Draw ``r`` of the verdict is the model's draw under the run key's sub-stream
 ``("verdict", r)``: never used while attacking, and for each image a function of the seed and
@@ -47,18 +50,40 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> Tuple[float,
     return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
 
 
+def _score_interval(mean: float, n: int, level: float) -> Tuple[float, float]:
+    """Wilson's score interval at a (possibly fractional) observed proportion ``mean`` of ``n``."""
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def bootstrap_interval(values: Sequence[float], *, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> Tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``values`` (resampling images, seeded so
-    reports repeat). A constant sample gives the degenerate interval at its value."""
+    """Interval of the mean of per-image fractions ``values`` (each in [0, 1]): the percentile
+    bootstrap over images (seeded, so reports repeat), widened where needed to the Wilson score
+    interval of the same mean and ``n``.
+
+    Why the floor: the percentile bootstrap only knows the spread it sees, so a sample with
+    little or none (every image robust on 0 of 10 draws) gives an interval of (almost) no
+    width, whatever ``n``. A 0/1 sample has the widest spread that values in [0, 1] with that
+    mean can have, so its Wilson interval is the width the sample size alone supports; on
+    samples with 0/1-like spread the two agree closely. (nan, nan) for no values.
+
+    Raises:
+        ValueError: a value outside [0, 1] or not finite.
+    """
     v = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu().flatten())
     if v.size == 0:
         return (float("nan"), float("nan"))
+    if not np.all(np.isfinite(v)) or v.min() < 0.0 or v.max() > 1.0:
+        raise ValueError(f"bootstrap_interval takes per-image fractions in [0, 1]; got values in [{v.min()}, {v.max()}]")
     m = float(v.mean())
-    if v.size == 1 or np.all(v == v[0]):
-        return (m, m)
-    res = stats.bootstrap((v,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
-                          random_state=np.random.default_rng(seed), vectorized=True)
-    return (min(float(res.confidence_interval.low), m), max(float(res.confidence_interval.high), m))
+    lo, hi = _score_interval(m, int(v.size), level)
+    if v.size > 1 and not np.all(v == v[0]):
+        res = stats.bootstrap((v,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
+                              random_state=np.random.default_rng(seed), vectorized=True)
+        lo, hi = min(lo, float(res.confidence_interval.low)), max(hi, float(res.confidence_interval.high))
+    return (min(lo, m), max(hi, m))
 
 
 @torch.no_grad()
