@@ -197,6 +197,26 @@ def test_contract_compares_plain_tensor_attributes_between_builds():
     assert plain_tensors(defenses.create("dct-distort")) == {}
     check = {c.name: c for c in check_contract(PlainWeights(False), size=16, n=2,
                                                rebuild=lambda: PlainWeights(False)).checks}["state rebuilt equal"]
-    assert check.passed is False and "plain tensor attributes (w)" in check.detail
+    assert check.passed is False and "plain tensor attributes (w;" in check.detail
     check = {c.name: c for c in check_contract(PlainWeights(), size=16, n=2, rebuild=PlainWeights).checks}["state rebuilt equal"]
     assert check.passed is True and "register_buffer" in check.detail
+
+    class Wrapped(defenses.Defense):
+        """A submodule's plain tensor, by its dotted name; NaN equal to NaN across builds."""
+        differentiable = True
+
+        def __init__(self):
+            super().__init__()
+            self.inner = PlainWeights()
+            self.mask = torch.tensor([float("nan"), 1.0])
+
+        def apply(self, x, params):
+            return self.inner.apply(x, params)
+
+    assert sorted(plain_tensors(Wrapped())) == ["inner.w", "mask"]
+    check = {c.name: c for c in check_contract(Wrapped(), size=16, n=2, rebuild=Wrapped).checks}["state rebuilt equal"]
+    assert check.passed is True and "inner.w, mask are plain tensor attributes" in check.detail
+    unreadable = Wrapped()
+    unreadable.mask = torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match="cannot read 'mask'"):
+        plain_tensors(unreadable)

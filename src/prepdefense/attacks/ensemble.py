@@ -21,7 +21,7 @@ untargeted, inside the Linf or L2 ball of radius ``eps`` (L2 in the paper's RMS 
    when a draw misclassifies the clean image), ``kept_from`` the attack whose example is kept.
 4. **Figures** (:func:`~.verdict.summarize`): robust accuracy expected over draws (mean over
    images of the fraction of draws classified correctly) with a percentile-bootstrap 95%
-   interval, and worst case (fraction of images classified correctly under every draw) with a
+   interval (two pseudo-images at 0 and at 1, :func:`~.verdict.bootstrap_interval`), and worst case (fraction of images classified correctly under every draw) with a
    Wilson 95% interval; the same after every attack (cumulative, as AutoAttack prints), and
    each attack's success on the images it ran on.
 

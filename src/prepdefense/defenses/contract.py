@@ -147,16 +147,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and values (NaN equal to NaN), compared on the CPU."""
-    b = b.detach().to("cpu")
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
-    return bool(torch.equal(a, b))
-
-
 class _Runner:
     """Runs the checks in order, turning an exception in the defense into a failed check."""
 
@@ -196,7 +186,12 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         built_state: Tuple[Optional[str], Optional[str]] = (state_digest(defense), None)
     except Exception as e:  # noqa: BLE001 - reported by the check, like any failure of the defense
         built_state = (None, _first_line(e))
-    built_plain = {k: v.detach().to("cpu", copy=True) for k, v in plain_tensors(defense).items()}
+    built_plain: Tuple[Dict[str, str], Optional[str]] = ({}, None)
+    if rebuild is not None:
+        try:
+            built_plain = (plain_tensors(defense), None)
+        except Exception as e:  # noqa: BLE001 - reported by the check, like any failure of the defense
+            built_plain = ({}, _first_line(e))
     x = contract_images(n, size, seed=seed, device=device)
     ids = [image_id(f"contract-{i}") for i in range(n)]
     key = DrawKey(seed, ids)
@@ -379,6 +374,7 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         if rebuild is None:
             return None, "not asked (no way to build it again was given)"
         first, error = built_state
+        error = error or built_plain[1]
         if error is not None:
             return False, f"its state cannot be read as built: {error}"
         again = rebuild()
@@ -386,12 +382,12 @@ def check_contract(defense: nn.Module, *, name: Optional[str] = None, n: int = 4
         if first != second:
             return False, (f"two builds hold different values ({first} and {second}): seed what the constructor "
                            "draws, or load it from a file, so that a resumed run is the same defense")
-        plain = plain_tensors(again)
-        differ = sorted(k for k in set(built_plain) | set(plain) if k not in built_plain or k not in plain
-                        or not _same_tensor(built_plain[k], plain[k]))
+        plain, before = plain_tensors(again), built_plain[0]
+        differ = sorted(k for k in set(before) | set(plain) if before.get(k) != plain.get(k))
         if differ:
-            return False, (f"two builds hold different plain tensor attributes ({', '.join(differ)}): seed what the "
-                           "constructor draws, and register them with register_buffer so that a run store records them")
+            return False, (f"two builds hold different plain tensor attributes ({', '.join(differ)}; drawn unseeded? "
+                           "an uninitialised scratch buffer?): seed what the constructor draws, and hold values with "
+                           "register_buffer so that a run store records them")
         note = (f"; note: {', '.join(sorted(plain))} are plain tensor attributes, equal here but not recorded by a run "
                 "store (register_buffer them)") if plain else ""
         return True, ("no state held" if first is None else f"the same values ({first})") + note

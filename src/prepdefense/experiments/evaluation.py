@@ -47,7 +47,7 @@ undefined, e.g. over no image):
 * ``clean``: the defended model's accuracy on the clean sample (``robust_accuracy_expected``
   / ``_worst`` with ``_ci95``, ``n``, ``draws``);
 * ``ensemble``: the verdict, the same keys: robust accuracy expected over draws (bootstrap
-  interval, never narrower than the Wilson interval of the same mean) and worst case over draws (Wilson interval), per image worst case over attacks;
+  interval, :func:`~prepdefense.attacks.verdict.bootstrap_interval`) and worst case over draws (Wilson interval), per image worst case over attacks;
 * ``per_attack``: per attack in run order: ``attack``, ``kind`` (``white-box``,
   ``transfer``, ``gradient-free``), ``hyperparameters``, ``ran_on``, ``broke`` (images robust
   in the worst case before it and not after), ``lowered`` (kept examples it replaced),
@@ -427,8 +427,8 @@ NOTES = (
     "The sample holds images the undefended model classifies correctly; an image the defended model misclassifies "
     "without attack counts as not robust (broken_by 'clean').",
     "Expected = mean over images of the fraction of the R verdict draws classified correctly (percentile bootstrap "
-    "interval over images, widened where needed to the Wilson interval of the same mean: a sample with no spread, "
-    "say 0.00 on every image, does not get a point interval); worst case = fraction of images classified correctly under every draw, with every attack "
+    "interval over images, with two pseudo-images at 0 and two at 1 so that a sample with no spread, say 0.00 on "
+    "every image, does not get a point interval); worst case = fraction of images classified correctly under every draw, with every attack "
     "(Wilson interval). A deterministic defense is judged once (R = 1): both figures agree.",
     "Each attack ran only on the images still classified correctly on some verdict draw after the attacks before it "
     "(AutoAttack's rule); per image the example with the fewest correct draws is kept, chosen on the same draws (as "

@@ -39,8 +39,9 @@ __all__ = [
 # statistics
 # ---------------------------------------------------------------------------------------------
 def bootstrap_mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of ``values`` (seeded, so reports repeat):
-    the verdict's one bootstrap (:func:`prepdefense.attacks.verdict.bootstrap_interval`)."""
+    """95% interval of the mean of per-image fractions ``values`` (each in [0, 1]; seeded, so
+    reports repeat): the verdict's one bootstrap (:func:`prepdefense.attacks.verdict.bootstrap_interval`,
+    which raises ``ValueError`` on a value outside [0, 1])."""
     return bootstrap_interval(list(values), seed=seed, resamples=resamples)
 
 

@@ -265,8 +265,8 @@ def report_strong(rep: ReportContext) -> str:
             "the ones before it (AutoAttack's rule), BPDA goes through the non-differentiable parts of a defense, and every example "
             f"is judged on R fresh draws of the defense (R = 1 for a deterministic one). Per image the worst case over the attacks counts. Budget {budget_text} "
             "**Expected** = mean over images of the fraction of draws still classified correctly; **worst case** = fraction of images "
-            "classified correctly under every draw, with every attack. Brackets: 95% intervals over images (percentile bootstrap for "
-            "the expected value, Wilson for the worst case).", "", md_table(header, rows), ""]
+            "classified correctly under every draw, with every attack. Brackets: 95% intervals over images (percentile bootstrap with two "
+            "pseudo-images at 0 and two at 1 for the expected value, Wilson for the worst case).", "", md_table(header, rows), ""]
     for d in order:
         for norm in ("l2", "linf"):
             s = strong.get((d, norm))
