@@ -78,13 +78,16 @@ def table(runs: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "eval-n100", help="folder of evaluate --out folders")
-    ap.add_argument("--write", action="store_true", help="replace the table between the markers in benchmarks/RESULTS.md")
+    ap.add_argument("--write", action="store_true", help="replace the table between the markers of --results")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="the file --write edits")
     args = ap.parse_args(argv)
     text = table(args.runs)
     print(text)
     if args.write:
-        results = ROOT / "benchmarks" / "RESULTS.md"
+        results = args.results
         s = results.read_text()
+        if MARKERS[0] not in s or MARKERS[1] not in s:
+            raise SystemExit(f"{results} has no {MARKERS[0]} ... {MARKERS[1]} markers")
         a, b = s.index(MARKERS[0]) + len(MARKERS[0]), s.index(MARKERS[1])
         tmp = results.with_suffix(".md.tmp")
         tmp.write_text(s[:a] + "\n" + text + "\n" + s[b:])

@@ -1,0 +1,63 @@
+"""`benchmarks/evaluation_table.py`: RESULTS' n = 100 table, made from evaluate's cards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation_table.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("evaluation_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _card(folder: Path, name: str, norm: str, fractions, description: str = "") -> None:
+    n = len(fractions)
+    folder.mkdir(parents=True)
+    card = {
+        "defense": {"name": name, "description": description}, "seed": 0, "seconds": 90.0,
+        "threat_model": {"norm": norm, "eps": 0.05 if norm == "l2" else 8 / 255},
+        "clean": {"robust_accuracy_expected": 0.9},
+        "ensemble": {"robust_accuracy_expected": sum(fractions) / n, "robust_accuracy_worst": 0.0,
+                     "robust_accuracy_worst_ci95": [0.0, 0.04]},
+        "per_image": [{"correct_fraction": f} for f in fractions],
+        "per_attack": [{"attack": "apgd-ce", "broke": 7, "ran_on": 9}, {"attack": "square", "broke": 0, "ran_on": 0}],
+        "flags": {"warnings": []},
+    }
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+def test_table_rows_order_labels_and_recomputed_intervals(tmp_path):
+    mod = _module()
+    _card(tmp_path / "jpeg-l2", "jpeg", "l2", [0.0] * 100)
+    _card(tmp_path / "dct-linf", "dct-distort", "linf", [0.0] * 100,
+          "DCTDistort( table=learned (learned.json: cw 5x200, efficientnet-lite0, 100 images), delta=0.15 )")
+    lines = mod.table(tmp_path).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| `dct-distort` (table learned: learned.json: cw 5x200, efficientnet-lite0, 100 images) | linf")
+    assert lines[3].startswith("| `jpeg` | l2 0.05 | 0.90 |")
+    # the plain percentile bootstrap's point interval is not what the table shows
+    assert "0.00 [0.00, 0.05]" in lines[3] and "apgd-ce (7 of 9)" in lines[3] and "1.5 min" in lines[3]
+
+
+def test_table_refuses_a_card_whose_fractions_disagree_and_writes_between_markers(tmp_path):
+    mod = _module()
+    runs = tmp_path / "runs"
+    _card(runs / "jpeg-l2", "jpeg", "l2", [0.0] * 10)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("before\n<!-- n100-table -->\nold\n<!-- /n100-table -->\nafter\n")
+    assert mod.main(["--runs", str(runs), "--write", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("before\n<!-- n100-table -->\n| defense |") and "old" not in text and text.endswith("after\n")
+    card = json.loads((runs / "jpeg-l2" / "card.json").read_text())
+    card["ensemble"]["robust_accuracy_expected"] = 0.5
+    (runs / "jpeg-l2" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="do not average"):
+        mod.table(runs)
