@@ -437,6 +437,11 @@ def test_fig4_runs_the_papers_bpda_and_a_stagewise_variant_on_our_defense(tmp_pa
     stagewise = [u for u in plan if u.variant == fig4.STAGEWISE]
     assert stagewise and {u.defense for u in stagewise} == {U.OUR_DEFENSE}
     assert {(u.attack, u.shard) for u in stagewise} == {(u.attack, u.shard) for u in plan if u.defense == U.OUR_DEFENSE and not u.variant}
+    # common random numbers: a stage-wise unit draws with the keys of the paper's unit of its shard
+    paper_units = {(u.attack, u.shard): u for u in plan if u.defense == U.OUR_DEFENSE and not u.variant}
+    for u in stagewise:
+        assert fig4.draw_unit(u).stream == paper_units[(u.attack, u.shard)].stream != u.stream
+        assert fig4.draw_unit(paper_units[(u.attack, u.shard)]) is paper_units[(u.attack, u.shard)]
 
     out = tmp_path / "out"
     _run(out, image_folder, only=["fig4"], overrides={**SMALL, "fig4_bpda_defenses": (U.OUR_DEFENSE,), "fig4_eot_defenses": ()})

@@ -5,7 +5,10 @@ One unit per (defense, attack, image shard): the protocol attack ``bpda`` (Fig. 
 paper protocol": backward as the identity through ``g``) for every defense that is not
 differentiable as a whole (:func:`paper_approx`); for our defense a second, stronger variant
 (``variant="stagewise"``) keeps the real gradient of the grid distortion and the identity only
-through the rounding (``BPDA``'s stage-wise default), reported as its own rows and curves. :func:`protocol_attack` is shared with
+through the rounding (``BPDA``'s stage-wise default), reported as its own rows and curves. The two
+variants of a shard share their draws (common random numbers, :func:`draw_unit`): the same
+defense draws at every step of the attack and in the verdict, so the gap between their curves
+is the gradient's, not draw noise. :func:`protocol_attack` is shared with
 Table 6 (``table6.py``) and learned BPDA (``learned.py``); :func:`fig4_curves` with Table 5
 and the verdict. The adversarial examples of our defense are cached for the sample strip.
 """
@@ -24,7 +27,7 @@ from .reporting import ReportContext, defense_label, fmt, md_table, mean, merge_
 from .units import OUR_DEFENSE, Preset, Unit, ensemble_size
 
 __all__ = ["EXPERIMENT", "plan", "run", "protocol_attack", "paper_approx", "fig4_curves", "report_fig4", "adversarial_cache_name",
-           "STAGEWISE", "PAPER"]
+           "STAGEWISE", "PAPER", "draw_unit"]
 
 #: The variant of a Fig. 4 unit that differentiates our defense stage by stage (stronger than the paper).
 STAGEWISE = "stagewise"
@@ -40,8 +43,14 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
               for d in preset.fig4_eot_defenses for s in preset.shards()]
     # the stronger, stage-wise gradient on our defense, beside the paper's
     units += [Unit(u.experiment, u.defense, u.attack, u.shard, variant=STAGEWISE, cost=u.cost)
-              for u in list(units) if u.defense == OUR_DEFENSE]
+              for u in units if u.defense == OUR_DEFENSE]
     return units
+
+
+def draw_unit(unit: Unit) -> Unit:
+    """The unit whose draw keys ``unit`` uses: a ``stagewise`` unit takes those of the paper's
+    unit of the same defense, attack and shard (common random numbers), every other its own."""
+    return Unit(unit.experiment, unit.defense, unit.attack, unit.shard, cost=unit.cost) if unit.variant == STAGEWISE else unit
 
 
 def adversarial_cache_name(attack: str, defense: str, shard: int) -> str:
@@ -71,11 +80,12 @@ def protocol_attack(ctx: RunContext, unit: Unit, *, rounds: int, max_rounds: int
         params["approx"] = approx
     name = "bpda-eot" if unit.attack == "bpda-eot" else "bpda"
     attack = make_attack(name, **with_progress(params, name, ctx.progress_hook))
-    res = attack(model, x, labels=labels, targets=targets, generator=ctx.image_key(unit, ids))
+    keys = draw_unit(unit)
+    res = attack(model, x, labels=labels, targets=targets, generator=ctx.image_key(keys, ids))
     adv = res.adversarial.detach()
     info = res.info or {}
     # Fresh draws of the final images (the protocol's own curve uses one judged draw each).
-    preds = predict_draws(model, adv, draws=ctx.preset.eval_draws, generator=ctx.image_key(unit, ids, "verdict"))
+    preds = predict_draws(model, adv, draws=ctx.preset.eval_draws, generator=ctx.image_key(keys, ids, "verdict"))
     extra = {}
     for key in ("stop_round", "stop_reason", "bound_round", "final_prediction"):
         if isinstance(info.get(key), list) and len(info[key]) == len(ids):

@@ -167,8 +167,9 @@ def _identity(config: ReproduceConfig, preset: Preset, data_id: str, shard: Opti
              "default_table": table_digest(default_table()[0]),
              # the protocol attacks' gradient (Fig. 4, Table 6, the demo pipeline): the paper's identity
              # over a non-differentiable defense, and Fig. 4's stage-wise variant beside it (runs before
-             # this key differentiated dct-distort stage-wise as "bpda")
-             "bpda_gradient": "paper-identity+stagewise-variant"}
+             # this key differentiated dct-distort stage-wise as "bpda"); since "-shared-draws", the
+             # stage-wise units take the draws of the paper's units (common random numbers)
+             "bpda_gradient": "paper-identity+stagewise-variant-shared-draws"}
     files = {}  # a table file named in a preset's defense (an override from the API): its contents
     for key, names in preset.as_dict().items():
         if key.endswith("_defenses") and isinstance(names, (list, tuple)):

@@ -145,8 +145,9 @@ IDENTITY_HINTS = {
     "default_table": "the paper's defense's default table (the shipped learned one) is not the one this run was "
                      "made with: it has changed since, or the run predates recording it",
     "bpda_gradient": "the protocol attacks (Fig. 4, Table 6) now take the paper's gradient, the identity over the "
-                     "whole of a non-differentiable defense, with a stage-wise variant of Fig. 4 beside it; this run "
-                     "predates that (its 'bpda' rows differentiated dct-distort stage-wise): rerun into a new --out",
+                     "whole of a non-differentiable defense, with a stage-wise variant of Fig. 4 beside it that uses "
+                     "the same draws; this run predates that (its 'bpda' rows differentiated dct-distort stage-wise, "
+                     "or its stage-wise rows drew their own draws): rerun into a new --out",
 }
 
 
