@@ -130,6 +130,25 @@ def test_art_preprocessor_eot_averages_the_per_draw_gradients(problem):
     assert pre.forward(x.clone().requires_grad_(True))[0].shape == (64, 3, 32, 32)
 
 
+def test_art_preprocessor_eot_class_gradient_is_the_average_over_draws(problem):
+    """ART's ``class_gradient`` sums each class's outputs over the longer (N * eot) batch; through
+    the preprocessor it is the EOT average, not ``eot`` times it: equal to the mean of the
+    per-draw class gradients, taken one draw at a time with ``eot=1``."""
+    net, x, _ = problem
+    x = x[:4]
+    dct = defenses.create("dct-distort")
+    pre = as_art_preprocessor(dct, eot=4, generator=3, fixed_draw=True, device_type="cpu")
+    averaged = _art_classifier(net, pre)
+    theirs = averaged.class_gradient(x.numpy(), label=2)
+    per_draw = []
+    for j in range(4):  # draw j of the EOT batch is the call key's ("eot", j) child
+        one = as_art_preprocessor(dct, generator=pre.source.key(x.shape[0]).child("eot", j), device_type="cpu")
+        per_draw.append(_art_classifier(net, one).class_gradient(x.numpy(), label=2))
+    np.testing.assert_allclose(theirs, np.mean(per_draw, axis=0), rtol=1e-4, atol=1e-8)
+    values, _ = pre.forward(x.clone().requires_grad_(True))
+    assert values.shape == (16, 3, 32, 32)  # same values as without the scaling: only the gradient changes
+
+
 def test_art_preprocessor_refuses_what_it_cannot_express():
     with pytest.raises(ValueError, match="as_art_classifier"):
         as_art_preprocessor("crop")  # an ensemble defense averages the classifier's softmax

@@ -27,8 +27,12 @@ class DefensePreprocessor(PreprocessorPyTorch):
     the defense's output on the call's draw and its gradient BPDA's. With ``eot > 1`` and a
     gradient asked for (``x.requires_grad``), each image is repeated once per draw, image ``i``'s
     ``eot`` draws next to each other, and ``y`` is repeated to match, so ART's loss over the
-    longer batch averages the per-draw losses and its gradient is the EOT average. Without a
-    gradient (``predict``) one draw per image is returned, as a deployed defense would give.
+    longer batch averages the per-draw losses and its gradient is the EOT average (with ART's
+    default mean-reduced loss; a sum-reduced one gives ``eot`` times it). ``class_gradient``
+    calls without ``y`` and backpropagates each class's outputs summed over the longer batch,
+    so there the views pass back ``1 / eot`` of their gradient (same values), and the class
+    gradient is the EOT average too. Without a gradient (``predict``) one draw per image is
+    returned, as a deployed defense would give.
 
     ``estimate_forward(x)`` (ART's path for a chain with a non-PyTorch preprocessor) is one
     draw with BPDA's gradient, never repeated.
@@ -86,6 +90,8 @@ class DefensePreprocessor(PreprocessorPyTorch):
         out = self._views(x, draws)
         if draws > 1 and isinstance(y, torch.Tensor):
             y = y.repeat_interleave(draws, dim=0)
+        elif draws > 1 and y is None:  # class_gradient: a sum over the draws, made their average
+            out = out.detach() + (out - out.detach()) / draws
         return out, y
 
     def estimate_forward(self, x: torch.Tensor, y: Optional[Any] = None) -> torch.Tensor:

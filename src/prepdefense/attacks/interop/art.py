@@ -42,7 +42,9 @@ def as_art_preprocessor(defense: Union[str, nn.Module], *, eot: int = 1, generat
             :class:`~prepdefense.defenses.Defense`.
         eot: draws a gradient is averaged over (Athalye et al.'s EOT). ART sees a batch of
             ``N * eot`` rows (image ``i``'s draws together) whenever a gradient is asked for,
-            so its mean loss averages the per-draw losses; ``predict`` sees one draw per image.
+            so its mean loss averages the per-draw losses (``loss_gradient``) and
+            ``class_gradient`` is the average of the per-draw class gradients; ``predict``
+            sees one draw per image.
         generator: where each call's draw comes from
             (:class:`~prepdefense.attacks.interop.adapted.DrawSource`): None fresh draws; an int
             or ``torch.Generator`` a reproducible stream of fresh draws; a ``DrawKey`` one fixed
