@@ -145,8 +145,10 @@ def test_art_preprocessor_eot_class_gradient_is_the_average_over_draws(problem):
         one = as_art_preprocessor(dct, generator=pre.source.key(x.shape[0]).child("eot", j), device_type="cpu")
         per_draw.append(_art_classifier(net, one).class_gradient(x.numpy(), label=2))
     np.testing.assert_allclose(theirs, np.mean(per_draw, axis=0), rtol=1e-4, atol=1e-8)
-    values, _ = pre.forward(x.clone().requires_grad_(True))
-    assert values.shape == (16, 3, 32, 32)  # same values as without the scaling: only the gradient changes
+    values, _ = pre.forward(x.clone().requires_grad_(True))  # the class_gradient path (y None): scaled
+    assert torch.equal(values, pre._views(x, 4))  # same values as without the scaling: only the gradient changes
+    every_class = averaged.class_gradient(x.numpy())  # label None: ART's loop over the classes
+    np.testing.assert_allclose(every_class[:, 2], theirs[:, 0], rtol=1e-5, atol=1e-8)
 
 
 def test_art_preprocessor_refuses_what_it_cannot_express():

@@ -448,6 +448,9 @@ def test_fig4_runs_the_papers_bpda_and_a_stagewise_variant_on_our_defense(tmp_pa
     units = [u for u in ResultStore(out).units("fig4") if u["status"] == "ok"]
     gradients = {u["key"].get("variant") or "": u["summary"]["gradient"] for u in units}
     assert gradients == {"": "identity", fig4.STAGEWISE: None}
+    # the round-0 verdict on the clean images is judged on the draws: equal only if they are shared
+    initial = {u["key"].get("variant") or "": u["summary"]["initial"] for u in units}
+    assert initial[""] is not None and initial[""] == initial[fig4.STAGEWISE]
     text = (out / "report.md").read_text()
     assert "BPDA (stage-wise: real gradient of the grid distortion)" in text
     # the two variants' records differ (the stage-wise gradient moves the images elsewhere)

@@ -327,7 +327,8 @@ class Unit:
     @property
     def stream(self) -> str:
         """The unit's id without its image shard: the seed of its per-image draw keys
-        (``RunContext.image_key``), so an image's draws do not depend on which shard holds it."""
+        (``RunContext.image_key``), so an image's draws do not depend on which shard holds it.
+        (Fig. 4's stage-wise units take the stream of the paper's unit instead, ``fig4.draw_unit``.)"""
         parts = [self.experiment, self.defense, self.attack] + ([self.variant] if self.variant else [])
         return "/".join(parts)
 

@@ -31,7 +31,10 @@ class DefensePreprocessor(PreprocessorPyTorch):
     default mean-reduced loss; a sum-reduced one gives ``eot`` times it). ``class_gradient``
     calls without ``y`` and backpropagates each class's outputs summed over the longer batch,
     so there the views pass back ``1 / eot`` of their gradient (same values), and the class
-    gradient is the EOT average too. Without a gradient (``predict``) one draw per image is
+    gradient is the EOT average too. Every call without ``y`` that asks for a gradient is
+    taken to sum over the rows that way (ART's ``get_activations`` with ``framework=True``
+    also calls without ``y``: an attack that averages the rows itself gets ``1 / eot`` of the
+    average there). Without a gradient (``predict``) one draw per image is
     returned, as a deployed defense would give.
 
     ``estimate_forward(x)`` (ART's path for a chain with a non-PyTorch preprocessor) is one
