@@ -32,7 +32,8 @@ really" (Athalye et al. 2018; Carlini et al. 2019; Tramer et al. 2020):
   - ``asr_expected`` / ``asr_worst``: the same for success (targeted: predicted as the target;
     untargeted: not predicted as the label), worst = fooled under *some* draw;
   - 95% intervals (:mod:`.verdict`): Wilson score intervals for the worst-case figures and a
-    percentile bootstrap over images for the expected figures (:func:`.verdict.bootstrap_interval`).
+    percentile bootstrap over images, with two pseudo-images at 0 and two at 1, for the expected
+    figures (:func:`.verdict.bootstrap_interval`).
 
 ``success`` in the result is the worst-case verdict (fooled under some fresh draw). The
 ``model`` is the deployed model ``Defended(defense, classifier)`` (or a bare classifier);
