@@ -205,6 +205,9 @@ def _check_issue(card):
     assert any(r["kind"] == "gradient-free" for r in card["per_attack"])
     assert all(len(r["after"]["robust_accuracy_worst_ci95"]) == 2 for r in card["per_attack"])
     assert len(card["ensemble"]["robust_accuracy_worst_ci95"]) == 2 and len(card["ensemble"]["robust_accuracy_expected_ci95"]) == 2
+    for kind in ("expected", "worst"):  # an interval, never a point, even when every image has the same value
+        lo, hi = card["ensemble"][f"robust_accuracy_{kind}_ci95"]
+        assert lo <= card["ensemble"][f"robust_accuracy_{kind}"] <= hi and hi > lo
 
 
 def test_readme_command_on_one_image(model, imagenet_sample_dir, tmp_path, capsys):
