@@ -68,3 +68,48 @@ def test_defended_averages_the_softmax_of_30_crops():
     assert torch.equal(out, Defended(defenses.create("crop"), RecordingModel())(x, generator=make_generator(0)))
     single = Defended(defenses.create("crop", ensemble=1), RecordingModel())(x, generator=make_generator(0))
     assert not torch.allclose(single, out)
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def _saved_bytes_and_grad(defended, x, key):
+    """Bytes autograd saves for the backward during the forward, and the input gradient."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    xg = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = defended.apply(xg, defended.sample_params(xg, key))
+    (grad,) = torch.autograd.grad(out[:, 1].sum(), xg)
+    return sum(saved), out.detach(), grad
+
+
+def test_ensemble_members_are_checkpointed_on_a_large_graph(monkeypatch):
+    """An attack step through 30 crops keeps one member's activations, not 30 (the n = 100
+    evaluation of ``crop`` ran out of 24 GB before): above ``ENSEMBLE_GRAPH_IMAGES`` images each
+    member is checkpointed; the output and the gradient are the same either way."""
+    import prepdefense.defenses.defended as defended_module
+
+    defended = Defended(defenses.create("crop"), SmallConvNet())
+    x = torch.rand(2, 3, 48, 48, generator=make_generator(3))
+    monkeypatch.setattr(defended_module, "ENSEMBLE_GRAPH_IMAGES", 10**6)  # never: the whole graph kept
+    kept, out_kept, grad_kept = _saved_bytes_and_grad(defended, x, make_generator(1))
+    monkeypatch.setattr(defended_module, "ENSEMBLE_GRAPH_IMAGES", 16)  # 30 members x 2 images > 16
+    light, out_light, grad_light = _saved_bytes_and_grad(defended, x, make_generator(1))
+    assert torch.equal(out_light, out_kept)
+    torch.testing.assert_close(grad_light, grad_kept, rtol=1e-5, atol=1e-7)
+    assert light * 5 < kept, (light, kept)
+    with torch.no_grad():  # no graph, nothing to checkpoint
+        assert torch.equal(defended.apply(x, defended.sample_params(x, make_generator(1))), out_kept)
