@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+from prepdefense.atomic_io import atomic_write_text
 from prepdefense.attacks.verdict import bootstrap_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +90,7 @@ def main(argv=None) -> int:
         if MARKERS[0] not in s or MARKERS[1] not in s:
             raise SystemExit(f"{results} has no {MARKERS[0]} ... {MARKERS[1]} markers")
         a, b = s.index(MARKERS[0]) + len(MARKERS[0]), s.index(MARKERS[1])
-        tmp = results.with_suffix(".md.tmp")
-        tmp.write_text(s[:a] + "\n" + text + "\n" + s[b:])
-        tmp.replace(results)
+        atomic_write_text(results, s[:a] + "\n" + text + "\n" + s[b:])
     return 0
 
 

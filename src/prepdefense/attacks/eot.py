@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..defenses.base import ModuleDefense
-from ..defenses.defended import Defended
+from ..defenses.defended import ENSEMBLE_GRAPH_IMAGES, Defended
 from ..draws import KeyLike, Params, as_key
 from ..validation import check_images
 
@@ -47,7 +47,8 @@ __all__ = ["EOT", "REDUCTIONS", "EOT_CHUNK_IMAGES", "expectation_gradient"]
 #: Images per classifier call when an attack differentiates an expectation (:func:`expectation_gradient`):
 #: its memory holds the activations of at most ``max(EOT_CHUNK_IMAGES, N)`` images at a time (16: an
 #: EfficientNet-Lite0 attack step on 16 images fits in about 1.8 GB of RSS whatever the number of draws).
-EOT_CHUNK_IMAGES = 16
+#: The same budget as an ensemble defense's members (:data:`~prepdefense.defenses.defended.ENSEMBLE_GRAPH_IMAGES`).
+EOT_CHUNK_IMAGES = ENSEMBLE_GRAPH_IMAGES
 
 REDUCTIONS = ("logits", "prob", "none")
 

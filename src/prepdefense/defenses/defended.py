@@ -26,7 +26,7 @@ __all__ = ["Defended", "resize_images", "undefended_at", "ENSEMBLE_GRAPH_IMAGES"
 #: freed after the forward and recomputed, one member at a time, in the backward. Without it an
 #: attack step on 10 images through Guo et al.'s 30 crops holds 300 images' activations (more
 #: than 24 GB for EfficientNet-Lite0); with it, 10 images' (about 1 GB), for one more forward
-#: pass per member. 16 matches the attacks' EOT chunk (``attacks.eot.EOT_CHUNK_IMAGES``).
+#: pass per member. The attacks' EOT chunk (``attacks.eot.EOT_CHUNK_IMAGES``) is this same budget.
 ENSEMBLE_GRAPH_IMAGES = 16
 
 

@@ -16,6 +16,7 @@ and the verdict. The adversarial examples of our defense are cached for the samp
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from typing import AbstractSet, Any, Dict, List, Tuple
 
 from ..attacks.protocol import paper_approx
@@ -42,15 +43,14 @@ def plan(preset: Preset, selected: AbstractSet[str]) -> List[Unit]:
     units += [Unit("fig4", d, "bpda-eot", s, cost=preset.shard_images(s) * preset.bpda_max_rounds * (preset.eot + 0.35) * ensemble_size(preset, d))
               for d in preset.fig4_eot_defenses for s in preset.shards()]
     # the stronger, stage-wise gradient on our defense, beside the paper's
-    units += [Unit(u.experiment, u.defense, u.attack, u.shard, variant=STAGEWISE, cost=u.cost)
-              for u in units if u.defense == OUR_DEFENSE]
+    units += [replace(u, variant=STAGEWISE) for u in units if u.defense == OUR_DEFENSE]
     return units
 
 
 def draw_unit(unit: Unit) -> Unit:
     """The unit whose draw keys ``unit`` uses: a ``stagewise`` unit takes those of the paper's
     unit of the same defense, attack and shard (common random numbers), every other its own."""
-    return Unit(unit.experiment, unit.defense, unit.attack, unit.shard, cost=unit.cost) if unit.variant == STAGEWISE else unit
+    return replace(unit, variant="") if unit.variant == STAGEWISE else unit
 
 
 def adversarial_cache_name(attack: str, defense: str, shard: int) -> str:
