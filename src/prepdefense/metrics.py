@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .validation import check_labels
+from .validation import check_labels, check_value_range
 
 __all__ = [
     "l2_rms",
@@ -33,7 +33,9 @@ PAPER_LINF_BOUND = 8.0 / 255.0
 
 def _flat_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image differences (N, D); TypeError / ValueError for non-tensors, mismatched shapes,
-    no batch dimension or non-finite values (a NaN distance would pass every bound check)."""
+    no batch dimension, non-finite values (a NaN distance would pass every bound check) or
+    values outside [0, 1] beyond the rounding tolerance (a 0..255 batch would give distances
+    255 times too large; :func:`prepdefense.validation.check_value_range`)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating torch.Tensor batch, got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
@@ -41,10 +43,10 @@ def _flat_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the two batches must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() < 2:
         raise ValueError(f"expected a batch (N, ...) of images, got shape {tuple(a.shape)}")
-    d = (a - b).reshape(a.shape[0], -1)
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError("the batches contain NaN or infinite values; distances are undefined")
-    return d
+    for name, t in (("a", a), ("b", b)):
+        if t.numel():
+            check_value_range(t, name=name)
+    return (a - b).reshape(a.shape[0], -1)
 
 
 def l2_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,9 @@ def _predictions(logits_or_pred: torch.Tensor, n: int) -> torch.Tensor:
     if not isinstance(logits_or_pred, torch.Tensor) or logits_or_pred.dim() not in (1, 2) or logits_or_pred.shape[0] != n:
         shape = tuple(logits_or_pred.shape) if isinstance(logits_or_pred, torch.Tensor) else type(logits_or_pred).__name__
         raise ValueError(f"expected (N, K) logits or (N,) predictions for {n} labels, got {shape}")
+    if logits_or_pred.dim() == 2 and logits_or_pred.shape[1] == 1:
+        raise ValueError(f"got shape {tuple(logits_or_pred.shape)}: one column is neither (N,) predictions nor (N, K >= 2) "
+                         f"logits; for predictions pass pred.squeeze(1)")
     return logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
 
 
@@ -126,7 +131,10 @@ def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
     """ACC: fraction of images whose prediction equals the true label.
 
     Shape: (N, K) logits or (N,) predictions, (N,) labels -> float (nan for N = 0)."""
-    labels = check_labels(labels, labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1)
+    n = logits_or_pred.shape[0] if isinstance(logits_or_pred, torch.Tensor) and logits_or_pred.dim() else None
+    if n is None:
+        n = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1
+    labels = check_labels(labels, n)
     pred = _predictions(logits_or_pred, labels.shape[0])
     return float((pred.cpu() == labels.cpu()).float().mean().item()) if labels.numel() else float("nan")
 

@@ -8,8 +8,12 @@ values in [0, 1]. Float rounding tolerance, explicit: values within
 a resize leaves) are accepted and clamped into [0, 1]; anything further out is an error,
 since it means the image is in 0..255 or still normalised.
 
-Labels and targets: integer tensors of shape (N,), values in [0, K) for a K-class model; a
-target equal to the image's true label is an error (success would be trivial).
+Labels and targets: integer tensors of shape (N,), values in [0, K) for a K-class model
+(any integer dtype; they are returned as int64, what torch's losses take); a target equal to
+the image's true label is an error (success would be trivial).
+
+Counts (steps, draws, queries, batch sizes): whole numbers, at least 1 unless said otherwise;
+``2.0`` is taken as 2, ``2.7`` and ``True`` are refused (never silently truncated).
 
 Errors: ``TypeError`` for the wrong kind of object or dtype, ``ValueError`` for the wrong
 shape, layout, range or values.
@@ -22,12 +26,37 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
+__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_count", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
 
 #: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
 RANGE_TOLERANCE = 1e-4
 #: Most channels an image may have (greyscale 1, RGB 3, RGBA 4; also 2 for tests of per-channel code).
 MAX_CHANNELS = 4
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is a whole number >= ``minimum`` (an integral float such as
+    ``2.0`` included).
+
+    Raises:
+        TypeError: not a number, or a bool.
+        ValueError: not a whole number, or below ``minimum``.
+    """
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a whole number >= {minimum}, got {type(value).__name__} {value!r}")
+    if hasattr(value, "__index__"):
+        count = int(value.__index__())
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a whole number >= {minimum}, got {type(value).__name__} {value!r}") from None
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        count = int(number)
+    if count < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {count}")
+    return count
 
 
 def _shape(x) -> str:
@@ -128,13 +157,19 @@ def check_extremes(lo: float, hi: float, *, name: str = "x") -> bool:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-        hint = "divide 0..255 images by 255" if hi > 1.5 else "undo the normalisation (models here take [0, 1] and normalise inside)"
+        if lo < -RANGE_TOLERANCE:  # negative values: a mean/std normalised batch, whatever its maximum
+            hint = "undo the normalisation (x * std + mean); models here take [0, 1] and normalise inside"
+        elif hi > 1.5:
+            hint = "divide 0..255 images by 255"
+        else:
+            hint = "clamp or rescale into [0, 1]"
         raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; images must be in [0, 1] (tolerance {RANGE_TOLERANCE:g}): {hint}")
     return lo < 0 or hi > 1
 
 
 def check_labels(labels, n: int, *, num_classes: Optional[int] = None, name: str = "labels") -> torch.Tensor:
-    """Check class indices for ``n`` images and return them.
+    """Check class indices for ``n`` images and return them as int64 (``labels`` itself when it
+    is int64 already; int32 or uint8 indices are converted, as torch's losses take int64 only).
 
     Raises:
         TypeError: not an integer tensor.
@@ -152,7 +187,7 @@ def check_labels(labels, n: int, *, num_classes: Optional[int] = None, name: str
         if lo < 0 or (num_classes is not None and hi >= num_classes):
             top = f"{num_classes - 1}" if num_classes is not None else "K-1"
             raise ValueError(f"{name} has values in [{lo}, {hi}]; class indices must be in [0, {top}]")
-    return labels
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 def check_targets(targets, labels: torch.Tensor, *, num_classes: Optional[int] = None) -> Optional[torch.Tensor]:

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import l2_rms, linf
+from ..validation import check_count
 from ._registry import register
 from .base import AttackResult
 from .bpda import with_bpda
@@ -64,7 +65,8 @@ class AdaptiveAttack(GradientAttack):
     """EOT-PGD with BPDA, two losses, best iterate, verdict on fresh draws (module docstring).
 
     Args:
-        norm: ``"l2"`` (normalised radius) or ``"linf"``.
+        norm: ``"l2"`` (normalised radius; the default, the paper's threat model for its adaptive
+            attack, unlike the other attacks' ``"linf"``) or ``"linf"``.
         eps: bound; normalised RMS for L2 (default 0.05), max-abs for Linf (default 8/255).
         steps: PGD steps per restart (>= 200 recommended; default 200).
         eot: draws averaged per step (default 30; ignored for deterministic models).
@@ -110,8 +112,8 @@ class AdaptiveAttack(GradientAttack):
             losses = tuple(s.strip() for s in losses.split(","))
         if not losses or any(l not in LOSSES for l in losses):
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses!r}")
-        if int(draws) < 1:
-            raise ValueError("steps, eot and draws must be >= 1")
+        draws = check_count(draws, "draws")
+        restarts = None if restarts is None else check_count(restarts, "restarts")
         super().__init__(norm=norm, eps=eps, steps=steps, rel_stepsize=step_fraction, random_start=random_start,
                          loss=losses[0], kappa=kappa, eot=eot, batch_size=batch_size, chunk=chunk)
         self.losses = tuple(losses)

@@ -16,7 +16,7 @@ import torch
 
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 
-__all__ = ["NORMS", "normalize_norm", "radius", "project", "per_image_norm", "default_eps", "check_eps"]
+__all__ = ["NORMS", "MAX_EPS", "normalize_norm", "radius", "project", "per_image_norm", "default_eps", "check_eps"]
 
 NORMS = ("linf", "l2")
 _NORM_ALIASES = {"inf": "linf", "l_inf": "linf", "linfinity": "linf", "2": "l2", "l_2": "l2"}
@@ -40,12 +40,35 @@ def default_eps(norm: str) -> float:
     return PAPER_LINF_BOUND if normalize_norm(norm) == "linf" else PAPER_L2_BOUND
 
 
+#: The largest radius that means anything: no two images in [0, 1] are further apart than 1,
+#: in Linf or in the RMS unit of L2, so ``eps = 1`` is already an unbounded attack.
+MAX_EPS = 1.0
+
+
 def check_eps(norm: str, eps) -> tuple:
-    """``(norm, eps)`` normalised, ``eps`` defaulting to the paper's bound; ValueError if not positive."""
+    """``(norm, eps)`` normalised, ``eps`` defaulting to the paper's bound.
+
+    Raises:
+        TypeError: ``eps`` not a number.
+        ValueError: an unknown norm; ``eps`` not positive, or above :data:`MAX_EPS` (a radius
+            in 0..255 units, or a Euclidean L2 radius where the RMS one is meant).
+    """
     norm = normalize_norm(norm)
-    eps = default_eps(norm) if eps is None else float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    if eps is None:
+        eps = default_eps(norm)
+    else:
+        try:
+            if isinstance(eps, (bool, str, bytes)):
+                raise TypeError
+            eps = float(eps)
+        except (TypeError, ValueError):
+            raise TypeError(f"eps (the radius) must be a number, got {type(eps).__name__} {eps!r}") from None
+    if not eps > 0:
         raise ValueError(f"eps (the radius) must be a positive number, got {eps}")
+    if eps > MAX_EPS:
+        unit = "Linf 8/255 = 0.0314" if norm == "linf" else "RMS 0.05, the paper's bound, which is a Euclidean radius of 0.05 * sqrt(C*H*W)"
+        raise ValueError(f"eps={eps:g} is larger than any {norm} distance between two images in [0, 1] (at most {MAX_EPS:g}): "
+                         f"radii are in the [0, 1] image unit ({unit}); eps={MAX_EPS:g} is already unbounded")
     return norm, eps
 
 

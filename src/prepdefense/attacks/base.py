@@ -21,19 +21,23 @@ the result of every image is the same whatever the batch size.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..defenses.base import Defense
 from ..defenses.defended import Defended
-from ..draws import DrawKey, KeyLike, as_key
+from ..draws import DrawKey, KeyLike, as_key, image_id
 from ..model_state import eval_mode
 from ..validation import check_images, check_labels, check_targets
 from .verdict import merge_histories
 
-__all__ = ["Attack", "AttackResult", "GradientStats", "blocked_gradient", "gradient_health", "check_attack_inputs", "eval_mode", "forward", "root_key"]
+__all__ = ["Attack", "AttackResult", "GradientStats", "blocked_gradient", "gradient_health", "check_attack_inputs", "check_model", "eval_mode", "forward", "root_key"]
 
 
 @dataclass
@@ -64,29 +68,127 @@ def check_attack_inputs(x: torch.Tensor, labels: torch.Tensor, targets: Optional
     return x, labels, targets
 
 
+def _first_tensor(model: nn.Module) -> Optional[torch.Tensor]:
+    """The model's first floating parameter or buffer (None if it has none)."""
+    return next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+
+
 def _num_classes(model: nn.Module, x: torch.Tensor, key: DrawKey) -> Optional[int]:
-    """K from one forward pass on one image (None for an empty batch or non-2-D output)."""
+    """K from one forward pass on one image (None for an empty batch or non-2-D output).
+
+    A failing pass whose cause is the input's device or dtype against the model's own is
+    re-raised as one line that says so. Outputs that are probabilities (non-negative, summing
+    to 1) get a warning: the attacks' losses take logits."""
     if x.shape[0] == 0:
         return None
-    with torch.no_grad():
-        z = forward(model, x[:1], key.child("probe").select(slice(0, 1)))
+    try:
+        with torch.no_grad():
+            z = forward(model, x[:1], key.child("probe").select(slice(0, 1)))
+    except RuntimeError as e:
+        own = _first_tensor(model) if isinstance(model, nn.Module) else None
+        if own is not None and own.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {own.device}: "
+                             f"move one to the other (x.to('{own.device}') or model.to('{x.device}'))") from e
+        if own is not None and own.dtype != x.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have dtype {own.dtype}: "
+                            f"pass x.to({own.dtype}) (or convert the model)") from e
+        raise
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"the model must map (N, C, H, W) images to (N, K) logits; it returned {tuple(getattr(z, 'shape', ()))}")
     if not torch.isfinite(z).all():
         raise ValueError("the model returned NaN or infinite logits on the first image; check the model and its input scaling")
+    if z.shape[1] > 1 and float(z.min()) >= 0 and float(z.max()) <= 1 and abs(float(z.double().sum()) - 1) < 1e-4:
+        warnings.warn("the model's output on the first image is a probability vector (non-negative, summing to 1), "
+                      "not logits: the attacks' losses (cross-entropy, DLR, margin) take logits and their gradients "
+                      "vanish on probabilities; remove the final softmax (or return its log)", UserWarning, stacklevel=3)
     return int(z.shape[1])
 
 
-def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence[int]] = None) -> DrawKey:
+def _nested_defenses(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every :class:`Defense` or :class:`Defended` inside ``model`` that an
+    attack cannot reach: all of them, except the top model's own defense when the top model
+    (under ``EOT`` wrappers) is a ``Defended``. A defense's own insides are not searched (a
+    ``BPDA`` holds the defense it approximates)."""
+    from .eot import EOT
+
+    while isinstance(model, EOT):
+        model = model.model
+    if not isinstance(model, nn.Module):
+        return
+    # the top Defended's own defense is the one attacks reach; its classifier is searched
+    start = [("model", model.model)] if isinstance(model, Defended) else list(model.named_children())
+    stack = list(reversed(start))
+    while stack:
+        name, m = stack.pop()
+        if isinstance(m, (Defense, Defended)):
+            yield name, m
+            continue
+        stack.extend((f"{name}.{k}", c) for k, c in reversed(list(m.named_children())))
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse a model that holds a random or non-differentiable defense where an attack cannot
+    reach it (``nn.Sequential(defense, classifier)``, the ART / torchattacks way): its draws
+    would be neither seeded (``generator`` ignored) nor averaged (EOT sees a deterministic
+    model, and the verdict judges on one draw), and BPDA could not be put around it.
+
+    Raises:
+        TypeError: ``model`` is not callable.
+        ValueError: such a defense, named with the fix (``Defended(defense, classifier)``).
+    """
+    if not callable(model):
+        raise TypeError(f"model must be a callable module mapping [0, 1] NCHW images to logits, got {type(model).__name__}")
+    for name, m in _nested_defenses(model):
+        inner = m.defense if isinstance(m, Defended) else m
+        random = bool(getattr(inner, "randomized", False))
+        differentiable = bool(getattr(inner, "differentiable", False))
+        if random or not differentiable:
+            what = " and ".join(w for w, on in (("random", random), ("not differentiable", not differentiable)) if on)
+            raise ValueError(
+                f"the model holds the defense {type(inner).__name__} ({what}) at '{name}', inside {type(model).__name__}, "
+                f"where attacks cannot reach it: its draws would not be seeded or averaged (EOT) and BPDA could not "
+                f"be put around it; build the model as prepdefense.defenses.Defended(defense, classifier)"
+            )
+
+
+def _image_ids(ids: Union[torch.Tensor, Sequence[Any]], n: int) -> torch.Tensor:
+    """``ids`` as an int64 tensor of shape (n,): non-negative integers as they are, names
+    (``str``, e.g. the file names :func:`prepdefense.data.load_images` returns) through
+    :func:`~prepdefense.draws.image_id`."""
+    what = f"ids must be one non-negative integer or one name (str) per image, shape ({n},)"
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what}; got a single {type(ids).__name__}")
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{what}; got a {ids.dtype} tensor")
+        t = ids.detach().to("cpu", torch.int64)
+    else:
+        items = list(ids)
+        if items and all(isinstance(i, str) for i in items):
+            t = torch.tensor([image_id(i) for i in items], dtype=torch.int64)
+        elif all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in items):
+            t = torch.tensor([int(i) for i in items], dtype=torch.int64)
+        else:
+            kinds = sorted({type(i).__name__ for i in items})
+            raise TypeError(f"{what}; got {', '.join(kinds)}")
+    if t.shape != (n,):
+        raise ValueError(f"{what}; got shape {tuple(t.shape)}")
+    if n and int(t.min()) < 0:
+        raise ValueError(f"{what}; got a negative id ({int(t.min())})")
+    return t
+
+
+def root_key(generator: KeyLike, n: int, ids: Union[None, torch.Tensor, Sequence[Any]] = None) -> DrawKey:
     """The run's key: ``generator`` as :func:`~prepdefense.draws.as_key` reads it, with the
-    images' own ``ids`` when given (then draws follow the images, not their positions)."""
+    images' own ``ids`` when given (then draws follow the images, not their positions).
+
+    Raises:
+        TypeError / ValueError: ``ids`` that are not one non-negative integer or one name per image.
+    """
     key = as_key(generator, n)
     if ids is None:
         return key
-    ids = torch.as_tensor(ids, dtype=torch.int64) if not isinstance(ids, torch.Tensor) else ids
-    if ids.shape != (n,):
-        raise ValueError(f"ids must have one non-negative integer per image, shape ({n},), got {tuple(ids.shape)}")
-    return DrawKey(key.seed, ids, key.path)
+    return DrawKey(key.seed, _image_ids(ids, n), key.path)
 
 
 def forward(model: nn.Module, x: torch.Tensor, key: DrawKey) -> torch.Tensor:
@@ -229,12 +331,20 @@ class Attack:
             labels: (N,) int64 true classes.
             targets: (N,) int64 target classes (targeted), or None (untargeted).
             generator: the run's seed: an int, a ``torch.Generator``, a ``DrawKey`` or None.
-            ids: (N,) non-negative image ids; the randomness of image ``i`` depends only on the
-                seed and ``ids[i]`` (default: positions ``0..N-1``).
+            ids: (N,) non-negative integer image ids, or N names (str, e.g. file names); the
+                randomness of image ``i`` depends only on the seed and ``ids[i]`` (default:
+                positions ``0..N-1``).
 
         Returns:
             an :class:`AttackResult` over all N images.
+
+        Raises:
+            TypeError / ValueError: inputs that fail :func:`check_attack_inputs`, a model that
+                :func:`check_model` refuses, a model whose gradient a non-differentiable
+                defense blocks (the message names BPDA), ``x`` on another device or of another
+                dtype than the model. A model whose output is probabilities gets a warning.
         """
+        check_model(model)
         x, labels, targets = check_attack_inputs(x, labels, targets)
         if targets is None and not self.supports_untargeted:
             raise ValueError(f"{self.name} is a targeted attack; pass targets")

@@ -35,7 +35,8 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult, GradientStats
+from ..validation import check_count
+from .base import Attack, AttackResult, GradientStats, forward
 from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful, margin_loss
 from .verdict import round_record
@@ -57,6 +58,7 @@ class CarliniWagnerL2(Attack):
         abort_early: freeze an image whose loss stopped decreasing (see module docstring).
         record_history: record, after each binary-search step, accuracy and attack success
             rate of the best adversarials so far and the mean c.
+        batch_size: images attacked together (None: all).
 
     Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) -> adversarial (N, C, H, W),
     success (N,); ``info['l2']`` Euclidean and ``info['l2_rms']`` normalised L2 per image
@@ -80,9 +82,9 @@ class CarliniWagnerL2(Attack):
         kappa: float = 0.0,
         abort_early: bool = True,
         record_history: bool = False,
+        batch_size: Optional[int] = None,
     ) -> None:
-        if int(binary_search_steps) < 1 or int(steps) < 1:
-            raise ValueError("binary_search_steps and steps must be >= 1")
+        binary_search_steps, steps = check_count(binary_search_steps, "binary_search_steps"), check_count(steps, "steps")
         if not lr > 0 or not initial_const > 0 or kappa < 0:
             raise ValueError("lr and initial_const must be positive and kappa non-negative")
         self.binary_search_steps = int(binary_search_steps)
@@ -92,9 +94,11 @@ class CarliniWagnerL2(Attack):
         self.kappa = float(kappa)
         self.abort_early = bool(abort_early)
         self.record_history = bool(record_history)
+        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
-        """Attack one batch (deterministic: ``key`` is unused)."""
+        """Attack one batch. A random model draws under ``key``: a fresh draw per iteration
+        (sub-stream ``("step", binary-search step, iteration)``), so the run is reproducible."""
         n = x.shape[0]
         dev = x.device
         w0 = torch.atanh((2 * x - 1) * _TANH_SCALE)
@@ -121,16 +125,15 @@ class CarliniWagnerL2(Attack):
             for it in range(self.steps):
                 with torch.enable_grad():
                     x_new = (torch.tanh(w) + 1) / 2
-                    x_new.retain_grad()
-                    logits = model(x_new)
+                    logits = forward(model, x_new, key.child("step", bs_step, it))
                     l2sq = (x_new - x).flatten(1).pow(2).sum(dim=1)
                     adv_loss = margin_loss(logits, labels, targets, kappa=self.kappa)
                     loss = l2sq + c * adv_loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.sum().backward()
+                    # the gradient of w only: backward() would also leave .grad on the user's model
+                    w.grad, x_grad = torch.autograd.grad(loss.sum(), (w, x_new))
                 # the adversarial term's share of the gradient (the distance term's is 2 (x' - x)):
                 # zero for every image when the model masks its gradient
-                stats.add((x_new.grad - 2 * (x_new - x)).detach()[active])
+                stats.add((x_grad - 2 * (x_new - x)).detach()[active])
                 frozen = ~active
                 kept = w.detach()[frozen].clone() if frozen.any() else None
                 optimizer.step()
@@ -159,11 +162,11 @@ class CarliniWagnerL2(Attack):
             const, lower, upper = next_constants(found, const, lower, upper)
             if self.record_history:
                 with torch.no_grad():
-                    pred = model(best_adv).argmax(dim=1)
+                    pred = forward(model, best_adv, key.child("history", bs_step)).argmax(dim=1)
                 history.append(round_record(bs_step + 1, pred, labels, targets, mean_const=float(const.mean())))
 
         with torch.no_grad():
-            success = is_successful(model(best_adv), labels, targets)
+            success = is_successful(forward(model, best_adv, key.child("judge")), labels, targets)
         l2 = best_l2sq.sqrt()
         info = {
             "attack": self.name,

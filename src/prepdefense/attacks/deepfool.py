@@ -33,7 +33,8 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult, GradientStats
+from ..validation import check_count
+from .base import Attack, AttackResult, GradientStats, forward
 from .verdict import round_record
 
 __all__ = ["DeepFool"]
@@ -47,6 +48,7 @@ class DeepFool(Attack):
         overshoot: the final perturbation is ``(1 + overshoot)`` times the accumulated one (0.02).
         candidates: number of top classes considered, the label included (10).
         record_history: record per-iteration accuracy and success rate.
+        batch_size: images attacked together (None: all).
 
     Shape: x (N, C, H, W) in [0, 1]; labels (N,) -> adversarial (N, C, H, W), success (N,);
     ``info['iterations']`` per image, ``info['l2']`` / ``info['l2_rms']`` per image.
@@ -59,21 +61,25 @@ class DeepFool(Attack):
     supports_untargeted = True
     norms = ("l2",)
 
-    def __init__(self, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10, record_history: bool = False) -> None:
-        if int(steps) < 1 or int(candidates) < 2 or overshoot < 0:
-            raise ValueError("DeepFool needs steps >= 1, candidates >= 2 and overshoot >= 0")
+    def __init__(self, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10, record_history: bool = False,
+                 batch_size: Optional[int] = None) -> None:
+        steps, candidates = check_count(steps, "steps"), check_count(candidates, "candidates", minimum=2)
+        if not overshoot >= 0:
+            raise ValueError(f"overshoot must be >= 0, got {overshoot}")
         self.steps = int(steps)
         self.overshoot = float(overshoot)
         self.candidates = int(candidates)
         self.record_history = bool(record_history)
+        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
-        """Attack one batch (untargeted: the base refuses ``targets``)."""
+        """Attack one batch (untargeted: the base refuses ``targets``). A random model draws
+        under ``key``: a fresh draw per iteration (sub-stream ``("step", iteration)``)."""
         n = x.shape[0]
         dev = x.device
 
         with torch.no_grad():
-            logits0 = model(x)
+            logits0 = forward(model, x, key.child("start"))
         k = min(self.candidates, logits0.shape[1])
         # candidate classes: the label first, then the k-1 highest other classes
         others = logits0.scatter(1, labels[:, None], float("-inf")).topk(k - 1, dim=1).indices
@@ -92,7 +98,7 @@ class DeepFool(Attack):
                 break
             xa = x_adv[idx].clone().requires_grad_(True)
             with torch.enable_grad():
-                logits = model(xa)
+                logits = forward(model, xa, key.select(idx).child("step", it))
             still = logits.argmax(dim=1) == labels[idx]
             active[idx[~still]] = False
             if it > 0 and self.record_history:
@@ -122,7 +128,7 @@ class DeepFool(Attack):
             iterations[upd] += 1
 
         with torch.no_grad():
-            success = model(x_adv).argmax(dim=1) != labels
+            success = forward(model, x_adv, key.child("judge")).argmax(dim=1) != labels
         l2 = (x_adv - x).flatten(1).norm(dim=1)
         info = {
             "attack": self.name,

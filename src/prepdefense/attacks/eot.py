@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..defenses.base import ModuleDefense
 from ..defenses.defended import ENSEMBLE_GRAPH_IMAGES, Defended
 from ..draws import KeyLike, Params, as_key
-from ..validation import check_images
+from ..validation import check_count, check_images
 
 __all__ = ["EOT", "REDUCTIONS", "EOT_CHUNK_IMAGES", "expectation_gradient"]
 
@@ -71,12 +71,10 @@ class EOT(nn.Module):
 
     def __init__(self, model: nn.Module, n: int = 30, *, chunk: Optional[int] = None, reduce: str = "logits", checkpoint: bool = False) -> None:
         super().__init__()
-        if int(n) < 1:
-            raise ValueError(f"EOT needs n >= 1 draws, got {n}")
+        n = check_count(n, "n (EOT draws)")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        chunk = None if chunk is None else check_count(chunk, "chunk")
         self.randomized = bool(getattr(model, "randomized", False))
         if self.randomized and not (hasattr(model, "sample_params") and hasattr(model, "apply")):
             model = ModuleDefense(model)  # a plain random module: one generator per draw

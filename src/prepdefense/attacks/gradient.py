@@ -62,7 +62,8 @@ from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from . import ball
 from ._registry import register
-from .ball import NORMS, normalize_norm, per_image_norm
+from ..validation import check_count
+from .ball import NORMS, check_eps, normalize_norm, per_image_norm
 from .base import Attack, AttackResult, forward, gradient_health
 from .eot import expectation_gradient
 from .losses import LOSSES, is_successful, objective
@@ -145,18 +146,13 @@ class GradientAttack(Attack):
         norm = normalize_norm(norm)
         if eps is None:
             eps = self.default_linf_eps if norm == "linf" else PAPER_L2_BOUND
-        if not float(eps) > 0:
-            raise ValueError(f"eps (the radius) must be positive, got {eps}")
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if int(eot) < 1:
-            raise ValueError(f"eot must be >= 1, got {eot}")
+        norm, eps = check_eps(norm, eps)
+        steps, eot = check_count(steps, "steps"), check_count(eot, "eot")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         if step_size is None and rel_stepsize is None:
             raise ValueError("give step_size or rel_stepsize")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
         self.norm = norm
         self.eps = float(eps)
         self.steps = int(steps)
@@ -170,8 +166,7 @@ class GradientAttack(Attack):
         self.keep_best = bool(keep_best)
         self.record_history = bool(record_history)
         self.batch_size = None if batch_size is None else int(batch_size)
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        chunk = None if chunk is None else check_count(chunk, "chunk")
         self.chunk = None if chunk is None else int(chunk)
 
     # -- geometry -------------------------------------------------------------------------
@@ -339,7 +334,7 @@ class BIM(GradientAttack):
                  steps: int = 10, step_size: Optional[float] = None, rel_stepsize: Optional[float] = None,
                  loss: str = "ce", kappa: float = 0.0, keep_best: bool = False, record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 1.0 / int(steps)
+            rel_stepsize = 1.0 / check_count(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, loss=loss, kappa=kappa,
                          keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
@@ -361,7 +356,7 @@ class PGD(GradientAttack):
                  random_start: bool = True, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
                  record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 2.5 / int(steps)
+            rel_stepsize = 2.5 / check_count(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=random_start, loss=loss, kappa=kappa,
                          keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
@@ -384,7 +379,7 @@ class MIFGSM(GradientAttack):
                  momentum: float = 1.0, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
                  record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 1.0 / int(steps)
+            rel_stepsize = 1.0 / check_count(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, momentum=momentum, loss=loss,
                          kappa=kappa, keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)

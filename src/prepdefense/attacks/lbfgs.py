@@ -35,7 +35,8 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from .base import Attack, AttackResult, GradientStats
+from ..validation import check_count
+from .base import Attack, AttackResult, GradientStats, forward
 from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful
 from .verdict import round_record
@@ -65,6 +66,8 @@ class LBFGS(Attack):
         max_iterations: L-BFGS-B iterations per search step (paper: 1000).
         initial_const: starting weight of the adversarial loss (Cleverhans' default 0.01).
         record_history: record accuracy/ASR of the best adversarials after each search step.
+        batch_size: images optimised together (None: all; L-BFGS-B runs on the batch's
+            joint objective, so its iterations depend on the batch).
 
     Shape: x (N, C, H, W) in [0, 1]; labels, targets (N,) -> adversarial (N, C, H, W),
     success (N,); ``info['l2']`` / ``info['l2_rms']`` per image (inf where failed),
@@ -85,18 +88,20 @@ class LBFGS(Attack):
         max_iterations: int = 1000,
         initial_const: float = 1e-2,
         record_history: bool = False,
+        batch_size: Optional[int] = None,
     ) -> None:
-        if int(binary_search_steps) < 1 or int(max_iterations) < 1:
-            raise ValueError("binary_search_steps and max_iterations must be >= 1")
+        binary_search_steps, max_iterations = check_count(binary_search_steps, "binary_search_steps"), check_count(max_iterations, "max_iterations")
         if not initial_const > 0:
             raise ValueError("initial_const must be positive")
         self.binary_search_steps = int(binary_search_steps)
         self.max_iterations = int(max_iterations)
         self.initial_const = float(initial_const)
         self.record_history = bool(record_history)
+        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
-        """Attack one batch (deterministic: ``key`` is unused)."""
+        """Attack one batch. A random model draws under ``key``: a fresh draw per function
+        evaluation (sub-stream ``("evaluation", binary-search step, call)``)."""
         from scipy.optimize import fmin_l_bfgs_b
 
         n = x.shape[0]
@@ -113,10 +118,13 @@ class LBFGS(Attack):
         evaluations: List[int] = []
         stats = GradientStats()
 
-        def objective_and_grad(flat: np.ndarray, c: torch.Tensor):
+        calls = [0]
+
+        def objective_and_grad(flat: np.ndarray, c: torch.Tensor, step: int):
             xa = torch.from_numpy(flat).view(shape).to(device=dev, dtype=dtype).requires_grad_(True)
+            calls[0] += 1
             with torch.enable_grad():
-                logits = model(xa)
+                logits = forward(model, xa, key.child("evaluation", step, calls[0]))
                 per_image = (xa - x).flatten(1).pow(2).sum(dim=1) + c * lbfgs_adversarial_loss(logits, labels, targets)
                 total = per_image.sum()
                 (grad,) = torch.autograd.grad(total, xa)
@@ -126,13 +134,13 @@ class LBFGS(Attack):
         for step in range(self.binary_search_steps):
             c = torch.from_numpy(const).to(device=dev, dtype=dtype)
             solution, _, details = fmin_l_bfgs_b(
-                objective_and_grad, x0.copy(), args=(c,), bounds=[(0.0, 1.0)] * x0.size,
+                objective_and_grad, x0.copy(), args=(c, step), bounds=[(0.0, 1.0)] * x0.size,
                 maxiter=self.max_iterations,
             )
             evaluations.append(int(details.get("funcalls", 0)))
             xa = torch.from_numpy(solution).view(shape).to(device=dev, dtype=dtype).clamp(0, 1)
             with torch.no_grad():
-                succ = is_successful(model(xa), labels, targets).cpu().numpy()
+                succ = is_successful(forward(model, xa, key.child("check", step)), labels, targets).cpu().numpy()
             l2sq = (xa - x).flatten(1).pow(2).sum(dim=1).double().cpu().numpy()
             better = succ & (l2sq < best_l2sq)
             best_l2sq = np.where(better, l2sq, best_l2sq)
@@ -142,11 +150,11 @@ class LBFGS(Attack):
             const, lower, upper = next_constants(succ, const, lower, upper)
             if self.record_history:
                 with torch.no_grad():
-                    pred = model(best_adv).argmax(dim=1)
+                    pred = forward(model, best_adv, key.child("history", step)).argmax(dim=1)
                 history.append(round_record(step + 1, pred, labels, targets, mean_const=float(const.mean())))
 
         with torch.no_grad():
-            success = is_successful(model(best_adv), labels, targets)
+            success = is_successful(forward(model, best_adv, key.child("judge")), labels, targets)
         l2 = torch.from_numpy(np.sqrt(best_l2sq))
         info = {
             "attack": self.name,

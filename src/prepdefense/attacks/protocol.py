@@ -50,7 +50,9 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, l2_rms
+from ..validation import check_count
 from ._registry import register
+from .ball import check_eps
 from .base import Attack, AttackResult, GradientStats, forward
 from .bpda import with_bpda
 from .eot import expectation_gradient
@@ -95,8 +97,13 @@ class ProtocolBPDA(Attack):
         batch_size: Optional[int] = None,
         progress: Optional[Callable[[int, int, Dict[str, Any]], None]] = None,
     ) -> None:
-        if rounds < 1 or eot < 1 or lr <= 0 or eps <= 0:
-            raise ValueError("rounds and eot must be >= 1, lr and eps > 0")
+        rounds, eot = check_count(rounds, "rounds"), check_count(eot, "eot")
+        max_rounds = check_count(max_rounds, "max_rounds")
+        chunk = None if chunk is None else check_count(chunk, "chunk")
+        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        _, eps = check_eps("l2", eps)
         self.rounds = int(rounds)
         self.lr = float(lr)
         self.eot = int(eot)

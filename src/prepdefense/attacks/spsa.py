@@ -41,6 +41,7 @@ from torch import nn
 
 from .. import seeding
 from ..draws import DrawKey
+from ..validation import check_count
 from ._registry import register
 from .ball import check_eps, project, radius
 from .base import Attack, AttackResult, forward
@@ -87,15 +88,12 @@ class SPSA(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        for what, v in (("steps", steps), ("samples", samples), ("query_batch", query_batch)):
-            if int(v) < 1:
-                raise ValueError(f"{what} must be >= 1, got {v}")
+        steps, samples, query_batch = (check_count(v, what) for what, v in (("steps", steps), ("samples", samples), ("query_batch", query_batch)))
         if not float(delta) > 0 or not float(lr) > 0:
             raise ValueError(f"delta and lr must be positive, got {delta} and {lr}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
         self.samples = int(samples)
         if queries is not None:
             if int(queries) < 2 * self.samples:

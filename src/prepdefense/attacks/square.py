@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import seeding
 from ..draws import DrawKey
+from ..validation import check_count
 from ._registry import register
 from .ball import check_eps, radius
 from .base import Attack, AttackResult, forward
@@ -141,14 +142,13 @@ class Square(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        if int(queries) < 1 or int(eot) < 1:
-            raise ValueError(f"queries and eot must be >= 1, got {queries} and {eot}")
+        queries, eot = check_count(queries, "queries"), check_count(eot, "eot")
         if not 0 < float(p_init) <= 1:
             raise ValueError(f"p_init must lie in (0, 1], got {p_init}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        chunk = None if chunk is None else check_count(chunk, "chunk")
         self.queries, self.eot, self.p_init, self.loss = int(queries), int(eot), float(p_init), loss
         self.chunk = None if chunk is None else int(chunk)
         self.batch_size = None if batch_size is None else int(batch_size)

@@ -187,5 +187,18 @@ class ModuleDefense(Defense):
 
 
 def as_defense(module: nn.Module) -> Defense:
-    """``module`` itself if it is a :class:`Defense`, else a :class:`ModuleDefense` around it."""
-    return module if isinstance(module, Defense) else ModuleDefense(module)
+    """``module`` itself if it is a :class:`Defense`, else a :class:`ModuleDefense` around it.
+
+    Raises:
+        TypeError: ``module`` is not callable, or is a defense's name (build it with
+            ``prepdefense.defenses.create(name)``).
+    """
+    if isinstance(module, Defense):
+        return module
+    if isinstance(module, str):
+        raise TypeError(f"a defense object is needed here, got the name {module!r}: "
+                        f"pass prepdefense.defenses.create({module!r})")
+    if not callable(module):
+        raise TypeError(f"a defense must be a prepdefense Defense or a module mapping [0, 1] NCHW images "
+                        f"to images, got {type(module).__name__}")
+    return ModuleDefense(module)

@@ -98,6 +98,9 @@ def as_art_classifier(model: nn.Module, defense: Union[None, str, nn.Module] = N
     """The defended model ``Defended(BPDA(defense), model)`` (inside ``EOT(., eot)`` when
     ``eot > 1``) as an ART ``PyTorchClassifier`` on [0, 1] images.
 
+    ``model`` is put in eval mode (what the peer library expects; a prepdefense attack instead
+    restores each module's mode when it returns) and is left so: call ``model.train()`` to train it again.
+
     Every call of ART (``predict``, ``loss_gradient``) gets its own draw from ``generator``
     (:class:`~prepdefense.attacks.interop.adapted.PeerModel`); EOT averages logits over draws.
 

@@ -30,6 +30,9 @@ def as_foolbox_model(model: nn.Module, defense: Union[None, str, nn.Module] = No
                      bpda: bool = True, bounds: Tuple[float, float] = (0.0, 1.0), device: Any = None):
     """A foolbox ``PyTorchModel`` around ``PeerModel(model, defense, eot=...)``.
 
+    ``model`` is put in eval mode (what the peer library expects; a prepdefense attack instead
+    restores each module's mode when it returns) and is left so: call ``model.train()`` to train it again.
+
     Args:
         model: classifier on [0,1] NCHW returning logits (a model expecting normalised input
             goes in :class:`prepdefense.models.Normalize` first: foolbox's ``preprocessing``

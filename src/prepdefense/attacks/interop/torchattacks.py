@@ -26,6 +26,9 @@ def as_torchattacks_model(model: nn.Module, defense: Union[None, str, nn.Module]
                           approx: Union[None, str, nn.Module] = None, bpda: bool = True) -> PeerModel:
     """``PeerModel(model, defense, eot=...)`` in eval mode: what a torchattacks attack takes.
 
+    ``model`` is put in eval mode (what the peer library expects; a prepdefense attack instead
+    restores each module's mode when it returns) and is left so: call ``model.train()`` to train it again.
+
     Args: as :class:`~prepdefense.attacks.interop.adapted.PeerModel` (each call gets its own
     draw from ``generator``; ``eot > 1`` averages logits over that many draws per call).
 
