@@ -54,8 +54,8 @@ def test_cw_leaves_no_gradient_on_the_users_model(toy):
     assert all(torch.equal(p.grad, z) for p, z in zip(net.parameters(), zeros))
 
 
-@pytest.mark.parametrize("defense", ["rand", "fd", "jpeg"])
-@pytest.mark.parametrize("attack", ["pgd", "bpda", "square"])
+@pytest.mark.parametrize("defense, attack", [(d, a) for d in ("rand", "fd", "jpeg") for a in ("pgd", "bpda", "square")
+                                             if a != "square" or d == "rand"])  # square needs no gradient
 def test_a_defense_inside_sequential_is_refused_naming_defended(toy, defense, attack):
     """Was: nn.Sequential(rand, net) ran with the generator ignored (and EOT and the verdict
     saw a deterministic model); nn.Sequential(fd, net) gave torch's raw graph error."""
@@ -204,3 +204,67 @@ def test_a_normalised_batch_is_told_to_undo_the_normalisation(toy):
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with pytest.raises(ValueError, match="undo the normalisation"):
         attacks.create("pgd", steps=1)(net, (x - mean) / std, labels=y)
+
+
+def test_peer_model_with_a_defense_is_attacked_not_refused(toy):
+    """A PeerModel (the peer adapters' model) runs its defense behind BPDA and takes
+    generator=: the nested-defense check must not refuse it."""
+    from prepdefense.attacks.interop.adapted import PeerModel
+
+    net, x, y = toy
+    for defense in ("jpeg", "dct-distort"):
+        res = attacks.create("pgd", steps=1)(PeerModel(net, defense, generator=1), x, labels=y, generator=0)
+        assert res.adversarial.shape == x.shape
+
+
+def test_gradient_free_attacks_take_a_fixed_non_differentiable_defense_anywhere(toy):
+    net, x, y = toy
+    model = nn.Sequential(defenses.create("fd"), net)
+    attacks.create("square", queries=3)(model, x, labels=y, generator=0)
+    attacks.create("spsa", steps=1, samples=2)(model, x, labels=y, generator=0)
+    with pytest.raises(ValueError, match="random") as err:  # a random one stays refused: its draws go unseeded
+        attacks.create("square", queries=3)(nn.Sequential(defenses.create("rand"), net), x, labels=y, generator=0)
+    assert "not differentiable" not in str(err.value)
+
+
+def test_a_wrapped_defended_model_is_told_to_pass_it_unwrapped(toy):
+    net, x, y = toy
+    with pytest.raises(ValueError, match="pass the Defended model itself"):
+        attacks.create("pgd", steps=1)(nn.DataParallel(Defended(defenses.create("rand"), net)), x, labels=y)
+
+
+def test_a_shape_error_is_not_blamed_on_the_dtype(toy):
+    """The fd table is a float64 buffer: a failing pass for another reason must keep torch's own error."""
+    _, x, y = toy
+
+    class NeedsFour(nn.Module):
+        def forward(self, t):
+            return t.flatten(1) @ torch.ones(5, 10)
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        attacks.create("square", queries=2)(Defended(defenses.create("fd"), NeedsFour()), x, labels=y)
+
+
+def test_counts_given_as_tensors_or_to_the_ensemble_and_adapters_are_checked(toy):
+    from prepdefense.attacks.ensemble import EnsembleAttack
+    from prepdefense.attacks.interop.adapted import PeerModel
+    from prepdefense.validation import check_int
+
+    net, _, _ = toy
+    assert check_int(torch.tensor(3.0), "steps") == 3
+    with pytest.raises(ValueError, match="whole number"):
+        check_int(torch.tensor(2.5), "steps")
+    with pytest.raises(ValueError, match="whole number"):
+        attacks.create("spsa", samples=2, queries=300.9)
+    with pytest.raises(ValueError, match="whole number"):
+        PeerModel(net, "rand", eot=2.9)
+    with pytest.raises(ValueError, match="whole number"):
+        EnsembleAttack("apgd-ce", eot=2.5)
+
+
+def test_evaluate_refuses_a_radius_in_0_255_units_as_a_usage_error(capsys):
+    from prepdefense.cli.main import main
+
+    assert main(["evaluate", "--defense", "jpeg", "--norm", "linf", "--eps", "8", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--eps" in err and "8/255" in err and "Traceback" not in err

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_count", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
+__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_int", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
 
 #: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
 RANGE_TOLERANCE = 1e-4
@@ -34,7 +34,7 @@ RANGE_TOLERANCE = 1e-4
 MAX_CHANNELS = 4
 
 
-def check_count(value, name: str, minimum: int = 1) -> int:
+def check_int(value, name: str, minimum: int = 1) -> int:
     """``value`` as an ``int`` if it is a whole number >= ``minimum`` (an integral float such as
     ``2.0`` included).
 
@@ -42,6 +42,8 @@ def check_count(value, name: str, minimum: int = 1) -> int:
         TypeError: not a number, or a bool.
         ValueError: not a whole number, or below ``minimum``.
     """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be a whole number >= {minimum}, got {type(value).__name__} {value!r}")
     if hasattr(value, "__index__"):

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import l2_rms, linf
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .base import AttackResult
 from .bpda import with_bpda
@@ -112,8 +112,8 @@ class AdaptiveAttack(GradientAttack):
             losses = tuple(s.strip() for s in losses.split(","))
         if not losses or any(l not in LOSSES for l in losses):
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses!r}")
-        draws = check_count(draws, "draws")
-        restarts = None if restarts is None else check_count(restarts, "restarts")
+        draws = check_int(draws, "draws")
+        restarts = None if restarts is None else check_int(restarts, "restarts")
         super().__init__(norm=norm, eps=eps, steps=steps, rel_stepsize=step_fraction, random_start=random_start,
                          loss=losses[0], kappa=kappa, eot=eot, batch_size=batch_size, chunk=chunk)
         self.losses = tuple(losses)

@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import seeding
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .ball import check_eps, per_image_norm, project, radius
 from .base import Attack, AttackResult, forward
@@ -128,12 +128,12 @@ class APGD(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        steps, restarts, eot = (check_count(v, what) for what, v in (("steps", steps), ("restarts", restarts), ("eot", eot)))
+        steps, restarts, eot = (check_int(v, what) for what, v in (("steps", steps), ("restarts", restarts), ("eot", eot)))
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         if not 0 <= float(rho) <= 1 or not 0 <= float(momentum) <= 1:
             raise ValueError(f"rho and momentum must lie in [0, 1], got {rho} and {momentum}")
-        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
         self.steps, self.restarts, self.eot = int(steps), int(restarts), int(eot)
         self.loss = loss
         self.rho, self.momentum = float(rho), float(momentum)

@@ -74,7 +74,8 @@ def _first_tensor(model: nn.Module) -> Optional[torch.Tensor]:
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor, key: DrawKey) -> Optional[int]:
-    """K from one forward pass on one image (None for an empty batch or non-2-D output).
+    """K from one forward pass on one image (None for an empty batch; a ValueError for an
+    output that is not (N, K) logits).
 
     A failing pass whose cause is the input's device or dtype against the model's own is
     re-raised as one line that says so. Outputs that are probabilities (non-negative, summing
@@ -85,13 +86,15 @@ def _num_classes(model: nn.Module, x: torch.Tensor, key: DrawKey) -> Optional[in
         with torch.no_grad():
             z = forward(model, x[:1], key.child("probe").select(slice(0, 1)))
     except RuntimeError as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         own = _first_tensor(model) if isinstance(model, nn.Module) else None
-        if own is not None and own.device != x.device:
-            raise ValueError(f"x is on {x.device} but the model's parameters are on {own.device}: "
-                             f"move one to the other (x.to('{own.device}') or model.to('{x.device}'))") from e
-        if own is not None and own.dtype != x.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have dtype {own.dtype}: "
-                            f"pass x.to({own.dtype}) (or convert the model)") from e
+        about = text.lower()
+        if own is not None and own.device != x.device and "device" in about:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {own.device}: move one to the "
+                             f"other (x.to('{own.device}') or model.to('{x.device}')); torch said: {text}") from e
+        if own is not None and own.dtype != x.dtype and ("type" in about or "dtype" in about):
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have dtype {own.dtype}: pass "
+                            f"x.to({own.dtype}) (or convert the model); torch said: {text}") from e
         raise
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError(f"the model must map (N, C, H, W) images to (N, K) logits; it returned {tuple(getattr(z, 'shape', ()))}")
@@ -104,51 +107,64 @@ def _num_classes(model: nn.Module, x: torch.Tensor, key: DrawKey) -> Optional[in
     return int(z.shape[1])
 
 
+def _holds_own_draws(m: nn.Module) -> bool:
+    """A module that runs its defense's draws itself (the peer adapters: ``PeerModel``, and the
+    foreign classifiers of ``from_art_classifier`` / ``from_foolbox_model``): not searched."""
+    return bool(getattr(m, "holds_own_draws", False))
+
+
 def _nested_defenses(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """``(name, module)`` of every :class:`Defense` or :class:`Defended` inside ``model`` that an
     attack cannot reach: all of them, except the top model's own defense when the top model
-    (under ``EOT`` wrappers) is a ``Defended``. A defense's own insides are not searched (a
-    ``BPDA`` holds the defense it approximates)."""
+    (under ``EOT`` wrappers) is a ``Defended``. Neither a defense's own insides (a ``BPDA``
+    holds the defense it approximates) nor a module that holds its own draws are searched."""
     from .eot import EOT
 
     while isinstance(model, EOT):
         model = model.model
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module) or _holds_own_draws(model):
         return
     # the top Defended's own defense is the one attacks reach; its classifier is searched
     start = [("model", model.model)] if isinstance(model, Defended) else list(model.named_children())
     stack = list(reversed(start))
     while stack:
         name, m = stack.pop()
+        if _holds_own_draws(m):
+            continue
         if isinstance(m, (Defense, Defended)):
             yield name, m
             continue
         stack.extend((f"{name}.{k}", c) for k, c in reversed(list(m.named_children())))
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse a model that holds a random or non-differentiable defense where an attack cannot
-    reach it (``nn.Sequential(defense, classifier)``, the ART / torchattacks way): its draws
-    would be neither seeded (``generator`` ignored) nor averaged (EOT sees a deterministic
-    model, and the verdict judges on one draw), and BPDA could not be put around it.
+def check_model(model: nn.Module, *, uses_gradient: bool = True) -> None:
+    """Refuse a model that holds a defense where an attack cannot reach it
+    (``nn.Sequential(defense, classifier)``, the ART / torchattacks way): a random one, whose
+    draws would be neither seeded (``generator`` ignored) nor averaged (EOT sees a
+    deterministic model, and the verdict judges on one draw); or, for an attack that uses a
+    gradient (``uses_gradient``), a non-differentiable one, around which BPDA cannot be put.
 
     Raises:
         TypeError: ``model`` is not callable.
-        ValueError: such a defense, named with the fix (``Defended(defense, classifier)``).
+        ValueError: such a defense, named with where it sits and the fix.
     """
     if not callable(model):
         raise TypeError(f"model must be a callable module mapping [0, 1] NCHW images to logits, got {type(model).__name__}")
     for name, m in _nested_defenses(model):
         inner = m.defense if isinstance(m, Defended) else m
         random = bool(getattr(inner, "randomized", False))
-        differentiable = bool(getattr(inner, "differentiable", False))
-        if random or not differentiable:
-            what = " and ".join(w for w, on in (("random", random), ("not differentiable", not differentiable)) if on)
-            raise ValueError(
-                f"the model holds the defense {type(inner).__name__} ({what}) at '{name}', inside {type(model).__name__}, "
-                f"where attacks cannot reach it: its draws would not be seeded or averaged (EOT) and BPDA could not "
-                f"be put around it; build the model as prepdefense.defenses.Defended(defense, classifier)"
-            )
+        blocked = uses_gradient and not getattr(inner, "differentiable", False)
+        if not (random or blocked):
+            continue
+        why = []
+        if random:
+            why.append("it is random, and its draws would be neither seeded by generator= nor averaged by EOT")
+        if blocked:
+            why.append("it is not differentiable, and BPDA could not be put around it")
+        fix = ("pass the Defended model itself, not wrapped in another module" if isinstance(m, Defended)
+               else "build the model as prepdefense.defenses.Defended(defense, classifier) and pass that")
+        raise ValueError(f"the model holds the defense {type(inner).__name__} at '{name}' inside {type(model).__name__}, "
+                         f"where attacks cannot reach it: {'; '.join(why)}; {fix}")
 
 
 def _image_ids(ids: Union[torch.Tensor, Sequence[Any]], n: int) -> torch.Tensor:
@@ -278,6 +294,8 @@ class Attack:
     #: The attack puts BPDA through a non-differentiable defense itself (``bpda``, ``adaptive``);
     #: the others refuse a model whose defense has no gradient (:func:`blocked_gradient`).
     composes_bpda: bool = False
+    #: The attack differentiates the model (False: it queries outputs only, ``square``, ``spsa``).
+    uses_gradient: bool = True
 
     def hyperparameters(self) -> Dict[str, Any]:
         """Every setting, as recorded beside results."""
@@ -321,15 +339,15 @@ class Attack:
         labels: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
         generator: KeyLike = None,
-        ids: Union[None, torch.Tensor, Sequence[int]] = None,
+        ids: Union[None, torch.Tensor, Sequence[int], Sequence[str]] = None,
     ) -> AttackResult:
         """Attack ``model`` on ``x``.
 
         Args:
             model: maps [0,1] NCHW to logits.
             x: (N, C, H, W) images in [0, 1].
-            labels: (N,) int64 true classes.
-            targets: (N,) int64 target classes (targeted), or None (untargeted).
+            labels: (N,) integer true classes (any integer dtype; used as int64).
+            targets: (N,) integer target classes (targeted), or None (untargeted).
             generator: the run's seed: an int, a ``torch.Generator``, a ``DrawKey`` or None.
             ids: (N,) non-negative integer image ids, or N names (str, e.g. file names); the
                 randomness of image ``i`` depends only on the seed and ``ids[i]`` (default:
@@ -344,7 +362,7 @@ class Attack:
                 defense blocks (the message names BPDA), ``x`` on another device or of another
                 dtype than the model. A model whose output is probabilities gets a warning.
         """
-        check_model(model)
+        check_model(model, uses_gradient=self.uses_gradient)
         x, labels, targets = check_attack_inputs(x, labels, targets)
         if targets is None and not self.supports_untargeted:
             raise ValueError(f"{self.name} is a targeted attack; pass targets")

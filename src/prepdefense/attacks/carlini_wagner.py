@@ -35,7 +35,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from .base import Attack, AttackResult, GradientStats, forward
 from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful, margin_loss
@@ -84,7 +84,7 @@ class CarliniWagnerL2(Attack):
         record_history: bool = False,
         batch_size: Optional[int] = None,
     ) -> None:
-        binary_search_steps, steps = check_count(binary_search_steps, "binary_search_steps"), check_count(steps, "steps")
+        binary_search_steps, steps = check_int(binary_search_steps, "binary_search_steps"), check_int(steps, "steps")
         if not lr > 0 or not initial_const > 0 or kappa < 0:
             raise ValueError("lr and initial_const must be positive and kappa non-negative")
         self.binary_search_steps = int(binary_search_steps)
@@ -94,7 +94,7 @@ class CarliniWagnerL2(Attack):
         self.kappa = float(kappa)
         self.abort_early = bool(abort_early)
         self.record_history = bool(record_history)
-        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Attack one batch. A random model draws under ``key``: a fresh draw per iteration

@@ -33,7 +33,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from .base import Attack, AttackResult, GradientStats, forward
 from .verdict import round_record
 
@@ -63,14 +63,14 @@ class DeepFool(Attack):
 
     def __init__(self, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10, record_history: bool = False,
                  batch_size: Optional[int] = None) -> None:
-        steps, candidates = check_count(steps, "steps"), check_count(candidates, "candidates", minimum=2)
+        steps, candidates = check_int(steps, "steps"), check_int(candidates, "candidates", minimum=2)
         if not overshoot >= 0:
             raise ValueError(f"overshoot must be >= 0, got {overshoot}")
         self.steps = int(steps)
         self.overshoot = float(overshoot)
         self.candidates = int(candidates)
         self.record_history = bool(record_history)
-        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Attack one batch (untargeted: the base refuses ``targets``). A random model draws

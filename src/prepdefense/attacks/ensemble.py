@@ -78,8 +78,9 @@ from torch import nn
 from ..draws import DrawKey, KeyLike
 from ..metrics import l2_rms, linf
 from ..model_state import eval_mode
+from ..validation import check_int
 from .ball import check_eps
-from .base import _num_classes, check_attack_inputs, root_key
+from .base import _num_classes, check_attack_inputs, check_model, root_key
 from .bpda import with_bpda
 from .diagnostics import DOUBLING_TOLERANCE, UNBOUNDED_MIN_SUCCESS
 from .transfer import inner_classifier
@@ -131,8 +132,7 @@ class EnsembleAttack:
     def __post_init__(self) -> None:
         if self.name not in WHITE_BOX + _TRANSFER + GRADIENT_FREE:
             raise ValueError(f"the ensemble runs {', '.join(WHITE_BOX + _TRANSFER + GRADIENT_FREE)}; got {self.name!r}")
-        if int(self.eot) < 1:
-            raise ValueError(f"eot must be >= 1, got {self.eot}")
+        object.__setattr__(self, "eot", check_int(self.eot, "eot"))
         if not self.label:
             object.__setattr__(self, "label", self.name)
         object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
@@ -466,7 +466,8 @@ def check_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, genera
     returns ``(x, labels, key, num_classes)``; TypeError / ValueError otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module mapping [0,1] NCHW images to logits, got {type(model).__name__}")
-    if int(draws) < MIN_DRAWS:
+    check_model(model)
+    if check_int(draws, "draws") < MIN_DRAWS:
         raise ValueError(f"draws must be >= {MIN_DRAWS} (every kept example is judged on at least {MIN_DRAWS} fresh draws), got {draws}")
     x, labels, _ = check_attack_inputs(x, labels, None)
     x = x.detach()

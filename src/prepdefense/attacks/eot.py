@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..defenses.base import ModuleDefense
 from ..defenses.defended import ENSEMBLE_GRAPH_IMAGES, Defended
 from ..draws import KeyLike, Params, as_key
-from ..validation import check_count, check_images
+from ..validation import check_int, check_images
 
 __all__ = ["EOT", "REDUCTIONS", "EOT_CHUNK_IMAGES", "expectation_gradient"]
 
@@ -71,10 +71,10 @@ class EOT(nn.Module):
 
     def __init__(self, model: nn.Module, n: int = 30, *, chunk: Optional[int] = None, reduce: str = "logits", checkpoint: bool = False) -> None:
         super().__init__()
-        n = check_count(n, "n (EOT draws)")
+        n = check_int(n, "n (EOT draws)")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-        chunk = None if chunk is None else check_count(chunk, "chunk")
+        chunk = None if chunk is None else check_int(chunk, "chunk")
         self.randomized = bool(getattr(model, "randomized", False))
         if self.randomized and not (hasattr(model, "sample_params") and hasattr(model, "apply")):
             model = ModuleDefense(model)  # a plain random module: one generator per draw

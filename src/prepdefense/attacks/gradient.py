@@ -62,7 +62,7 @@ from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, PAPER_LINF_BOUND
 from . import ball
 from ._registry import register
-from ..validation import check_count
+from ..validation import check_int
 from .ball import NORMS, check_eps, normalize_norm, per_image_norm
 from .base import Attack, AttackResult, forward, gradient_health
 from .eot import expectation_gradient
@@ -147,12 +147,12 @@ class GradientAttack(Attack):
         if eps is None:
             eps = self.default_linf_eps if norm == "linf" else PAPER_L2_BOUND
         norm, eps = check_eps(norm, eps)
-        steps, eot = check_count(steps, "steps"), check_count(eot, "eot")
+        steps, eot = check_int(steps, "steps"), check_int(eot, "eot")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         if step_size is None and rel_stepsize is None:
             raise ValueError("give step_size or rel_stepsize")
-        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
         self.norm = norm
         self.eps = float(eps)
         self.steps = int(steps)
@@ -166,7 +166,7 @@ class GradientAttack(Attack):
         self.keep_best = bool(keep_best)
         self.record_history = bool(record_history)
         self.batch_size = None if batch_size is None else int(batch_size)
-        chunk = None if chunk is None else check_count(chunk, "chunk")
+        chunk = None if chunk is None else check_int(chunk, "chunk")
         self.chunk = None if chunk is None else int(chunk)
 
     # -- geometry -------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class BIM(GradientAttack):
                  steps: int = 10, step_size: Optional[float] = None, rel_stepsize: Optional[float] = None,
                  loss: str = "ce", kappa: float = 0.0, keep_best: bool = False, record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 1.0 / check_count(steps, "steps")
+            rel_stepsize = 1.0 / check_int(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, loss=loss, kappa=kappa,
                          keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
@@ -356,7 +356,7 @@ class PGD(GradientAttack):
                  random_start: bool = True, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
                  record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 2.5 / check_count(steps, "steps")
+            rel_stepsize = 2.5 / check_int(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=random_start, loss=loss, kappa=kappa,
                          keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)
@@ -379,7 +379,7 @@ class MIFGSM(GradientAttack):
                  momentum: float = 1.0, loss: str = "ce", kappa: float = 0.0, keep_best: bool = False,
                  record_history: bool = False, eot: int = 1, batch_size: Optional[int] = None) -> None:
         if step_size is None and rel_stepsize is None:
-            rel_stepsize = 1.0 / check_count(steps, "steps")
+            rel_stepsize = 1.0 / check_int(steps, "steps")
         super().__init__(norm=norm, eps=eps, steps=steps, step_size=step_size,
                          rel_stepsize=rel_stepsize, random_start=False, momentum=momentum, loss=loss,
                          kappa=kappa, keep_best=keep_best, record_history=record_history, eot=eot, batch_size=batch_size)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ._registry import register
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from .base import Attack, AttackResult, GradientStats, forward
 from .binary_search import NO_UPPER, next_constants
 from .losses import is_successful
@@ -90,14 +90,14 @@ class LBFGS(Attack):
         record_history: bool = False,
         batch_size: Optional[int] = None,
     ) -> None:
-        binary_search_steps, max_iterations = check_count(binary_search_steps, "binary_search_steps"), check_count(max_iterations, "max_iterations")
+        binary_search_steps, max_iterations = check_int(binary_search_steps, "binary_search_steps"), check_int(max_iterations, "max_iterations")
         if not initial_const > 0:
             raise ValueError("initial_const must be positive")
         self.binary_search_steps = int(binary_search_steps)
         self.max_iterations = int(max_iterations)
         self.initial_const = float(initial_const)
         self.record_history = bool(record_history)
-        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
 
     def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor], key: DrawKey) -> AttackResult:
         """Attack one batch. A random model draws under ``key``: a fresh draw per function

@@ -120,7 +120,8 @@ def objective(
 ) -> torch.Tensor:
     """The per-sample objective an attack *ascends*: minus the loss ``name`` ('ce', 'margin' or 'dlr').
 
-    Attacks call ``objective(...).sum().backward()``; no mean over the batch, so a step
+    Attacks differentiate ``objective(...).sum()`` (``torch.autograd.grad``, so the model's
+    parameters get no ``.grad``); no mean over the batch, so a step
     never depends on how many images share the batch.
 
     Shape: (N, K), (N,), (N,) or None -> (N,).

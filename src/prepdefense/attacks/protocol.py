@@ -50,7 +50,7 @@ from torch import nn
 
 from ..draws import DrawKey
 from ..metrics import PAPER_L2_BOUND, l2_rms
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .ball import check_eps
 from .base import Attack, AttackResult, GradientStats, forward
@@ -97,10 +97,10 @@ class ProtocolBPDA(Attack):
         batch_size: Optional[int] = None,
         progress: Optional[Callable[[int, int, Dict[str, Any]], None]] = None,
     ) -> None:
-        rounds, eot = check_count(rounds, "rounds"), check_count(eot, "eot")
-        max_rounds = check_count(max_rounds, "max_rounds")
-        chunk = None if chunk is None else check_count(chunk, "chunk")
-        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        rounds, eot = check_int(rounds, "rounds"), check_int(eot, "eot")
+        max_rounds = check_int(max_rounds, "max_rounds")
+        chunk = None if chunk is None else check_int(chunk, "chunk")
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         _, eps = check_eps("l2", eps)

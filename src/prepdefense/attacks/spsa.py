@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import seeding
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .ball import check_eps, project, radius
 from .base import Attack, AttackResult, forward
@@ -71,6 +71,7 @@ class SPSA(Attack):
     name = "spsa"
     #: Gradient-free: it queries the defended model as deployed, whatever its gradient.
     composes_bpda = True
+    uses_gradient = False
 
     def __init__(
         self,
@@ -88,15 +89,16 @@ class SPSA(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        steps, samples, query_batch = (check_count(v, what) for what, v in (("steps", steps), ("samples", samples), ("query_batch", query_batch)))
+        steps, samples, query_batch = (check_int(v, what) for what, v in (("steps", steps), ("samples", samples), ("query_batch", query_batch)))
         if not float(delta) > 0 or not float(lr) > 0:
             raise ValueError(f"delta and lr must be positive, got {delta} and {lr}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
         self.samples = int(samples)
         if queries is not None:
-            if int(queries) < 2 * self.samples:
+            queries = check_int(queries, "queries")
+            if queries < 2 * self.samples:
                 raise ValueError(f"queries ({queries}) must allow one step of 2 * samples = {2 * self.samples} queries")
             steps = int(queries) // (2 * self.samples)
         self.steps = int(steps)

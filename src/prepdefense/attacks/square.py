@@ -49,7 +49,7 @@ from torch import nn
 
 from .. import seeding
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .ball import check_eps, radius
 from .base import Attack, AttackResult, forward
@@ -127,6 +127,7 @@ class Square(Attack):
     name = "square"
     #: Gradient-free: it queries the defended model as deployed, whatever its gradient.
     composes_bpda = True
+    uses_gradient = False
 
     def __init__(
         self,
@@ -142,13 +143,13 @@ class Square(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        queries, eot = check_count(queries, "queries"), check_count(eot, "eot")
+        queries, eot = check_int(queries, "queries"), check_int(eot, "eot")
         if not 0 < float(p_init) <= 1:
             raise ValueError(f"p_init must lie in (0, 1], got {p_init}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
-        chunk = None if chunk is None else check_count(chunk, "chunk")
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
+        chunk = None if chunk is None else check_int(chunk, "chunk")
         self.queries, self.eot, self.p_init, self.loss = int(queries), int(eot), float(p_init), loss
         self.chunk = None if chunk is None else int(chunk)
         self.batch_size = None if batch_size is None else int(batch_size)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..defenses.defended import Defended, undefended_at
 from ..draws import DrawKey
-from ..validation import check_count
+from ..validation import check_int
 from ._registry import register
 from .base import Attack, AttackResult, forward
 from .eot import EOT
@@ -100,7 +100,7 @@ class Transfer(Attack):
         self.norm, self.eps, self.steps = self.source_attack.norm, self.source_attack.eps, self.source_attack.steps
         self.step_size, self.rel_stepsize = self.source_attack.step_size, self.source_attack.rel_stepsize
         self.random_start, self.loss = self.source_attack.random_start, loss
-        self.batch_size = None if batch_size is None else check_count(batch_size, "batch_size")
+        self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size")
         self.progress = progress
 
     def steps_per_batch(self) -> int:

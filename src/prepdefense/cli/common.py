@@ -184,6 +184,19 @@ def check_number(flag: str, value: Optional[float], *, positive: bool = False, n
         raise UsageError(f"{flag} must be 0 or more, got {value:g}")
 
 
+def check_radius(flag: str, norm: str, eps: Optional[float]) -> None:
+    """``eps`` (when given) as the attacks take it (:func:`prepdefense.attacks.ball.check_eps`:
+    positive, at most 1 in the [0, 1] image unit), as a one-line usage error."""
+    if eps is None:
+        return
+    from ..attacks.ball import check_eps
+
+    try:
+        check_eps(norm, eps)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
 def check_seed(seed: Optional[int], flag: str = "--seed") -> None:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise UsageError(f"{flag} must be between 0 and 2**63-1 ({MAX_SEED}), got {seed}")

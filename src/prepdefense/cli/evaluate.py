@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 
 from ..attacks import ensemble as E
-from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_defense, check_model,
+from .common import (DEFENSE_HELP, MODEL_HELP, WEIGHTS_HELP, UsageError, add_model_options, check_at_least, check_data, check_radius, check_defense, check_model,
                      check_model_options, check_number, check_out_folder, check_seed, check_shard, model_options,
                      add_defend_at_option, check_defend_at, one_line_skip_warnings,
                      print_json, resolve_device)
@@ -94,6 +94,7 @@ def _check(args) -> str:
     check_at_least("--shard-size", args.shard_size)
     check_at_least("--batch-size", args.batch_size)
     check_number("--eps", args.eps, positive=True)
+    check_radius("--eps", args.norm, args.eps)
     check_seed(args.seed)
     args.shard = check_shard(args.shard)
     if args.shard is not None and args.out is None:

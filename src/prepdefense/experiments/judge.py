@@ -50,7 +50,7 @@ from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import DataError
 from ..metrics import l2_rms, linf
 from ..model_state import eval_mode
-from ..validation import RANGE_TOLERANCE, check_labels, check_targets
+from ..validation import RANGE_TOLERANCE, check_int, check_labels, check_targets
 
 __all__ = ["AdversarialSet", "load_adversarial", "judge", "quantize_8bit", "MIN_DRAWS", "ARRAY_SUFFIXES", "IMAGE_SUFFIXES"]
 
@@ -442,8 +442,7 @@ def judge(model: nn.Module, defense: Union[None, str, nn.Module], adv: Adversari
             images of another size than the model's ``input_size``.
         ValueError: ``draws < 1``.
     """
-    if int(draws) < 1:
-        raise ValueError(f"draws must be at least 1, got {draws}")
+    draws = check_int(draws, "draws")
     n = len(adv)
     notes_at: List[str] = []
     if defend_at is None and adv.defend_at is not None:

@@ -20,7 +20,7 @@ from ...defenses import Defended, create as create_defense, normalize_name
 from ...defenses.base import Defense, as_defense
 from ...draws import DrawKey, KeyLike, Params, as_key
 from ...seeding import child_seed, make_generator
-from ...validation import check_images
+from ...validation import check_images, check_int
 from ..bpda import BPDA
 from ..eot import EOT
 
@@ -143,12 +143,15 @@ class PeerModel(nn.Module):
     Shape: (N, C, H, W) in [0, 1] -> (N, K).
     """
 
+    #: It runs its defense's draws itself: an attack does not look for defenses inside it
+    #: (:func:`prepdefense.attacks.base.check_model`).
+    holds_own_draws = True
+
     def __init__(self, model: nn.Module, defense: Union[None, str, nn.Module] = None, *, eot: int = 1,
                  generator: KeyLike = None, fixed_draw: bool = False, approx: Union[None, str, nn.Module] = None,
                  bpda: bool = True, reduce: str = "logits") -> None:
         super().__init__()
-        if int(eot) < 1:
-            raise ValueError(f"eot must be at least 1, got {eot}")
+        eot = check_int(eot, "eot")
         if reduce not in ("logits", "prob"):
             raise ValueError(f"reduce must be 'logits' or 'prob', got {reduce!r}")
         d = resolve_defense(defense)

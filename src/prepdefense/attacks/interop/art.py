@@ -144,6 +144,10 @@ class ArtClassifierModel(nn.Module):
     Shape: (N, C, H, W) in [0, 1] -> (N, K).
     """
 
+    #: It runs its defense's draws itself: an attack does not look for defenses inside it
+    #: (:func:`prepdefense.attacks.base.check_model`).
+    holds_own_draws = True
+
     def __init__(self, classifier: Any) -> None:
         super().__init__()
         if not getattr(classifier, "all_framework_preprocessing", False):

@@ -70,6 +70,10 @@ class FoolboxModel(nn.Module):
     Shape: (N, C, H, W) in [0, 1] -> (N, K).
     """
 
+    #: It runs its defense's draws itself: an attack does not look for defenses inside it
+    #: (:func:`prepdefense.attacks.base.check_model`).
+    holds_own_draws = True
+
     def __init__(self, fmodel: Any, module: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.fmodel = fmodel
