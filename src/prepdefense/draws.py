@@ -190,6 +190,8 @@ def as_key(generator: KeyLike, n: int) -> DrawKey:
     if generator is None:
         return DrawKey(child_seed(make_generator(None)), n=n)
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        if not 0 <= int(generator) <= _MASK63:
+            raise ValueError(f"an int seed must be between 0 and 2**63-1, got {int(generator)}")
         return DrawKey(int(generator), n=n)
     raise TypeError(f"generator must be None, an int seed, a torch.Generator or a DrawKey, got {type(generator).__name__}")
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .validation import check_labels, check_value_range
+from .validation import RANGE_TOLERANCE, check_labels, check_value_range
 
 __all__ = [
     "l2_rms",
@@ -43,15 +43,27 @@ def _flat_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the two batches must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() < 2:
         raise ValueError(f"expected a batch (N, ...) of images, got shape {tuple(a.shape)}")
+    if a.dim() == 3:
+        raise ValueError(f"got shape {tuple(a.shape)}, one image (C, H, W) or a batch of 2-D images: pass a batch "
+                         f"(N, C, H, W), for one image a.unsqueeze(0) and b.unsqueeze(0)")
     for name, t in (("a", a), ("b", b)):
         if t.numel():
             check_value_range(t, name=name)
-    return (a - b).reshape(a.shape[0], -1)
+    return (a - b).reshape(a.shape[0], -1) if a.shape[0] else a.new_zeros(0, 1)
 
 
 def l2_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Normalised L2 of the paper: ``sqrt(sum((a-b)^2) / (C*H*W))`` per image (RMS difference)."""
+    """Normalised L2 of the paper: ``sqrt(sum((a-b)^2) / (C*H*W))`` per image (RMS difference).
+
+    Shape: a, b (N, C, H, W) in [0, 1] -> (N,) (empty for N = 0).
+
+    Raises:
+        TypeError / ValueError: as :func:`_flat_diff` (not floating tensors, other shapes, one
+            image without its batch dimension, NaN, values outside [0, 1]).
+    """
     d = _flat_diff(a, b).double()
+    if d.shape[0] == 0:
+        return a.new_zeros(0)
     return d.pow(2).mean(dim=1).sqrt().to(a.dtype)
 
 
@@ -62,8 +74,15 @@ def l2_euclidean_radius(rms: float, shape) -> float:
 
 
 def linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``max |a-b|`` per image."""
-    return _flat_diff(a, b).abs().amax(dim=1)
+    """``max |a-b|`` per image.
+
+    Shape: a, b (N, C, H, W) in [0, 1] -> (N,) (empty for N = 0).
+
+    Raises:
+        TypeError / ValueError: as :func:`l2_rms`.
+    """
+    d = _flat_diff(a, b)
+    return a.new_zeros(0) if d.shape[0] == 0 else d.abs().amax(dim=1)
 
 
 def _gaussian_kernel1d(sigma: float, truncate: float, dtype, device) -> torch.Tensor:
@@ -90,10 +109,30 @@ def ssim(
     sigma=1.5, use_sample_covariance=False, data_range=1)`` (PROTOCOL.md), computed batched
     in float64 with a separable "valid" convolution.
 
-    Shape: a, b (N, C, H, W) with H, W >= 11 -> (N,).
+    Shape: a, b (N, C, H, W) with H, W >= 11, values in [0, ``data_range``] (1 for the
+    project's [0, 1] images; 255 for 0..255 data) -> (N,).
+
+    Raises:
+        TypeError: not tensors.
+        ValueError: other shapes, not NCHW (a channels-last batch is named), NaN or infinite
+            values, values outside [0, ``data_range``], images smaller than the window.
     """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ssim: {name} must be a torch.Tensor batch (N, C, H, W), got {type(t).__name__}")
     if a.shape != b.shape or a.dim() != 4:
         raise ValueError(f"ssim expects two NCHW batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] > 4 and a.shape[-1] <= 4:
+        raise ValueError(f"ssim: shape {tuple(a.shape)} looks channels-last (N, H, W, C); pass a.permute(0, 3, 1, 2)")
+    if a.shape[0] == 0:
+        return torch.zeros(0, dtype=a.dtype if a.is_floating_point() else torch.float32, device=a.device)
+    for name, t in (("a", a), ("b", b)):
+        lo, hi = (float(v) for v in torch.aminmax(t.detach().double()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"ssim: {name} contains NaN or infinite values")
+        if lo < -RANGE_TOLERANCE * data_range or hi > data_range * (1 + RANGE_TOLERANCE):
+            hint = " (0..255 data: pass data_range=255)" if data_range == 1 and hi > 1.5 else ""
+            raise ValueError(f"ssim: {name} has values in [{lo:.4g}, {hi:.4g}], outside [0, data_range={data_range:g}]{hint}")
     n, c, h, w = a.shape
     x = a.detach().double().reshape(n * c, 1, h, w)
     y = b.detach().double().reshape(n * c, 1, h, w)
@@ -124,6 +163,8 @@ def _predictions(logits_or_pred: torch.Tensor, n: int) -> torch.Tensor:
     if logits_or_pred.dim() == 2 and logits_or_pred.shape[1] == 1:
         raise ValueError(f"got shape {tuple(logits_or_pred.shape)}: one column is neither (N,) predictions nor (N, K >= 2) "
                          f"logits; for predictions pass pred.squeeze(1)")
+    if logits_or_pred.dim() == 2 and logits_or_pred.is_floating_point() and not bool(torch.isfinite(logits_or_pred).all()):
+        raise ValueError("the logits contain NaN or infinite values: no prediction can be read from them")
     return logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
 
 
@@ -134,7 +175,8 @@ def accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor) -> float:
     n = logits_or_pred.shape[0] if isinstance(logits_or_pred, torch.Tensor) and logits_or_pred.dim() else None
     if n is None:
         n = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1
-    labels = check_labels(labels, n)
+    k = logits_or_pred.shape[1] if isinstance(logits_or_pred, torch.Tensor) and logits_or_pred.dim() == 2 and logits_or_pred.shape[1] > 1 else None
+    labels = check_labels(labels, n, num_classes=k)
     pred = _predictions(logits_or_pred, labels.shape[0])
     return float((pred.cpu() == labels.cpu()).float().mean().item()) if labels.numel() else float("nan")
 
@@ -145,7 +187,9 @@ def attack_success_rate(logits_or_pred: torch.Tensor, targets: Optional[torch.Te
     ref = targets if targets is not None else labels
     if ref is None:
         raise ValueError("untargeted ASR needs the true labels")
-    ref = check_labels(ref, ref.shape[0] if isinstance(ref, torch.Tensor) and ref.dim() == 1 else -1, name="targets" if targets is not None else "labels")
+    k = logits_or_pred.shape[1] if isinstance(logits_or_pred, torch.Tensor) and logits_or_pred.dim() == 2 and logits_or_pred.shape[1] > 1 else None
+    ref = check_labels(ref, ref.shape[0] if isinstance(ref, torch.Tensor) and ref.dim() == 1 else -1, num_classes=k,
+                       name="targets" if targets is not None else "labels")
     pred = _predictions(logits_or_pred, ref.shape[0]).cpu()
     if targets is not None:
         return float((pred == targets.cpu()).float().mean().item()) if targets.numel() else float("nan")

@@ -4,7 +4,7 @@ number or a raw torch error.
 
 Images (PROTOCOL.md "Conventions"): a floating tensor, NCHW, 1 to 4 channels (RGB is 3), finite,
 values in [0, 1]. Float rounding tolerance, explicit: values within
-:data:`RANGE_TOLERANCE` (1e-4) outside [0, 1] (what a normalise/denormalise round trip or
+:data:`RANGE_TOLERANCE` (1e-4; in half precision two units of its rounding, :func:`range_tolerance`) outside [0, 1] (what a normalise/denormalise round trip or
 a resize leaves) are accepted and clamped into [0, 1]; anything further out is an error,
 since it means the image is in 0..255 or still normalised.
 
@@ -26,10 +26,20 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["RANGE_TOLERANCE", "MAX_CHANNELS", "check_int", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
+__all__ = ["RANGE_TOLERANCE", "range_tolerance", "MAX_CHANNELS", "check_int", "check_images", "check_value_range", "check_extremes", "unit_interval_bits", "check_labels", "check_targets", "check_pair"]
 
-#: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped).
+#: How far outside [0, 1] an image value may be and still count as float rounding (it is clamped);
+#: in half precision, two units of the dtype's rounding (:func:`range_tolerance`).
 RANGE_TOLERANCE = 1e-4
+
+
+def range_tolerance(dtype: torch.dtype) -> float:
+    """:data:`RANGE_TOLERANCE`, or two units of ``dtype``'s rounding where that is coarser
+    (float16: 0.002, bfloat16: 0.016), so that a normalise/denormalise round trip in half
+    precision is not mistaken for a normalised image."""
+    if dtype.is_floating_point:
+        return max(RANGE_TOLERANCE, 2 * torch.finfo(dtype).eps)
+    return RANGE_TOLERANCE
 #: Most channels an image may have (greyscale 1, RGB 3, RGBA 4; also 2 for tests of per-channel code).
 MAX_CHANNELS = 4
 
@@ -130,7 +140,7 @@ def check_value_range(t: torch.Tensor, *, name: str = "x") -> bool:
     # min and max propagate NaN, and an infinity is the min or the max, so the two extremes
     # being finite means every value is (isfinite().all() would cost ~15x more).
     lo_t, hi_t = torch.aminmax(t)
-    return check_extremes(float(lo_t), float(hi_t), name=name)
+    return check_extremes(float(lo_t), float(hi_t), name=name, tolerance=range_tolerance(t.dtype))
 
 
 _INT_OF_FLOAT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -154,18 +164,18 @@ def unit_interval_bits(dtype: torch.dtype) -> Optional[Tuple[torch.dtype, int]]:
     return int_dtype, int(torch.ones((), dtype=dtype).view(int_dtype))
 
 
-def check_extremes(lo: float, hi: float, *, name: str = "x") -> bool:
+def check_extremes(lo: float, hi: float, *, name: str = "x", tolerance: float = RANGE_TOLERANCE) -> bool:
     """:func:`check_value_range` given the minimum and maximum (NaN if any value is NaN)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values; images must be finite, in [0, 1]")
-    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-        if lo < -RANGE_TOLERANCE:  # negative values: a mean/std normalised batch, whatever its maximum
+    if lo < -tolerance or hi > 1 + tolerance:
+        if lo < -tolerance:  # negative values: a mean/std normalised batch, whatever its maximum
             hint = "undo the normalisation (x * std + mean); models here take [0, 1] and normalise inside"
         elif hi > 1.5:
             hint = "divide 0..255 images by 255"
         else:
             hint = "clamp or rescale into [0, 1]"
-        raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; images must be in [0, 1] (tolerance {RANGE_TOLERANCE:g}): {hint}")
+        raise ValueError(f"{name} has values in [{lo:.4g}, {hi:.4g}]; images must be in [0, 1] (tolerance {tolerance:g}): {hint}")
     return lo < 0 or hi > 1
 
 

@@ -77,7 +77,7 @@ class EOT(nn.Module):
         chunk = None if chunk is None else check_int(chunk, "chunk")
         self.randomized = bool(getattr(model, "randomized", False))
         if self.randomized and not (hasattr(model, "sample_params") and hasattr(model, "apply")):
-            model = ModuleDefense(model)  # a plain random module: one generator per draw
+            model = ModuleDefense(model, images_out=False)  # a plain random module: one generator per draw
         self.model = model
         self.n = int(n)
         self.chunk = None if chunk is None else int(chunk)

@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from ..validation import check_int
 from .builtin import builtin_entries
 from .entry import ImageEntry
 
@@ -397,10 +398,11 @@ def load_dataset(
         DataError: missing or empty folder, bad ``labels.csv``, a label outside the model's
             classes, or no readable image.
     """
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1, got {limit}")
-    if size < MIN_SIDE:
-        raise DataError(f"size must be at least {MIN_SIDE}, got {size}")
+    try:
+        size = check_int(size, "size", minimum=MIN_SIDE)
+        limit = None if limit is None else check_int(limit, "limit")
+    except (TypeError, ValueError) as e:
+        raise DataError(str(e)) from None
     if str(source) == "builtin":
         entries, skipped, name = builtin_entries(), 0, "builtin"
         if num_classes is not None and num_classes != NUM_CLASSES:

@@ -103,6 +103,8 @@ def _create_one(part: str, **params: Any) -> Defense:
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, (str, bool)) or value is None):
                 raise ValueError(f"parameter {key!r} of defense {name!r} must be a number (default {default!r}), got {value!r}")
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"parameter {key!r} of defense {name!r} must be a whole number (default {default!r}), got {value!r}")
         return REGISTRY.create(name, **params)
     try:
         return create_user_defense(name, **params)
@@ -117,13 +119,18 @@ def create(name: str, **params: Any) -> Defense:
     yourself and use :class:`Compose`.
 
     Raises:
+        TypeError: ``name`` not a string (``None`` is not "no defense": that is ``'none'``).
         KeyError: an unknown name (the message lists the known ones).
-        ValueError: a user's defense that cannot be loaded (:class:`UserDefenseError`),
+        ValueError: an empty name, a whole-number parameter given a fraction, a user's defense that cannot be loaded (:class:`UserDefenseError`),
             keyword parameters for a chain, a parameter the defense does not take, or a
             malformed ``name[key=value,...]``.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a defense name must be a string such as 'dct-distort' or 'none' (no defense), got {type(name).__name__}")
     name = normalize_name(name)
-    if name in ("none", ""):
+    if name == "":
+        raise ValueError("the defense name is empty: name one (defenses.names() lists them), or 'none' for no defense")
+    if name == "none":
         return REGISTRY.create("none")
     parts = split_chain(name)
     if len(parts) > 1:

@@ -35,7 +35,7 @@ from torch import nn
 from ..draws import DrawKey, KeyLike, Params, as_key
 from ..validation import check_images
 
-__all__ = ["Defense", "ModuleDefense", "as_defense", "check_images", "shaped_like"]
+__all__ = ["Defense", "ModuleDefense", "as_defense", "check_draw", "check_images", "shaped_like"]
 
 
 def shaped_like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -95,7 +95,11 @@ class Defense(nn.Module):
 
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """The defense for a given draw (deterministic). Staged defenses default to applying
-        their stages in turn."""
+        their stages in turn.
+
+        This is the hook a defense implements, called on checked input; it checks neither
+        ``x`` nor that ``params`` is ``x``'s draw. To replay a saved draw on a user's batch,
+        call ``defense(x, params=params)``, which does."""
         if not self.stages():
             raise NotImplementedError(f"{type(self).__name__} must implement apply()")
         return self.apply_stages(x, params)
@@ -142,12 +146,47 @@ class Defense(nn.Module):
         with torch.no_grad():  # not on the autograd graph: BPDA supplies the gradient
             return self.apply(x.detach(), params)
 
-    def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
-        """Shape: (N, C, H, W) in [0, 1] -> (N, C, H', W') in [0, 1] (see
-        :func:`prepdefense.validation.check_images` for what is checked and the tolerance)."""
+    def forward(self, x: torch.Tensor, *, generator: KeyLike = None, params: Optional[Params] = None) -> torch.Tensor:
+        """The defense on ``x``: a new draw from ``generator``, or the saved draw ``params``
+        replayed (:func:`check_draw`).
+
+        Shape: (N, C, H, W) in [0, 1] -> (N, C, H', W') in [0, 1] (see
+        :func:`prepdefense.validation.check_images` for what is checked and the tolerance).
+
+        Raises:
+            TypeError / ValueError: ``x`` as :func:`~prepdefense.validation.check_images`;
+                ``params`` as :func:`check_draw`.
+        """
         x = check_images(x, values=not self.checks_values_in_apply)
-        params = self.sample_params(x, generator) if self.randomized else None
-        return self.run(x, params)
+        if params is not None or not self.randomized:
+            return self.run(x, check_draw(self, params, x, generator))
+        return self.run(x, self.sample_params(x, generator))
+
+
+def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+    """``params`` if it can be ``owner``'s draw for the batch ``x`` (a replay), else an error:
+    a draw for a deterministic defense, something that is not a :class:`Params`, a draw for
+    another number of images, or a draw given together with a ``generator``. (A draw does not
+    record the image size it was made for: replay it on images of that size.)
+
+    Raises:
+        TypeError: ``params`` not a ``Params``.
+        ValueError: any other mismatch, saying how to select a sub-batch's draw.
+    """
+    if params is None:
+        return None
+    name = type(owner).__name__
+    if generator is not None:
+        raise ValueError(f"{name}: give generator (a new draw) or params (a saved draw to replay), not both")
+    if not getattr(owner, "randomized", False):
+        raise ValueError(f"{name} is deterministic: it has no draw to replay (call it without params)")
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be the prepdefense.draws.Params of a draw (sample_params or Params.load), got {type(params).__name__}")
+    n = params.batch_size()
+    if n is not None and n != x.shape[0]:
+        raise ValueError(f"{name}: the draw is for {n} images but x has {x.shape[0]}; "
+                         f"replay the draws of the images kept with params.select(index)")
+    return params
 
 
 def key_generator_for_empty() -> torch.Generator:
@@ -165,9 +204,10 @@ class ModuleDefense(Defense):
     Write a :class:`Defense` (``draw`` + ``apply``) for per-image draws.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, images_out: bool = True) -> None:
         super().__init__()
         self.module = module
+        self.images_out = bool(images_out)  # False: a random model (EOT's), whose output is logits
         self.randomized = bool(getattr(module, "randomized", False))
         self.differentiable = bool(getattr(module, "differentiable", False))
         self.ensemble = int(getattr(module, "ensemble", 1))
@@ -181,9 +221,33 @@ class ModuleDefense(Defense):
         return Params(batch_seed=torch.full((x.shape[0],), seed, dtype=torch.int64))
 
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
+        """The module's output, checked (unless ``images_out`` is False): a tensor of x's batch
+        size and channels, finite and in [0, 1] (a user's module that returns 0..255 or
+        normalised values would feed them to the classifier unnoticed).
+
+        Raises:
+            TypeError: a random module (``randomized = True``) that takes no ``generator``.
+            ValueError: an output that is not such an image batch.
+        """
+        name = type(self.module).__name__
         if params is None or x.shape[0] == 0:
-            return self.module(x)
-        return self.module(x, generator=DrawKey(int(params["batch_seed"][0]), n=1).generator(0))
+            out = self.module(x)
+        else:
+            try:
+                out = self.module(x, generator=DrawKey(int(params["batch_seed"][0]), n=1).generator(0))
+            except TypeError as e:
+                if "generator" not in str(e):
+                    raise
+                raise TypeError(f"{name} declares randomized = True, so it is called as module(x, generator=g) with a "
+                                f"torch.Generator for its draws, but it takes no generator ({e})") from e
+        if not self.images_out:
+            return out
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[:2] != x.shape[:2]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the defense {name} must return an image batch (N, C, H, W) like its input {tuple(x.shape[:2])}..., got {shape}")
+        if out.numel():
+            check_images(out.detach(), name=f"the output of the defense {name}", clamp=False)
+        return out
 
 
 def as_defense(module: nn.Module) -> Defense:
@@ -198,6 +262,8 @@ def as_defense(module: nn.Module) -> Defense:
     if isinstance(module, str):
         raise TypeError(f"a defense object is needed here, got the name {module!r}: "
                         f"pass prepdefense.defenses.create({module!r})")
+    if isinstance(module, type):
+        raise TypeError(f"a defense object is needed here, got the class {module.__name__}: pass an instance, {module.__name__}()")
     if not callable(module):
         raise TypeError(f"a defense must be a prepdefense Defense or a module mapping [0, 1] NCHW images "
                         f"to images, got {type(module).__name__}")

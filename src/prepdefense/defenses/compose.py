@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..draws import Params
-from .base import Defense
+from .base import Defense, as_defense
 
 
 class Compose(Defense):
@@ -25,6 +25,7 @@ class Compose(Defense):
 
     def __init__(self, parts: Sequence[Defense], names: Optional[Sequence[str]] = None) -> None:
         super().__init__()
+        parts = [as_defense(p) for p in parts]  # a plain module is a ModuleDefense, as in Defended
         if not parts:
             raise ValueError("Compose needs at least one defense")
         self.parts = nn.ModuleList(parts)

@@ -76,6 +76,16 @@ class DCTQuantize(Defense):
     def canonical_params(cls, params):
         return {k: canonical_table_spec(v) if k == "table" else v for k, v in params.items()}
 
+    def _apply(self, fn, recurse: bool = True):
+        """As ``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), except that the table
+        stays float64: a cast to half or bfloat16 would round its entries and change the
+        defense (moves to another device apply as usual)."""
+        table = self.table
+        out = super()._apply(fn, recurse)
+        if self.table.dtype != table.dtype:
+            self.table = table.to(device=self.table.device)
+        return out
+
     def operators(self, dtype: torch.dtype, device) -> Operators:
         """:func:`quantization_operators` of the table, cached per dtype/device."""
         key = (dtype, torch.device(device), self.table._version, self.table.data_ptr())

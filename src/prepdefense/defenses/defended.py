@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..draws import KeyLike, Params, as_key
-from .base import Defense, as_defense, check_images, shaped_like
+from ..validation import check_int
+from .base import Defense, as_defense, check_draw, check_images, shaped_like
 from .identity import Identity
 
 __all__ = ["Defended", "resize_images", "undefended_at", "ENSEMBLE_GRAPH_IMAGES"]
@@ -42,12 +43,19 @@ def resize_images(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
 
 
-def _side_pair(size: Union[None, int, Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+def _side_pair(size: Union[None, int, Tuple[int, int]], name: str = "defend_at") -> Optional[Tuple[int, int]]:
+    """``size`` as (H, W): one side S for both, or a pair; None stays None. TypeError /
+    ValueError for anything else (a string, a bool, a fraction, three sides, a side below 1)."""
     if size is None:
         return None
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[0]), int(size[1]))
+    if isinstance(size, (str, bytes)) or not isinstance(size, (tuple, list)):
+        if isinstance(size, (str, bytes)):
+            raise TypeError(f"{name} must be a side S or a pair (H, W) of whole numbers, got the string {size!r}")
+        side = check_int(size, name)
+        return (side, side)
+    if len(size) != 2:
+        raise ValueError(f"{name} must be a side S or a pair (H, W), got {len(size)} values: {tuple(size)}")
+    return (check_int(size[0], f"{name} height"), check_int(size[1], f"{name} width"))
 
 
 class Defended(nn.Module):
@@ -79,6 +87,10 @@ class Defended(nn.Module):
                  defend_at: Union[None, int, Tuple[int, int]] = None) -> None:
         super().__init__()
         self.defense = as_defense(defense)
+        if isinstance(model, type) or isinstance(model, (str, bytes)) or not callable(model):
+            what = f"the class {model.__name__}: pass an instance, {model.__name__}()" if isinstance(model, type) else \
+                f"{type(model).__name__} {model!r}" if isinstance(model, (str, bytes)) else type(model).__name__
+            raise TypeError(f"Defended needs a classifier module mapping [0, 1] NCHW images to logits, got {what}")
         self.model = model
         self._generator = generator
         self.randomized = bool(getattr(defense, "randomized", False))
@@ -131,8 +143,21 @@ class Defended(nn.Module):
         """Softmax of the classifier on one ensemble member's defended view of ``x``."""
         return self.model(self._defend(x, member)).softmax(dim=1)
 
-    def forward(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, generator: KeyLike = None, params: Optional[Params] = None) -> torch.Tensor:
+        """Logits of the defended model on ``x``: a new draw from ``generator`` (else the
+        model's own ``generator``, else fresh), or the saved draw ``params`` replayed
+        (:func:`~prepdefense.defenses.base.check_draw`). A non-differentiable defense gives
+        no gradient to ``x`` (attack through ``BPDA``).
+
+        Shape: (N, C, H, W) in [0, 1] -> (N, K).
+
+        Raises:
+            TypeError / ValueError: ``x`` as :func:`~prepdefense.validation.check_images`;
+                ``params`` as :func:`~prepdefense.defenses.base.check_draw`.
+        """
         x = check_images(x, values=not self.defense.checks_values_in_apply)
+        if params is not None:
+            return self.apply(x, check_draw(self, params, x, generator))
         return self.apply(x, self.sample_params(x, generator))
 
 

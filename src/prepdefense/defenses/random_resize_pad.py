@@ -91,6 +91,8 @@ class RandomResizePad(Defense):
 
     def __init__(self, pad_value: float = PAD_VALUE) -> None:
         super().__init__()
+        if not 0.0 <= float(pad_value) <= 1.0:
+            raise ValueError(f"pad_value is a pixel value in [0, 1] (the output stays an image in [0, 1]), got {pad_value}")
         self.pad_value = float(pad_value)
 
     def output_size(self, height: int, width: int):

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from .. import seeding
 from ..draws import Params
+from ..validation import check_int
 from ._registry import register
 from .base import Defense
 
@@ -288,7 +289,9 @@ class TotalVariation(Defense):
         self.lambda_tv = float(lambda_tv)
         self.weight = float(weight)
         self.isotropic = bool(isotropic)
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int(max_iter, "max_iter")
+        if not float(eps) > 0:
+            raise ValueError(f"eps (the solver's stopping tolerance) must be > 0, got {eps}")
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
