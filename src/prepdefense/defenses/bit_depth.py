@@ -29,7 +29,7 @@ class BitDepthReduction(Defense):
     """Bit-depth reduction to ``bits`` bits per channel (Xu et al. 2018, feature squeezing).
 
     Args:
-        bits: bits per channel, 1..8 (default 3, PROTOCOL.md).
+        bits: bits per channel, 1..16 (default 3, PROTOCOL.md; 8 leaves 8-bit images as they are).
 
     Shape: (N, C, H, W) -> (N, C, H, W).
     """
