@@ -172,3 +172,44 @@ def test_negative_seeds_are_refused():
     """Was: -1 drew what 2**63-1 draws."""
     with pytest.raises(ValueError, match="2\\*\\*63-1"):
         as_key(-1, 2)
+
+
+def test_a_draw_that_does_not_fit_gets_a_clear_error(x):
+    big = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for name in ("crop", "pd"):
+        d = defenses.create(name)
+        with pytest.raises(ValueError, match="does not fit"):
+            d(x[:2], params=d.sample_params(big, 0))
+    with pytest.raises(ValueError, match="does not fit"):
+        defenses.create("rand")(x, params=defenses.create("grid-distort").sample_params(x, 0))
+
+
+def test_a_type_error_of_the_module_itself_is_not_blamed_on_generator(x):
+    class Broken(nn.Module):
+        randomized = True
+
+        def forward(self, t, generator=None):
+            return t + torch.rand(t.shape, generator=generator, dtype="float")
+
+    with pytest.raises(TypeError) as err:
+        Defended(Broken(), TinyConvNet().eval())(x, generator=0)
+    assert "takes no generator" not in str(err.value)
+
+
+def test_infinite_logits_are_predictions_nan_are_not():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf"), 2.0, 0.0]])
+    assert metrics.accuracy(logits, torch.tensor([2, 1])) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ssim_takes_half_precision_within_its_rounding(x, dtype):
+    xh = x.to(dtype)
+    xh[0, 0, 0, 0] = 1 + torch.finfo(dtype).eps
+    assert metrics.ssim(xh, xh).shape == (4,)
+
+
+def test_a_bad_input_size_on_the_model_is_named_as_such(x):
+    net = TinyConvNet().eval()
+    net.input_size = (3, 24, 24)
+    with pytest.raises(ValueError, match="input_size"):
+        Defended(defenses.create("fd"), net, defend_at=32)(x)

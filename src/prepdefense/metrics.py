@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .validation import RANGE_TOLERANCE, check_labels, check_value_range
+from .validation import check_labels, check_value_range, range_tolerance
 
 __all__ = [
     "l2_rms",
@@ -130,7 +130,8 @@ def ssim(
         lo, hi = (float(v) for v in torch.aminmax(t.detach().double()))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"ssim: {name} contains NaN or infinite values")
-        if lo < -RANGE_TOLERANCE * data_range or hi > data_range * (1 + RANGE_TOLERANCE):
+        tolerance = range_tolerance(t.dtype)
+        if lo < -tolerance * data_range or hi > data_range * (1 + tolerance):
             hint = " (0..255 data: pass data_range=255)" if data_range == 1 and hi > 1.5 else ""
             raise ValueError(f"ssim: {name} has values in [{lo:.4g}, {hi:.4g}], outside [0, data_range={data_range:g}]{hint}")
     n, c, h, w = a.shape
@@ -163,8 +164,10 @@ def _predictions(logits_or_pred: torch.Tensor, n: int) -> torch.Tensor:
     if logits_or_pred.dim() == 2 and logits_or_pred.shape[1] == 1:
         raise ValueError(f"got shape {tuple(logits_or_pred.shape)}: one column is neither (N,) predictions nor (N, K >= 2) "
                          f"logits; for predictions pass pred.squeeze(1)")
-    if logits_or_pred.dim() == 2 and logits_or_pred.is_floating_point() and not bool(torch.isfinite(logits_or_pred).all()):
-        raise ValueError("the logits contain NaN or infinite values: no prediction can be read from them")
+    if logits_or_pred.dim() == 2 and logits_or_pred.is_floating_point() and logits_or_pred.numel():
+        lo, hi = torch.aminmax(logits_or_pred.detach())  # both NaN when any logit is (an infinite logit is fine)
+        if bool(torch.isnan(lo) | torch.isnan(hi)):
+            raise ValueError("the logits contain NaN: no prediction can be read from them")
     return logits_or_pred.argmax(dim=1) if logits_or_pred.dim() == 2 else logits_or_pred
 
 

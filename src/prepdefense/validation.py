@@ -77,7 +77,7 @@ def _shape(x) -> str:
 
 def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[tuple] = None, values: bool = True) -> torch.Tensor:
     """Check an image batch and return it (clamped into [0, 1] when a value lies within
-    :data:`RANGE_TOLERANCE` outside; the input itself is never modified).
+    :func:`range_tolerance` outside; the input itself is never modified).
 
     Args:
         x: (N, C, H, W) floating tensor in [0, 1].
@@ -122,7 +122,8 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
 
 
 def check_value_range(t: torch.Tensor, *, name: str = "x") -> bool:
-    """Check that every value of ``t`` is finite and in [0, 1] up to :data:`RANGE_TOLERANCE`;
+    """Check that every value of ``t`` is finite and in [0, 1] up to :func:`range_tolerance`
+    (:data:`RANGE_TOLERANCE`, coarser in half precision);
     returns whether some value lies outside [0, 1] (within the tolerance), i.e. whether the
     caller must clamp. Kernels that copy their input anyway check their own copy, where the
     data is in cache (``Defense.checks_values_in_apply``, :func:`unit_interval_bits`).

@@ -1,7 +1,8 @@
 """The one interface every defense implements (PROTOCOL.md "Conventions", STYLE.md).
 
 A defense is an ``nn.Module`` mapping a [0,1] NCHW batch to a [0,1] NCHW batch on the
-input's device and dtype: ``forward(x, *, generator=None)``.
+input's device and dtype: ``forward(x, *, generator=None, params=None)`` (a new draw, or a
+saved one replayed).
 
 Draws are data (kornia's sample-then-apply; :mod:`prepdefense.draws`):
 
@@ -158,16 +159,18 @@ class Defense(nn.Module):
                 ``params`` as :func:`check_draw`.
         """
         x = check_images(x, values=not self.checks_values_in_apply)
-        if params is not None or not self.randomized:
-            return self.run(x, check_draw(self, params, x, generator))
-        return self.run(x, self.sample_params(x, generator))
+        if params is not None:
+            return replay(self, check_draw(self, params, x, generator), x, self.run)
+        return self.run(x, self.sample_params(x, generator) if self.randomized else None)
 
 
 def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
     """``params`` if it can be ``owner``'s draw for the batch ``x`` (a replay), else an error:
     a draw for a deterministic defense, something that is not a :class:`Params`, a draw for
-    another number of images, or a draw given together with a ``generator``. (A draw does not
-    record the image size it was made for: replay it on images of that size.)
+    another number of images, or a draw given together with a ``generator``. A draw does not
+    record the image size it was made for: replay it on images of that size (a draw read at
+    another size fails in :func:`replay` when an index falls outside, and otherwise is not
+    detected).
 
     Raises:
         TypeError: ``params`` not a ``Params``.
@@ -187,6 +190,17 @@ def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, gene
         raise ValueError(f"{name}: the draw is for {n} images but x has {x.shape[0]}; "
                          f"replay the draws of the images kept with params.select(index)")
     return params
+
+
+def replay(owner: nn.Module, params: Params, x: torch.Tensor, run) -> torch.Tensor:
+    """``run(x, params)`` for a checked replay, with a clear error when the draw does not fit
+    (another defense's draw, or one made on images of another size: a draw does not record
+    the size, and reading it at another raises the index or key error caught here)."""
+    try:
+        return run(x, params)
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{type(owner).__name__}: the draw does not fit x {tuple(x.shape)} (a draw of another defense, "
+                         f"or one made on images of another size?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def key_generator_for_empty() -> torch.Generator:
@@ -236,7 +250,7 @@ class ModuleDefense(Defense):
             try:
                 out = self.module(x, generator=DrawKey(int(params["batch_seed"][0]), n=1).generator(0))
             except TypeError as e:
-                if "generator" not in str(e):
+                if "unexpected keyword argument 'generator'" not in str(e):
                     raise
                 raise TypeError(f"{name} declares randomized = True, so it is called as module(x, generator=g) with a "
                                 f"torch.Generator for its draws, but it takes no generator ({e})") from e

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..draws import KeyLike, Params, as_key
 from ..validation import check_int
-from .base import Defense, as_defense, check_draw, check_images, shaped_like
+from .base import Defense, as_defense, check_draw, check_images, replay, shaped_like
 from .identity import Identity
 
 __all__ = ["Defended", "resize_images", "undefended_at", "ENSEMBLE_GRAPH_IMAGES"]
@@ -97,8 +97,6 @@ class Defended(nn.Module):
         self.ensemble = int(getattr(defense, "ensemble", 1))
         self.input_size = getattr(model, "input_size", None)
         self.defend_at = _side_pair(defend_at)
-        if self.defend_at is not None and min(self.defend_at) < 1:
-            raise ValueError(f"defend_at must be a positive side, got {defend_at}")
 
     def _defended_shape(self, x: torch.Tensor):
         return (*x.shape[:2], *self.defend_at) if self.defend_at is not None else tuple(x.shape)
@@ -110,7 +108,7 @@ class Defended(nn.Module):
         if self.defend_at is None:
             return self.defense.run(x, params)
         defended = self.defense.run(resize_images(x, self.defend_at), params)
-        size = _side_pair(self.input_size) if isinstance(self.input_size, (int, tuple, list)) else None
+        size = _side_pair(self.input_size, "the model's input_size") if isinstance(self.input_size, (int, tuple, list)) else None
         return resize_images(defended, size or tuple(x.shape[-2:]))
 
     def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
@@ -157,7 +155,7 @@ class Defended(nn.Module):
         """
         x = check_images(x, values=not self.defense.checks_values_in_apply)
         if params is not None:
-            return self.apply(x, check_draw(self, params, x, generator))
+            return replay(self, check_draw(self, params, x, generator), x, self.apply)
         return self.apply(x, self.sample_params(x, generator))
 
 

@@ -50,7 +50,7 @@ from ..draws import DRAW_SCHEME, DrawKey, image_id
 from ..errors import DataError
 from ..metrics import l2_rms, linf
 from ..model_state import eval_mode
-from ..validation import RANGE_TOLERANCE, check_int, check_labels, check_targets
+from ..validation import check_int, check_labels, check_targets, range_tolerance
 
 __all__ = ["AdversarialSet", "load_adversarial", "judge", "quantize_8bit", "MIN_DRAWS", "ARRAY_SUFFIXES", "IMAGE_SUFFIXES"]
 
@@ -141,13 +141,14 @@ def _images(name: str, value: Any, notes: List[str]) -> torch.Tensor:
             notes.append(f"{name}: integers in 0..255 ({t.dtype}), divided by 255")
             return t.float().div_(255.0).contiguous()
         raise DataError(f"{name} has {t.dtype} values in [{lo}, {hi}]; expected uint8 (0..255) or float in [0, 1]")
+    tolerance = range_tolerance(t.dtype)  # before the cast: a half-precision file rounds coarser
     t = t.float()
     if t.numel() == 0:
         raise DataError(f"{name} holds no image")
     if not bool(torch.isfinite(t).all()):
         raise DataError(f"{name} holds NaN or infinite values")
     lo, hi = float(t.min()), float(t.max())
-    if lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
+    if lo >= -tolerance and hi <= 1 + tolerance:
         return t.clamp(0.0, 1.0).contiguous()
     if lo >= 0 and hi <= 255 and bool(torch.all(t == torch.round(t))):
         notes.append(f"{name}: float values that are integers in 0..255, read as 8-bit and divided by 255")
