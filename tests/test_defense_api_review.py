@@ -213,3 +213,8 @@ def test_a_bad_input_size_on_the_model_is_named_as_such(x):
     net.input_size = (3, 24, 24)
     with pytest.raises(ValueError, match="input_size"):
         Defended(defenses.create("fd"), net, defend_at=32)(x)
+
+
+def test_a_whole_float_for_an_integer_parameter_is_one_id():
+    assert defenses.normalize_name("bdr[bits=3.0]") == "bdr"
+    assert defenses.normalize_name("bdr[bits=2.0]") == defenses.normalize_name("bdr[bits=2]") == "bdr[bits=2]"

@@ -68,14 +68,17 @@ def normalize_name(name: str) -> str:
 
 
 def _canonical_params(name: str, params: dict) -> dict:
-    """A built-in defense's parameters without those equal to its defaults, and an integer
-    given for a float default as a float (``rand[pad_value=0]`` is ``rand[pad_value=0.0]``)."""
+    """A built-in defense's parameters without those equal to its defaults, an integer given
+    for a float default as a float (``rand[pad_value=0]`` is ``rand[pad_value=0.0]``) and a
+    whole float given for an integer default as an integer (``bdr[bits=2.0]`` is ``bdr[bits=2]``)."""
     defaults = {p.name: p.default for p in REGISTRY.parameters(name).values()}
     out = {}
     for key, value in params.items():
         default = defaults.get(key, _NO_DEFAULT)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
+            value = int(value)
         if default is not _NO_DEFAULT and type(value) is type(default) and value == default:
             continue
         out[key] = value
