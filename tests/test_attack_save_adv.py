@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from prepdefense.cli.main import main
 
 
-def test_save_then_judge_gives_the_attack_verdict(imagenet_sample_dir, tmp_path, capsys):
+@pytest.mark.parametrize("attack", [["--attack", "fgsm"],
+                                    # adaptive judges its own result on other fresh draws (was: the CLI
+                                    # reported that verdict, which judge could not reproduce)
+                                    ["--attack", "adaptive", "--norm", "linf", "--steps", "2", "--eot", "2", "--no-diagnostics"]])
+def test_save_then_judge_gives_the_attack_verdict(imagenet_sample_dir, tmp_path, capsys, attack):
     npz = tmp_path / "adv.npz"
     common = ["--data", str(imagenet_sample_dir), "--defense", "rand", "--seed", "3", "--device", "cpu", "--draws", "10"]
-    assert main(["attack", *common, "--attack", "fgsm", "--eps", "0.03", "--n", "3", "--untargeted",
+    assert main(["attack", *common, *attack, "--eps", "0.03", "--n", "3", "--untargeted",
                  "--save-adv", str(npz), "--json"]) == 0
     attack_out = json.loads(capsys.readouterr().out)
     saved = np.load(npz)

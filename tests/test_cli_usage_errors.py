@@ -178,6 +178,12 @@ EARLY = [
     ("reproduce --out {tmp}/r --only nope", "unknown experiment 'nope'"),
     ("reproduce --out {tmp}/r --only ''", "names no experiment"),
     ("reproduce --out {tmp}/r --only ,", "names no experiment"),
+    # -- from the CLI review of 2026-11-30 --------------------------------------------------------
+    ("predict --dat builtin", "unrecognized arguments: --dat builtin (see 'prepdefense predict --help')"),
+    ("attack --defense fd --attack pgd --ep 0.1", "unrecognized arguments: --ep"),
+    ("attack --defense fd --attack pgd --no-diagnostics --diagnostics full --n 1", "contradict each other"),
+    ("attack --defense fd --attack spsa --steps 2 --queries 512 --n 1", "not both"),
+    ("evaluate --defense jpeg --norm linf --eps 8 --n 2", "8/255"),
 ]
 
 #: Cases that only the model can find: the images are read (and classified) first.

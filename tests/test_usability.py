@@ -59,8 +59,8 @@ def _run_twice(sample_dir, out, capsys):
     rows = {r["Configuration"]: r for r in card["rows"]}
     assert float(rows["none (bare model)"]["ACC (ours, mean over draws)"]) == 1.0  # protocol images only
     default = rows["dct-distort, default table"]
-    assert default["ACC (paper)"] == "0.95" and default["table"]  # the table the default resolves to is named
-    assert all(r["n"] == "3" for r in card["rows"])
+    assert default["ACC (paper)"] == 0.95 and default["table"]  # the table the default resolves to is named
+    assert all(r["n"] == 3 for r in card["rows"])  # numbers, not display strings
     assert (out / "tables" / "usability.csv").is_file() and "## Usability" in (out / "report.md").read_text()
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == card["rows"]

@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--transfer", action="store_true", help="generate on the undefended model, evaluate on the defended one (Table 3 setting)")
     p.add_argument("--draws", type=int, default=10, help="fresh draws of a random defense for the verdict (default 10)")
     p.add_argument("--diagnostics", nargs="?", const="default", default=None, choices=MODES, help=CHECKS_HELP.replace("%", "%%"))
-    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_const", const="off", help="same as --diagnostics off")
+    p.add_argument("--no-diagnostics", action="store_true", help="same as --diagnostics off")
     p.add_argument("--diag-n", type=int, default=None, help=f"most images a check runs on (default {DEFAULT_SUBSET})")
     p.add_argument("--batch-size", type=int, default=16, help="images attacked together (default 16)")
     p.add_argument("--eot-chunk", type=int, default=None, help="EOT draws per classifier call (memory; default all)")
@@ -124,6 +124,10 @@ def _check_values(args) -> None:
             raise UsageError(f"{flag} must be at least 1, got {v}")
     check_number("--eps", args.eps, positive=True)
     check_seed(args.seed)
+    if getattr(args, "no_diagnostics", False):
+        if args.diagnostics not in (None, "off"):
+            raise UsageError(f"--no-diagnostics and --diagnostics {args.diagnostics} contradict each other: drop one")
+        args.diagnostics = "off"
 
 
 def _check_combinations(args, name: str, mode: str) -> None:
@@ -230,10 +234,10 @@ def run(args) -> int:
         adv = result.adversarial.detach()
         if args.save_adv:  # saved before the verdict and the checks, so nothing made is lost to a later error
             saved_path = save_adversarial(args.save_adv, adv, x, labels, targets, sample.ids, defend_at=args.defend_at)
-        if "asr_expected" in result.info and not args.transfer:
-            full_verdict = result.info  # judged on fresh draws by the attack itself
-        else:
-            full_verdict = evaluate_on_draws(defended, adv, labels, targets, draws=args.draws, key=run_key.child("judge"))
+        # Judged on the fresh draws `prepdefense judge` uses (the run key's "judge" stream), so that
+        # judging the saved examples again reproduces this verdict; an attack that judged its own
+        # result (adaptive) did so on other fresh draws, kept in its info.
+        full_verdict = evaluate_on_draws(defended, adv, labels, targets, draws=args.draws, key=run_key.child("judge"))
         verdict = {k: v for k, v in full_verdict.items() if k in _VERDICT_KEYS}
         clean = evaluate_on_draws(defended, x, labels, targets, draws=args.draws, key=run_key.child("clean"))
 

@@ -58,7 +58,7 @@ def add_common_data_args(p, *, default_limit: Optional[int] = None) -> None:
     p.add_argument("--data", default="builtin", help="image folder (labels.csv or synset sub-folders), or 'builtin' for the scikit-image photos (default)")
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--limit", type=int, default=default_limit, help="use at most N images")
+    p.add_argument("--limit", type=int, default=default_limit, help=f"use at most the first N images, in listing order (labels.csv rows, or sorted file names); default: {default_limit or 'all'}")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -293,8 +293,11 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable_under(path: Path, flag: str, given: str) -> None:
-    base = _nearest_existing(path.parent if not path.exists() else path)
+def _check_writable_under(path: Path, flag: str, given: str, *, folder: bool) -> None:
+    """The folder that will hold ``path`` (``path`` itself for an existing output folder; for
+    a file, its parent, so an existing file is replaced, atomically) exists or can be made
+    under a writable folder."""
+    base = _nearest_existing(path if folder and path.exists() else path.parent)
     if not base.is_dir():
         raise UsageError(f"{flag} {given}: {base} is a file, not a folder; choose a path under a folder")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -308,17 +311,18 @@ def check_out_folder(out: str, flag: str = "--out") -> None:
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {out} is a file, not a folder; give a folder (it is created if missing)")
-    _check_writable_under(path, flag, out)
+    _check_writable_under(path, flag, out, folder=True)
 
 
 def check_out_file(out: str, flag: str = "--out") -> None:
-    """``out`` is (or can be written as) a file: not an existing folder, not under a file, writable."""
+    """``out`` is (or can be written as) a file: not an existing folder, not under a file, in a
+    writable folder. An existing file is fine: it is replaced (atomically) by the new result."""
     if not str(out).strip():
         raise UsageError(f"{flag} is empty; give a file to write, e.g. table.json")
     path = Path(out).expanduser()
     if path.is_dir() or str(out).endswith(("/", os.sep)):
         raise UsageError(f"{flag} {out} is a folder; give a file name, e.g. {path / 'table.json'}")
-    _check_writable_under(path, flag, out)
+    _check_writable_under(path, flag, out, folder=False)
 
 
 def check_common(args) -> None:

@@ -23,7 +23,12 @@ _SUBCOMMANDS = (predict, demo, randomness, attack, evaluate, judge, usability, l
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line: ``PROG: error: MESSAGE (see PROG --help)``, exit 2
-    (argparse's default prints the whole usage block before the message)."""
+    (argparse's default prints the whole usage block before the message). Flags are matched
+    whole: an abbreviation (``--dat`` for ``--data``) is an unknown flag, not a guess."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         text = " ".join(str(message).split())
@@ -49,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = f"prepdefense {args.command}" if getattr(args, "command", None) else "prepdefense"
+        print(f"{command}: error: unrecognized arguments: {' '.join(unknown)} (see '{command} --help')", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         names = ", ".join(m.__name__.rsplit(".", 1)[-1].replace("_", "-") for m in _SUBCOMMANDS)
         print(f"prepdefense: error: no command given; choose one of {names} (see 'prepdefense --help')",

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", default="builtin", help="image folder (labels.csv or synset sub-folders) or 'builtin' (default)")
     p.add_argument("--out", required=True, help="output folder (report.md, results/, tables/, figures/)")
     p.add_argument("--preset", default="quick", choices=sorted(U.PRESETS),
-                   help="paper: the paper's sizes (100 images, 50 rounds, EOT 30, ...); quick: ~20 min on 2 CPU cores; smoke: tiny (tests)")
+                   help="paper: the paper's sizes (100 images, 50 rounds, EOT 30, ...); quick (default): ~20 min on 2 CPU cores; smoke: tiny (tests)")
     p.add_argument("--model", default="efficientnet-lite0", help=MODEL_HELP_DECLARED)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

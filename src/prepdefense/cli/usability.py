@@ -29,8 +29,8 @@ def add_parser(subparsers) -> None:
             "images the bare model classifies correctly, mean and spread over R draws, beside the paper's Table 1 / "
             "Table 4 figures. Cost: about N x R forward passes per configuration (23, one more per extra shipped table), 30 times that for "
             "the crop ensemble; tv "
-            "is the slowest defense per image. N=200 and R=3 took 65 minutes on 2 CPU cores shared with other "
-            "jobs (benchmarks/RESULTS.md)."
+            "is the slowest defense per image. N=200 and R=3 took about 13 minutes of computing on 2 CPU cores "
+            "(benchmarks/RESULTS.md, 2026-11-30)."
         ),
     )
     p.add_argument("--data", required=True,
@@ -72,7 +72,8 @@ def run(args) -> int:
     table = Path(args.out) / "tables" / "usability.csv"
     rows = list(csv.DictReader(table.open(encoding="utf-8"))) if table.is_file() else []
     if args.json:
-        print_json({"n": args.n, "draws": args.draws, "seed": args.seed, "model": args.model, "rows": rows,
+        typed = [{k: _typed(v) for k, v in r.items()} for r in rows]
+        print_json({"n": args.n, "draws": args.draws, "seed": args.seed, "model": args.model, "rows": typed,
                     "report": str(outcome.report)})
     else:
         for r in rows:
@@ -83,3 +84,17 @@ def run(args) -> int:
     if outcome.failed:
         print(f"{outcome.failed} unit(s) failed; the report says which and why (run again to retry them)")
     return 0
+
+
+def _typed(cell: str):
+    """A table cell as JSON wants it: an int or a float where the text is one, None for the
+    table's "-" (no figure), the text otherwise."""
+    text = (cell or "").strip()
+    if text in ("", "-"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -33,7 +33,7 @@ import warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -298,6 +298,7 @@ def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES) -> Tu
         )
     entries: List[ImageEntry] = []
     absent = 0
+    first_row: Dict[str, int] = {}
     for row_no, row in enumerate(reader, start=2):  # row 1 is the header
         row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
         if not any(isinstance(v, str) and v for v in row.values()):
@@ -305,6 +306,10 @@ def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES) -> Tu
         name = row.get("file") or ""
         if not name:
             raise DataError(f"{path}, row {row_no}: empty file name")
+        if name in first_row:
+            raise DataError(f"{path}, row {row_no}: {name} is listed again (first at row {first_row[name]}); "
+                            f"each file may have one label: remove one of the rows")
+        first_row[name] = row_no
         try:
             label = int(row.get("label") or "")
         except ValueError:
@@ -352,7 +357,8 @@ def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] =
     Returns the entries and the number of listed files that are absent.
 
     Raises:
-        DataError: the folder is missing, empty, unlabelled, or ``labels.csv`` has a bad row.
+        DataError: the folder is missing, empty, unlabelled, or ``labels.csv`` has a bad row
+            (a file listed twice among them).
     """
     root = Path(folder).expanduser()
     if not root.exists():
