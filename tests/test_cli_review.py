@@ -34,3 +34,39 @@ def test_a_file_listed_twice_in_labels_csv_is_refused(tmp_path):
 
 def test_usability_json_cells_are_numbers():
     assert _typed("1.000") == 1.0 and _typed("200") == 200 and _typed("-") is None and _typed("fd table") == "fd table"
+
+
+def test_a_resumed_run_checks_its_cached_images_against_the_data(tmp_path):
+    """Was: a resumed evaluate reused its cached sample after an image under --data changed,
+    and reported on an image the model no longer classified as cached."""
+    import torch
+    from PIL import Image
+
+    from prepdefense.experiments.sample_cache import load_or_draw_sample
+    from prepdefense.experiments.store import ConfigMismatchError, ResultStore
+    from toy_models import TinyConvNet
+
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    net = TinyConvNet().eval()
+    rows = []
+    for i in range(6):
+        img = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(data / f"img{i}.png")
+        rows.append(f"img{i}.png,0")
+    (data / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    # label every image with the toy model's own prediction, so that all are "correct"
+    x, labels = loading.load_images(str(data), size=32)[:2]
+    pred = net(x).argmax(1).tolist()
+    (data / "labels.csv").write_text("file,label\n" + "\n".join(f"img{i}.png,{p}" for i, p in enumerate(pred)) + "\n")
+    store = ResultStore(tmp_path / "run").open()
+    first = load_or_draw_sample(store, net, str(data), 3, 0, torch.device("cpu"))
+    again = load_or_draw_sample(store, net, str(data), 3, 0, torch.device("cpu"))  # unchanged data: resumes
+    assert torch.equal(first.x, again.x) and list(first.ids) == list(again.ids)
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(data / first.ids[1])  # the same name, other pixels
+    with pytest.raises(ConfigMismatchError, match=f"changed since this run.*{first.ids[1]} has other pixels"):
+        load_or_draw_sample(store, net, str(data), 3, 0, torch.device("cpu"))
+    (data / first.ids[1]).unlink()
+    with pytest.raises(ConfigMismatchError, match="no longer"):
+        load_or_draw_sample(store, net, str(data), 3, 0, torch.device("cpu"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -170,3 +170,26 @@ def protocol_sample(
         correct=correct,
         skipped=ds.skipped,
     )
+
+
+def reread_images(source: Union[str, os.PathLike], ids: Sequence[str], *, size: int,
+                  num_classes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The images ``ids`` of ``source`` read again at ``size``, in that order, and their labels
+    (to check a cached sample against the data it came from).
+
+    Shape: -> x (len(ids), 3, size, size) in [0, 1]; labels (len(ids),) long.
+
+    Raises:
+        DataError: the source cannot be read, or an id is no longer listed or readable.
+    """
+    ds = load_dataset(source, size=int(size), num_classes=int(num_classes) if num_classes is not None else NUM_CLASSES)
+    position = {e.id: i for i, e in enumerate(ds.entries)}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise DataError(f"{missing[0]} is no longer listed in {ds.source}")
+    batches = list(iter_batches(ds, 32, indices=[position[i] for i in ids]))
+    got = [i for b in batches for i in b[2]]
+    if got != list(ids):
+        lost = next(i for i in ids if i not in set(got))
+        raise DataError(f"{lost} can no longer be read from {ds.source}")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])

@@ -92,6 +92,7 @@ from .metadata import collect_metadata, now_iso
 from .plots import plot_accuracy_vs_eps
 from .progress import Progress
 from .reporting import fmt_ci, md_table
+from .sample_cache import load_or_draw_sample
 from .sharding import ShardSpec, select, shard_spec
 from ..defenses.spec import referenced_files
 from .store import ResultStore, atomic_write_bytes, atomic_write_text, to_jsonable
@@ -668,23 +669,6 @@ def _identity(config: EvaluateConfig, norm: str, eps: float, budget: E.Budget, d
             **({"defense_state": defense_state} if defense_state else {})}
 
 
-def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: str, n: int, seed: int, device: torch.device,
-                         load_size: Optional[int] = None):
-    """The protocol sample (``data.protocol_sample``: the first ``n`` images, in the seed's
-    order, the classifier gets right), cached in the store so a resumed run reads it back.
-    Candidates are classified ``min(32, n)`` at a time (the pick does not depend on it)."""
-    from ..data import protocol_sample
-    from .context import Sample
-
-    cached = store.load_tensors("sample")
-    if cached is not None and len(cached.get("ids", [])) == n:
-        return Sample(cached["x"], cached["labels"], cached["targets"], cached["ids"], cached.get("info"))
-    s = protocol_sample(classifier, data, n=n, seed=seed, device=device, batch_size=min(32, max(1, n)), load_size=load_size)
-    info = {"source": s.source, "tried": s.tried, "correct": s.correct, "skipped": s.skipped, "seed": s.seed}
-    store.save_tensors("sample", {"x": s.x.cpu(), "labels": s.labels.cpu(), "targets": s.targets.cpu(), "ids": list(s.ids), "info": info})
-    return Sample(s.x.cpu(), s.labels.cpu(), s.targets.cpu(), s.ids, info)
-
-
 def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] = None, stream=None) -> EvaluateOutcome:
     """Run (or resume) ``prepdefense evaluate``: build the model, the defense and the sample,
     run the units into the store, write the card, the report, the curve and the examples.
@@ -734,7 +718,7 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
         for p in classifier.parameters():
             p.requires_grad_(False)
         defended = build_defended(classifier, config.defense, config.seed, device, defend_at=config.defend_at, defense=defense)
-        sample = _load_or_draw_sample(store, classifier, config.data, int(config.n), int(config.seed), device, load_size=config.defend_at)
+        sample = load_or_draw_sample(store, classifier, config.data, int(config.n), int(config.seed), device, load_size=config.defend_at)
         store.update_config(sample={**sample.info, "n": len(sample), "first_ids": sample.ids[:5]})
         x, labels, ids = sample.x.to(device), sample.labels.to(device), list(sample.ids)
         randomized = bool(getattr(defended, "randomized", False))

@@ -58,6 +58,7 @@ from .metadata import collect_metadata, now_iso
 from ..draws import DRAW_SCHEME
 from .progress import Progress
 from .report import write_report
+from .sample_cache import load_or_draw_sample
 from .sample_strip import sample_strip_figure
 from .sharding import ShardSpec, select, shard_spec
 from .store import ConfigMismatchError, ResultStore, to_jsonable
@@ -195,18 +196,6 @@ def _tensor_digest(x: torch.Tensor, ids: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_or_draw_sample(store: ResultStore, classifier: nn.Module, data: Any, n: int, seed: int, device: torch.device) -> Sample:
-    cached = store.load_tensors("sample")
-    if cached is not None and len(cached.get("ids", [])) == n:
-        return Sample(cached["x"], cached["labels"], cached["targets"], cached["ids"], cached.get("info"))
-    from ..data import protocol_sample
-
-    s = protocol_sample(classifier, data, n=n, seed=seed, device=device)
-    info = {"source": s.source, "tried": s.tried, "correct": s.correct, "skipped": s.skipped, "seed": s.seed}
-    store.save_tensors("sample", {"x": s.x.cpu(), "labels": s.labels.cpu(), "targets": s.targets.cpu(), "ids": list(s.ids), "info": info})
-    return Sample(s.x.cpu(), s.labels.cpu(), s.targets.cpu(), s.ids, info)
-
-
 def _shard_plan(plan: Sequence[Unit], shard: Optional[ShardSpec], store: ResultStore, only: Sequence[str]) -> list:
     """``plan`` itself, or shard ``shard``'s part of it (recorded in ``run.json`` for ``merge``)."""
     if shard is None:
@@ -300,7 +289,7 @@ def reproduce(
                 plan = _shard_plan(registry.plan(preset, experiments), shard, store, experiments)
             data_source = None
         else:
-            sample = _load_or_draw_sample(store, classifier, config.data, preset.n_images, config.seed, device)
+            sample = load_or_draw_sample(store, classifier, config.data, preset.n_images, config.seed, device)
             data_source = config.data
         store.update_config(sample={**sample.info, "n": len(sample), "first_ids": sample.ids[:5]})
         ctx = RunContext(preset=preset, seed=config.seed, device=device, store=store, classifier=classifier,
