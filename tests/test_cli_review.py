@@ -70,3 +70,20 @@ def test_a_resumed_run_checks_its_cached_images_against_the_data(tmp_path):
     (data / first.ids[1]).unlink()
     with pytest.raises(ConfigMismatchError, match="no longer"):
         load_or_draw_sample(store, net, str(data), 3, 0, torch.device("cpu"))
+
+
+def test_evaluate_json_keeps_its_log_lines_on_stderr(capsys, monkeypatch, tmp_path):
+    """Was: with --json and stderr not a terminal, the log lines went to /dev/null, so
+    `--json > card.json 2> run.log` left an empty log."""
+    import json
+
+    from byo_helpers import tiny_convnet_folder
+    from prepdefense.cli.main import main
+
+    data = tiny_convnet_folder(tmp_path / "data", 4, seed=0)
+    code = main(["evaluate", "--data", str(data), "--defense", "bdr", "--norm", "linf", "--n", "2", "--budget", "quick", "--model", "toy_models:tiny_convnet",
+                 "--device", "cpu", "--json", "--out", str(tmp_path / "ev"), "--no-checks", "--no-curve"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    json.loads(out)  # stdout holds the card alone
+    assert "evaluate" in err  # the log lines

@@ -18,8 +18,6 @@ without ``--shard`` on the merged folder finishes the run.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import textwrap
 from pathlib import Path
 
@@ -127,17 +125,10 @@ def run(args) -> int:
         batch_size=args.batch_size, fresh=args.fresh, quiet=args.quiet or args.json, checks=args.checks, curve=args.curve,
         shard=args.shard, defend_at=args.defend_at,
     )
-    stream = None
-    devnull = None
-    if args.json and not sys.stderr.isatty():
-        devnull = open(os.devnull, "w")
-        stream = devnull
-    try:
-        with one_line_skip_warnings():
-            outcome = evaluate_defense(cfg, stream=stream)
-    finally:
-        if devnull is not None:
-            devnull.close()
+    # The log lines go to stderr, the card (--json) alone to stdout: `--json > card.json 2> run.log`
+    # keeps both.
+    with one_line_skip_warnings():
+        outcome = evaluate_defense(cfg)
     if outcome.card is None:
         print(f"shard {args.shard}: {len(outcome.shard_units or [])} unit(s) in {args.out} ({outcome.ran} run, {outcome.reused} reused)")
         print(f"next, once all {args.shard.count} shards are done: prepdefense merge OUT {args.out} <the other shards' --out>; "
