@@ -87,3 +87,37 @@ def test_evaluate_json_keeps_its_log_lines_on_stderr(capsys, monkeypatch, tmp_pa
     assert code == 0, err
     json.loads(out)  # stdout holds the card alone
     assert "evaluate" in err  # the log lines
+
+
+def test_a_resumed_run_whose_data_is_gone_resumes_from_the_cache_with_a_warning(tmp_path):
+    import shutil
+
+    import torch
+
+    from byo_helpers import tiny_convnet_folder
+    from prepdefense.experiments.sample_cache import load_or_draw_sample
+    from prepdefense.experiments.store import ResultStore
+    from toy_models import TinyConvNet
+
+    data = tiny_convnet_folder(tmp_path / "data", 4, seed=0)
+    store = ResultStore(tmp_path / "run").open()
+    first = load_or_draw_sample(store, TinyConvNet().eval(), str(data), 2, 0, torch.device("cpu"))
+    shutil.rmtree(data)
+    with pytest.warns(UserWarning, match="not there to check"):
+        again = load_or_draw_sample(store, TinyConvNet().eval(), str(data), 2, 0, torch.device("cpu"))
+    assert torch.equal(first.x, again.x)
+
+
+def test_spsa_with_its_diagnostics_runs(tmp_path, capsys):
+    """Was (briefly, in this session's first version): SPSA's steps default None broke the
+    doubled-steps check; a run with --steps and --queries is a usage error instead."""
+    from byo_helpers import tiny_convnet_folder
+    from prepdefense.cli.main import main
+
+    data = tiny_convnet_folder(tmp_path / "data", 3, seed=1)
+    common = ["attack", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--data", str(data), "--defense", "none",
+              "--attack", "spsa", "--n", "2", "--samples", "2", "--diagnostics", "full", "--json"]
+    assert main([*common, "--queries", "8"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*common, "--queries", "8", "--steps", "2"]) == 2
+    assert "not both" in capsys.readouterr().err

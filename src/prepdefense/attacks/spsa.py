@@ -47,10 +47,7 @@ from .ball import check_eps, project, radius
 from .base import Attack, AttackResult, forward
 from .losses import LOSSES, is_successful, objective
 
-__all__ = ["SPSA", "DEFAULT_STEPS"]
-
-#: Steps when neither ``steps`` nor ``queries`` is given.
-DEFAULT_STEPS = 100
+__all__ = ["SPSA"]
 
 
 class SPSA(Attack):
@@ -61,8 +58,8 @@ class SPSA(Attack):
         eps: radius: Linf, or normalised (RMS) L2 (default: 8/255, or 0.05 for L2).
         steps: SPSA steps (100).
         samples: Rademacher directions per step, each costing two queries (128).
-        queries: total query budget per image, instead of ``steps``: ``queries // (2 * samples)``
-            steps (the budget is an upper bound; giving both is an error).
+        queries: total query budget per image; when given, it sets the steps,
+            ``queries // (2 * samples)`` (the budget is an upper bound), in place of ``steps``.
         delta: finite-difference size, in pixel units (0.01).
         lr: Adam learning rate, in pixel units (0.01).
         loss: minimised loss, ``'margin'`` (default), ``'ce'`` or ``'dlr'``.
@@ -82,7 +79,7 @@ class SPSA(Attack):
         *,
         norm: str = "linf",
         eps: Optional[float] = None,
-        steps: Optional[int] = None,
+        steps: int = 100,
         samples: int = 128,
         queries: Optional[int] = None,
         delta: float = 0.01,
@@ -93,10 +90,6 @@ class SPSA(Attack):
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.norm, self.eps = check_eps(norm, eps)
-        if steps is not None and queries is not None:
-            raise ValueError(f"give steps ({steps}) or queries ({queries}), not both: queries sets the steps, "
-                             f"queries // (2 * samples)")
-        steps = DEFAULT_STEPS if steps is None else steps
         steps, samples, query_batch = (check_int(v, what) for what, v in (("steps", steps), ("samples", samples), ("query_batch", query_batch)))
         if not float(delta) > 0 or not float(lr) > 0:
             raise ValueError(f"delta and lr must be positive, got {delta} and {lr}")

@@ -62,7 +62,7 @@ DESCRIPTIONS = {
         "checkpoint raised the loss"
     ),
     "p_init": "Square: initial fraction of pixels changed per iteration",
-    "queries": "gradient-free attacks: loss evaluations per image (spsa: the query budget, overriding --steps)",
+    "queries": "gradient-free attacks: loss evaluations per image (spsa: the query budget, which sets the steps to queries // (2 * samples); not with --steps)",
     "samples": "SPSA: random directions per step, each costing two queries",
     "delta": "SPSA: finite-difference size, in pixel units",
     "query_batch": "SPSA: images per model call while estimating (memory only)",
@@ -278,6 +278,8 @@ def check_attack_combinations(name: str, given: Dict[str, Any]) -> None:
     flags = attack_flags()
     if "step_size" in given and "rel_stepsize" in given:
         raise UsageError("--step-size and --rel-stepsize both set the step; give only one")
+    if "steps" in given and "queries" in given and name == "spsa":
+        raise UsageError("--queries sets spsa's steps (queries // (2 * samples)); give --steps or --queries, not both")
     if "max_rounds" in given:
         if not given.get("until_bound"):
             raise UsageError("--max-rounds caps the rounds of --until-bound; add --until-bound or drop --max-rounds")

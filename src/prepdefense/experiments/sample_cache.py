@@ -10,6 +10,8 @@ and compared: if a file changed, vanished or got another label, the run refuses 
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -27,13 +29,20 @@ __all__ = ["load_or_draw_sample", "check_cached_sample"]
 def check_cached_sample(cached: dict, data: Union[str, os.PathLike], *, num_classes: Optional[int] = None) -> None:
     """Read the cached sample's images again from ``data`` and compare them with the cache.
 
+    A data folder that is gone is not checked (a warning): the cache is then all there is, as
+    when a finished run is reopened to rebuild its report elsewhere.
+
     Raises:
         ConfigMismatchError: an image that cannot be read again, or whose pixels or label
             differ from the cached ones (naming the first), with the fix.
     """
     ids = list(cached["ids"])
     x = cached["x"]
-    fix = "the images under the data path changed since this run; rerun with --fresh or into a new --out"
+    if str(data) != "builtin" and not Path(data).expanduser().exists():
+        warnings.warn(f"{data} is not there to check this run's cached images against; resuming from the cache", UserWarning, stacklevel=3)
+        return
+    fix = ("the images under the data path changed since this run (or decode differently: another Pillow or "
+           "prepdefense version); rerun with --fresh or into a new --out")
     try:
         again, labels = reread_images(data, ids, size=int(x.shape[-1]), num_classes=num_classes)
     except DataError as e:
