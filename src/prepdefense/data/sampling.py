@@ -122,8 +122,6 @@ def protocol_sample(
     xs: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
     ids: List[str] = []
-    picked: List[int] = []
-    position = {e.id: i for i, e in enumerate(ds.entries)}
     tried = 0
     k = int(declared) if declared is not None else None
     device = torch.device(device)
@@ -140,7 +138,6 @@ def protocol_sample(
                 xs.append(x[j])
                 labels.append(y[j])
                 ids.append(batch_ids[j])
-                picked.append(position[batch_ids[j]])
             if len(ids) >= n:
                 break
     correct = len(ids)
@@ -154,11 +151,7 @@ def protocol_sample(
     if load_size is not None and int(load_size) != int(x_out.shape[-1]):
         if isinstance(source_or_dataset, ImageDataset):
             raise DataError("load_size needs a folder or 'builtin' as the source, not a dataset")
-        again = load_dataset(source_or_dataset, size=int(load_size), num_classes=int(declared) if declared is not None else NUM_CLASSES)
-        batches = list(iter_batches(again, max(1, batch_size), indices=picked[:n]))
-        if not batches or sum(len(b[2]) for b in batches) != n:
-            raise DataError(f"some of the {n} picked images of {ds.source} could not be read again at {load_size} px")
-        x_out = torch.cat([b[0] for b in batches])
+        x_out, _ = reread_images(source_or_dataset, ids[:n], size=int(load_size), num_classes=declared)
     return ProtocolSample(
         x=x_out,
         labels=label_t,
