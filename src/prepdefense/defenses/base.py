@@ -160,7 +160,7 @@ class Defense(nn.Module):
         """
         x = check_images(x, values=not self.checks_values_in_apply)
         if params is not None:
-            return replay(self, check_draw(self, params, x, generator), x, self.run)
+            return replay(self, params, x, generator, self.run)
         return self.run(x, self.sample_params(x, generator) if self.randomized else None)
 
 
@@ -192,10 +192,12 @@ def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, gene
     return params
 
 
-def replay(owner: nn.Module, params: Params, x: torch.Tensor, run) -> torch.Tensor:
-    """``run(x, params)`` for a checked replay, with a clear error when the draw does not fit
-    (another defense's draw, or one made on images of another size: a draw does not record
-    the size, and reading it at another raises the index or key error caught here)."""
+def replay(owner: nn.Module, params: Params, x: torch.Tensor, generator: KeyLike, run) -> torch.Tensor:
+    """``run(x, params)`` for a replay: ``params`` checked by :func:`check_draw`, and a clear
+    error when the draw does not fit all the same (another defense's draw, or one made on
+    images of another size: a draw does not record the size, and reading it at another raises
+    the index or key error caught here)."""
+    params = check_draw(owner, params, x, generator)
     try:
         return run(x, params)
     except (KeyError, IndexError, RuntimeError) as e:

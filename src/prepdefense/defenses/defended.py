@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..draws import KeyLike, Params, as_key
 from ..validation import check_int
-from .base import Defense, as_defense, check_draw, check_images, replay, shaped_like
+from .base import Defense, as_defense, check_images, replay, shaped_like
 from .identity import Identity
 
 __all__ = ["Defended", "resize_images", "undefended_at", "ENSEMBLE_GRAPH_IMAGES"]
@@ -155,7 +155,7 @@ class Defended(nn.Module):
         """
         x = check_images(x, values=not self.defense.checks_values_in_apply)
         if params is not None:
-            return replay(self, check_draw(self, params, x, generator), x, self.apply)
+            return replay(self, params, x, generator, self.apply)
         return self.apply(x, self.sample_params(x, generator))
 
 
