@@ -15,6 +15,11 @@ Usage::
 
     python benchmarks/bench_compare_revisions.py --baseline b6b31cc [--defenses dct-distort,jpeg]
         [--rounds 8] [--calls 12] [--batch 64] [--size 299] [--threads 2] [--out FILE.json]
+        [--no-value-checks]
+
+``--no-value-checks`` times both trees with ``prepdefense.validation.set_value_checks(False)``
+where the tree has it (trees older than the value check of issue 11 have nothing to turn off),
+and records per tree what happened to the check.
 
 Run it with nothing else on the machine.
 """
@@ -45,6 +50,13 @@ threads, batch, size, calls = (int(a) for a in sys.argv[1:5])
 names = sys.argv[5].split(",")
 torch.set_num_threads(threads)
 from prepdefense import defenses
+switch = "on"
+if sys.argv[6] == "off":
+    try:
+        from prepdefense.validation import set_value_checks
+        set_value_checks(False); switch = "off"
+    except ImportError:
+        switch = "no switch in this tree"
 x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 out = {}
 for name in names:
@@ -55,6 +67,7 @@ for name in names:
     for i in range(calls):
         t0 = time.perf_counter(); call(i); times.append(time.perf_counter() - t0)
     out[name] = statistics.median(times)
+out["value_checks"] = switch
 print(json.dumps(out))
 """
 
@@ -69,12 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=299)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="", help="JSON results (default: print only)")
+    p.add_argument("--no-value-checks", action="store_true",
+                   help="turn the image value check off in both trees (where the tree can; recorded per tree)")
     return p.parse_args(argv)
 
 
 def run_child(src: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
-    cmd = [sys.executable, "-c", CHILD, str(args.threads), str(args.batch), str(args.size), str(args.calls), args.defenses]
+    cmd = [sys.executable, "-c", CHILD, str(args.threads), str(args.batch), str(args.size), str(args.calls), args.defenses,
+           "off" if args.no_value_checks else "on"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"timing child for {src} failed:\n{done.stderr[-2000:]}")
@@ -106,11 +122,14 @@ def main(argv=None) -> int:
     trees = {"before": baseline_src, "after": ROOT / "src"}
     names = args.defenses.split(",")
     times = {label: {n: [] for n in names} for label in trees}
+    value_checks = {}
     try:
         for r in range(args.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")
             for label in order:
-                for name, t in run_child(trees[label], args).items():
+                child = run_child(trees[label], args)
+                value_checks[label] = child.pop("value_checks")
+                for name, t in child.items():
                     times[label][name].append(t)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {times['after'][n][-1] / times['before'][n][-1]:.3f}" for n in names), flush=True)
@@ -125,9 +144,10 @@ def main(argv=None) -> int:
                                                            capture_output=True, text=True).stdout.strip(),
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "threads": args.threads, "batch": args.batch, "size": args.size, "calls": args.calls, "rounds": args.rounds,
-        "load_average": os.getloadavg(),
+        "load_average": os.getloadavg(), "value_checks": value_checks,
         "defenses": {n: summarise(times["before"][n], times["after"][n]) for n in names},
     }
+    print("value checks: " + ", ".join(f"{label} {state}" for label, state in value_checks.items()))
     for n, s in result["defenses"].items():
         ci = s.get("ci95")
         print(f"{n}: before {s['median_before_s'] * 1e3:.1f} ms, after {s['median_after_s'] * 1e3:.1f} ms per call of "

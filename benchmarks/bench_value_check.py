@@ -4,8 +4,8 @@ Issue 9, item 8 compares throughput before and after the redesign (``bench_compa
 issue 11 made every defense call check its input's values (finite, in [0, 1]). ``dct-distort``
 does that inside Step 1's kernel, one integer ``aminmax`` per step on data in cache
 (``kernels/dct_quant.py``). This script times the user-facing call ``defense(x, generator=...)``
-against the same call with that check turned off (a subclass whose ``apply`` passes
-``check_values=False``; the boundary's shape and dtype checks stay), alternating call by call,
+against the same call with that check turned off (inside ``validation.no_value_checks()``; the
+boundary's shape and dtype checks stay), alternating call by call,
 and reports the median of the per-pair ratios with a bootstrap 95% interval
 (``scipy.stats.bootstrap``). The two outputs are checked equal first.
 
@@ -32,18 +32,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from prepdefense import defenses  # noqa: E402
-from prepdefense.defenses.dct_distort import DCTDistort  # noqa: E402
-from prepdefense.defenses.grid_distort import index_maps  # noqa: E402
-from prepdefense.defenses.kernels.dct_quant import compute_dtype, quantize_and_read  # noqa: E402
-
-
-class Unchecked(DCTDistort):
-    """``dct-distort`` with the kernel's value check off (for this measurement only)."""
-
-    def apply(self, x, params):
-        rows, cols = index_maps(params["distort"], x.shape[-2], x.shape[-1], device=x.device)
-        operators = self.quantize.operators(compute_dtype(x), x.device)
-        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators, check_values=False)
+from prepdefense.validation import no_value_checks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,20 +44,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    checked = defenses.create("dct-distort")
-    unchecked = Unchecked()
-    unchecked.load_state_dict(checked.state_dict())
-    if not torch.equal(checked(x, generator=torch.Generator().manual_seed(1)), unchecked(x, generator=torch.Generator().manual_seed(1))):
+    defense = defenses.create("dct-distort")
+
+    def checked(g):
+        return defense(x, generator=g)
+
+    def unchecked(g):
+        with no_value_checks():
+            return defense(x, generator=g)
+
+    if not torch.equal(checked(torch.Generator().manual_seed(1)), unchecked(torch.Generator().manual_seed(1))):
         print("the two calls disagree: not comparable", file=sys.stderr)
         return 1
     ratios, times = [], {"checked": [], "unchecked": []}
     for i in range(args.pairs):
         pair = {}
         order = (("checked", checked), ("unchecked", unchecked)) if i % 2 == 0 else (("unchecked", unchecked), ("checked", checked))
-        for name, d in order:
+        for name, call in order:
             g = torch.Generator().manual_seed(i)
             t0 = time.perf_counter()
-            d(x, generator=g)
+            call(g)
             pair[name] = time.perf_counter() - t0
             times[name].append(pair[name])
         ratios.append(pair["checked"] / pair["unchecked"])

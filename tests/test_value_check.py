@@ -65,3 +65,59 @@ def test_tolerance_edges_follow_the_tolerance():
     x[0, 0, 0, 0] = 1 + beyond
     with pytest.raises(ValueError, match="tolerance"):
         check_value_range(x)
+
+
+# --- turning the value check off (validation.no_value_checks), issue 9 item 8 ---------------
+
+from prepdefense import defenses  # noqa: E402
+from prepdefense.validation import no_value_checks, set_value_checks, value_checks_enabled  # noqa: E402
+
+OFF_DEFENSES = ("dct-distort", "dct-quant", "rand", "bdr")  # the kernel's own check, and the boundary's
+
+
+@pytest.mark.parametrize("name", OFF_DEFENSES)
+def test_no_value_checks_skips_the_value_check_only_inside_the_block(name):
+    d = defenses.create(name)
+    bad = torch.full((1, 3, 16, 16), 2.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        d(bad, generator=torch.Generator().manual_seed(0))
+    with no_value_checks():
+        assert not value_checks_enabled()
+        assert d(bad, generator=torch.Generator().manual_seed(0)).shape[0] == 1
+        with pytest.raises(ValueError, match="channels-last"):  # shapes and layouts are still checked
+            d(torch.rand(1, 16, 16, 3), generator=torch.Generator().manual_seed(0))
+    assert value_checks_enabled()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        d(bad, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", OFF_DEFENSES)
+def test_outputs_on_clean_images_do_not_depend_on_the_check(name):
+    d = defenses.create(name)
+    x = torch.rand(3, 3, 21, 19, generator=torch.Generator().manual_seed(1))
+    on = d(x, generator=torch.Generator().manual_seed(2))
+    with no_value_checks():
+        off = d(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(on, off)
+
+
+def test_no_value_checks_restores_on_error_and_nests():
+    with pytest.raises(RuntimeError, match="boom"):
+        with no_value_checks():
+            raise RuntimeError("boom")
+    assert value_checks_enabled()
+    with no_value_checks():
+        with no_value_checks():
+            pass
+        assert not value_checks_enabled()  # the inner block restores the outer block's setting
+    assert value_checks_enabled()
+
+
+def test_set_value_checks_returns_the_previous_setting_and_takes_bools_only():
+    assert set_value_checks(False) is True
+    try:
+        assert set_value_checks(False) is False
+        with pytest.raises(TypeError, match="True or False"):
+            set_value_checks(0)
+    finally:
+        assert set_value_checks(True) is False

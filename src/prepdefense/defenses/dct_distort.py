@@ -19,6 +19,7 @@ from .dct_quant import DCTQuantize
 from .grid_distort import GridDistort, index_maps
 from .kernels.dct_quant import compute_dtype, quantize_and_read
 from .quant_tables import TableSpec
+from ..validation import value_checks_enabled
 
 __all__ = ["DCTDistort"]
 
@@ -62,7 +63,7 @@ class DCTDistort(Defense):
         # (kernels/dct_quant.py). The kernel never puts Step 1 on the autograd graph.
         rows, cols = index_maps(params["distort"], x.shape[-2], x.shape[-1], device=x.device)
         operators = self.quantize.operators(compute_dtype(x), x.device)
-        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators, check_values=True)
+        return quantize_and_read(x, self.quantize.table, rows, cols, operators=operators, check_values=value_checks_enabled())
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}, delta={self.distort.delta}, cells={self.distort.cells}"

@@ -23,6 +23,7 @@ from ._registry import register
 from .base import Defense
 from .kernels.dct_quant import Operators, compute_dtype, quantization_operators, quantize_and_read
 from .quant_tables import TableSpec, canonical_table_spec, resolve_table
+from ..validation import value_checks_enabled
 
 __all__ = ["dct_quantize", "quantization_operators", "DCTQuantize"]
 
@@ -96,7 +97,7 @@ class DCTQuantize(Defense):
         return cache[key]
 
     def apply(self, x: torch.Tensor, params=None) -> torch.Tensor:
-        return dct_quantize(x, self.table, operators=self.operators(compute_dtype(x), x.device), check_values=True)
+        return dct_quantize(x, self.table, operators=self.operators(compute_dtype(x), x.device), check_values=value_checks_enabled())
 
     def extra_repr(self) -> str:
         return f"table={self.table_source}"
