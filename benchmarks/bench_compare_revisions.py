@@ -50,13 +50,16 @@ threads, batch, size, calls = (int(a) for a in sys.argv[1:5])
 names = sys.argv[5].split(",")
 torch.set_num_threads(threads)
 from prepdefense import defenses
-switch = "on"
-if sys.argv[6] == "off":
-    try:
-        from prepdefense.validation import set_value_checks
-        set_value_checks(False); switch = "off"
-    except ImportError:
-        switch = "no switch in this tree"
+try:
+    from prepdefense.validation import set_value_checks
+except ImportError:
+    set_value_checks = None
+if set_value_checks is None:
+    switch = "no switch in this tree"
+elif sys.argv[6] == "off":
+    set_value_checks(False); switch = "off"
+else:
+    switch = "on"
 x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 out = {}
 for name in names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import subprocess
@@ -57,6 +58,33 @@ def test_mixed_folder_scores_good_files_and_counts_the_rest(tmp_path, capsys):
     assert 0.0 <= result["accuracy"] <= 1.0
     warning_lines = [line for line in err.splitlines() if "warning: skipped" in line]
     assert len(warning_lines) == 5
+
+
+def test_out_writes_one_row_per_scored_image(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+    (data / "bad.jpg").write_text("not an image")
+    (data / "labels.csv").write_text("file,label,wnid,name\n" + "".join(
+        f"{n},{k},n01443537,goldfish\n" for k, n in enumerate(["img0.png", "bad.jpg", "img1.png", "img2.png"])))
+    out = tmp_path / "preds.csv"
+    for _ in range(2):  # the second run replaces the file
+        code, stdout, _ = _run(capsys, "--data", str(data), "--json", "--batch-size", "2", "--device", "cpu", "--out", str(out))
+        assert code == 0
+    result = json.loads(stdout)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == ["img0.png", "img1.png", "img2.png"]  # the unreadable file is not a row
+    assert [int(r["label"]) for r in rows] == [0, 2, 3]
+    assert all(0 <= int(r["prediction"]) < 1000 for r in rows)
+    assert all(r["correct"] == str(int(r["label"] == r["prediction"])) for r in rows)
+    assert sum(int(r["correct"]) for r in rows) == result["correct"]
+
+
+def test_out_that_is_a_folder_is_a_usage_error(tmp_path, capsys):
+    code, _, err = _run(capsys, "--data", "builtin", "--device", "cpu", "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err
 
 
 def test_unknown_defense_and_model_are_one_line_errors(capsys):

@@ -278,3 +278,14 @@ def test_argparse_error_is_one_line_from_the_real_command():
     assert p.returncode == 2
     assert p.stderr == ("prepdefense predict: error: argument --limit: invalid int value: 'abc' "
                         "(see 'prepdefense predict --help')\n")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--foo", "predict"], ["prepdefense: error: unrecognized arguments: --foo (see 'prepdefense --help')"]),
+    (["predict", "--foo=1"], ["prepdefense predict: error: unrecognized arguments: --foo=1 (see 'prepdefense predict --help')"]),
+    (["--foo", "predict", "--bar"], ["prepdefense: error: unrecognized arguments: --foo (see 'prepdefense --help')",
+                                     "prepdefense predict: error: unrecognized arguments: --bar (see 'prepdefense predict --help')"]),
+])
+def test_an_unknown_flag_is_reported_against_the_parser_it_was_given_to(argv, expected, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == expected

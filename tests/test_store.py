@@ -206,3 +206,14 @@ def test_unit_file_names_are_unique_and_safe():
     a = store_mod.unit_file_name("fig4/bpda/dct-distort/s0")
     b = store_mod.unit_file_name("fig4/bpda/dct distort/s0")
     assert a != b and "/" not in a and " " not in b and a.endswith(".json")
+
+
+def test_table_hint_only_when_the_defense_name_is_the_same(tmp_path):
+    st = ResultStore(tmp_path).open()
+    st.check_or_write_config({"identity": {"defense": "dct-distort", "defense_state": "aaa", "seed": 0}})
+    with pytest.raises(ConfigMismatchError, match="values behind the defense's name"):
+        st.check_or_write_config({"identity": {"defense": "dct-distort", "defense_state": "bbb", "seed": 0}})
+    with pytest.raises(ConfigMismatchError) as err:  # another --defense: the user's change, no blame on the table
+        st.check_or_write_config({"identity": {"defense": "jpeg", "defense_state": "ccc", "seed": 0}})
+    assert "defense: 'dct-distort' -> 'jpeg'" in str(err.value)
+    assert "values behind" not in str(err.value) and "dct-distort[table=NAME]" not in str(err.value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .. import __version__
 from ..errors import PrepDefenseError
@@ -52,12 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_by_owner(argv: List[str], command: Optional[str], unknown: List[str]) -> List[Tuple[str, List[str]]]:
+    """The unknown arguments grouped by whose help lists the valid ones: those before the
+    sub-command's name belong to ``prepdefense`` itself, the others to the sub-command."""
+    if not command or command not in argv:
+        return [("prepdefense", unknown)]
+    at, before, after, pos = argv.index(command), [], [], 0
+    for arg in unknown:  # argparse keeps them in the order given
+        pos = argv.index(arg, pos)
+        (before if pos < at else after).append(arg)
+        pos += 1
+    return [(owner, flags) for owner, flags in (("prepdefense", before), (f"prepdefense {command}", after)) if flags]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command = f"prepdefense {args.command}" if getattr(args, "command", None) else "prepdefense"
-        print(f"{command}: error: unrecognized arguments: {' '.join(unknown)} (see '{command} --help')", file=sys.stderr)
+        for command, flags in _unknown_by_owner(argv, getattr(args, "command", None), unknown):
+            print(f"{command}: error: unrecognized arguments: {' '.join(flags)} (see '{command} --help')", file=sys.stderr)
         return 2
     if not getattr(args, "func", None):
         names = ", ".join(m.__name__.rsplit(".", 1)[-1].replace("_", "-") for m in _SUBCOMMANDS)

@@ -3,18 +3,23 @@
 
 Prints the top-1 accuracy with the number of images scored and of files skipped; with
 ``--json`` one object ``{"accuracy", "n", "correct", "skipped", "model", "defense", "seed",
-"device", "data"}`` on stdout and no progress bar.
+"device", "data"}`` on stdout and no progress bar. ``--out FILE.csv`` also writes one row per
+scored image (``file,label,prediction,correct``), atomically.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from typing import Tuple
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .. import data
+from ..atomic_io import atomic_write_text
 from ..errors import DataError
 from .common import (
     DEFENSE_HELP,
@@ -27,6 +32,7 @@ from .common import (
     check_common,
     check_data,
     check_defense,
+    check_out_file,
     one_line_skip_warnings,
     model_options,
     print_json,
@@ -50,20 +56,36 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_defend_at_option(p, "predict")
     p.add_argument("--defense", default="none", help=DEFENSE_HELP + " (default: none)")
+    p.add_argument("--out", metavar="FILE.csv", default=None,
+                   help="also write one row per scored image: file,label,prediction,correct (class indices; "
+                        "an existing file is replaced atomically)")
     p.set_defaults(func=run)
 
 
-def score(model: nn.Module, dataset: data.ImageDataset, *, batch_size: int, device: torch.device, show_progress: bool) -> Tuple[int, int]:
-    """Classify every readable image of ``dataset``; returns (images scored, correct)."""
+def score(model: nn.Module, dataset: data.ImageDataset, *, batch_size: int, device: torch.device, show_progress: bool,
+          rows: Optional[List[Tuple[str, int, int]]] = None) -> Tuple[int, int]:
+    """Classify every readable image of ``dataset``; returns (images scored, correct) and, when
+    ``rows`` is a list, appends ``(file, label, prediction)`` to it for every scored image."""
     n = correct = 0
     batches = data.iter_batches(dataset, batch_size)
     total = math.ceil(len(dataset) / batch_size)
     with torch.no_grad():
-        for x, y, _ in progress(batches, total=total, desc="predict", unit="batch", enabled=show_progress):
+        for x, y, ids in progress(batches, total=total, desc="predict", unit="batch", enabled=show_progress):
             pred = model(x.to(device)).argmax(dim=1).cpu()
             correct += int((pred == y).sum())
             n += y.numel()
+            if rows is not None:
+                rows.extend(zip(ids, y.tolist(), pred.tolist()))
     return n, correct
+
+
+def predictions_csv(rows: List[Tuple[str, int, int]]) -> str:
+    """The ``--out`` file: a header, then ``file,label,prediction,correct`` (correct is 0 or 1)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("file", "label", "prediction", "correct"))
+    writer.writerows((f, label, pred, int(label == pred)) for f, label, pred in rows)
+    return buf.getvalue()
 
 
 def run(args) -> int:
@@ -74,14 +96,20 @@ def run(args) -> int:
     check_defend_at(args)
     device = resolve_device(args.device)
     check_data(args.data)
+    if args.out is not None:
+        check_out_file(args.out)
+    rows: Optional[List[Tuple[str, int, int]]] = [] if args.out is not None else None
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device, **model_options(args))
         classifier = build_defended(model, defense, args.seed, device, defend_at=args.defend_at)
         dataset = data.load_dataset(args.data, size=args.defend_at or model.input_size, limit=args.limit,
                                     num_classes=model.num_classes)
-        n, correct = score(classifier, dataset, batch_size=args.batch_size, device=device, show_progress=not args.json)
+        n, correct = score(classifier, dataset, batch_size=args.batch_size, device=device, show_progress=not args.json,
+                             rows=rows)
     if n == 0:
         raise DataError(f"no readable image in {args.data} ({dataset.skipped} file(s) skipped)")
+    if args.out is not None:
+        atomic_write_text(Path(args.out).expanduser(), predictions_csv(rows))
     result = {
         "accuracy": correct / n,
         "n": n,

@@ -151,9 +151,19 @@ IDENTITY_HINTS = {
 }
 
 
+#: A hint is not given when one of these fields differs too: the user's own change explains the
+#: difference (another ``--defense`` has other values behind its name).
+HINT_CAUSES = {"defense_state": ("defense",)}
+
+
 def identity_hints(old: Dict[str, Any], new: Dict[str, Any]) -> str:
-    """:data:`IDENTITY_HINTS` of the top-level fields where ``old`` and ``new`` differ, joined."""
-    return "; ".join(text for key, text in IDENTITY_HINTS.items() if old.get(key) != new.get(key))
+    """:data:`IDENTITY_HINTS` of the top-level fields where ``old`` and ``new`` differ, joined
+    (leaving out those that a differing field of :data:`HINT_CAUSES` explains)."""
+    def differs(key: str) -> bool:
+        return old.get(key) != new.get(key)
+
+    return "; ".join(text for key, text in IDENTITY_HINTS.items()
+                     if differs(key) and not any(differs(cause) for cause in HINT_CAUSES.get(key, ())))
 
 
 def record_key(record: Dict[str, Any]) -> tuple:
