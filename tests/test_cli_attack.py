@@ -16,8 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _run(capsys, *argv):
     rc = main(["attack", "--data", "builtin", "--device", "cpu", "--json", *argv])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0
+    assert "below the protocol's" not in err  # deterministic defenses here: --draws does not matter
     return json.loads(out)
 
 
@@ -71,8 +72,10 @@ def test_adaptive_on_the_papers_defense_at_n10(model, imagenet_sample_dir, capsy
                "--defense", "dct-distort", "--attack", "adaptive", "--norm", "l2", "--eps", "0.05",
                "--steps", "1", "--eot", "2", "--draws", "2", "--diag-n", "1", "--untargeted",
                "--n", "10", "--seed", "1"])
-    r = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    r = json.loads(out)
     assert rc == 0
+    assert "--draws 2 is below the protocol's 10 fresh draws" in err  # a random defense, judged on 2 draws
     assert r["n"] == 10 and r["defense"] == "dct-distort" and r["attack"] == "adaptive"
     assert r["l2_rms_max"] <= 0.05 + 1e-6
     assert r["info"]["gradient_stats"]["zero_gradients"] == 0

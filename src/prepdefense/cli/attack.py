@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..attacks.base import AttackResult
 from ..attacks.bpda import with_bpda
 from ..attacks.eot import EOT
 from ..defenses.defended import undefended_at
+from ..experiments.judge import MIN_DRAWS
 from ..metrics import l2_rms, linf
 from ..seeding import child_seed, make_generator
 from .attack_checks import DEFAULT_SUBSET, HELP as CHECKS_HELP, MODES, Checks, PassCounter, format_checks
@@ -80,7 +82,8 @@ def add_parser(subparsers) -> None:
     grp.add_argument("--targeted", dest="targeted", action="store_true", default=None, help="targeted at the sample's random targets (default, as the paper)")
     grp.add_argument("--untargeted", dest="targeted", action="store_false", help="untargeted (success = not the true label)")
     p.add_argument("--transfer", action="store_true", help="generate on the undefended model, evaluate on the defended one (Table 3 setting)")
-    p.add_argument("--draws", type=int, default=10, help="fresh draws of a random defense for the verdict (default 10)")
+    p.add_argument("--draws", type=int, default=MIN_DRAWS, help=f"fresh draws of a random defense for the verdict (default {MIN_DRAWS}, the protocol's; "
+                        "fewer is a quick look and gets a warning)")
     p.add_argument("--diagnostics", nargs="?", const="default", default=None, choices=MODES, help=CHECKS_HELP.replace("%", "%%"))
     p.add_argument("--no-diagnostics", action="store_true", help="same as --diagnostics off")
     p.add_argument("--diag-n", type=int, default=None, help=f"most images a check runs on (default {DEFAULT_SUBSET})")
@@ -189,6 +192,10 @@ def run(args) -> int:
     t0 = time.time()
     classifier = build_model(args.model, args.weights, device, **model_options(args))
     defended = build_defended(classifier, defense_name, args.seed, device, defend_at=args.defend_at)
+    if args.draws < MIN_DRAWS and getattr(defended, "randomized", False):
+        print(f"prepdefense attack: warning: --draws {args.draws} is below the protocol's {MIN_DRAWS} fresh draws of a "
+              f"random defense: a quick look, not the protocol's verdict ('prepdefense judge' and 'evaluate' take at "
+              f"least {MIN_DRAWS})", file=sys.stderr)
     # The undefended model in the attacked images' geometry (resized from --defend-at S when set).
     bare = undefended_at(classifier, args.defend_at)
     with one_line_skip_warnings():
