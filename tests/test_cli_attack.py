@@ -81,3 +81,12 @@ def test_adaptive_on_the_papers_defense_at_n10(model, imagenet_sample_dir, capsy
     assert r["info"]["gradient_stats"]["zero_gradients"] == 0
     assert r["info"]["gradient_stats"]["nonfinite_gradients"] == 0
     assert 0 <= r["accuracy_worst"] <= r["accuracy"] <= 1
+
+
+def test_transfer_text_header_names_the_transfer(model, capsys):
+    rc = main(["attack", "--data", "builtin", "--device", "cpu", "--defense", "bdr", "--attack", "fgsm", "--transfer",
+               "--n", "1", "--norm", "linf"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.splitlines()[0].startswith("fgsm on efficientnet-lite0 + bdr (generated on the bare efficientnet-lite0, "
+                                          "judged on the defended one: --transfer)")

@@ -361,7 +361,9 @@ def _print_text(out: Dict[str, Any], diag_text: Optional[str]) -> None:
         return f"[{v[0]:.3f}, {v[1]:.3f}]"
 
     print(
-        f"{out['attack']} on {out['model']} + {out['defense']} ({'targeted' if out['targeted'] else 'untargeted'}, "
+        f"{out['attack']} on {out['model']} + {out['defense']}"
+        + (f" (generated on the bare {out['model']}, judged on the defended one: --transfer)" if out.get("transfer") else "")
+        + f" ({'targeted' if out['targeted'] else 'untargeted'}, "
         f"{out['n']} images, seed {out['seed']}, device {out['device']})"
     )
     print(f"  clean accuracy {out['clean_accuracy']:.3f}")
