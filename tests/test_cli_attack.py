@@ -88,5 +88,5 @@ def test_transfer_text_header_names_the_transfer(model, capsys):
                "--n", "1", "--norm", "linf"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert out.splitlines()[0].startswith("fgsm on efficientnet-lite0 + bdr (generated on the bare efficientnet-lite0, "
-                                          "judged on the defended one: --transfer)")
+    assert out.splitlines()[0].startswith("fgsm on efficientnet-lite0 + bdr (targeted, 1 images, seed 0, device cpu; "
+                                          "--transfer: generated on the bare efficientnet-lite0, judged on the defended one)")

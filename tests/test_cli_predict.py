@@ -74,7 +74,7 @@ def test_out_writes_one_row_per_scored_image(tmp_path, capsys):
         code, stdout, _ = _run(capsys, "--data", str(data), "--json", "--batch-size", "2", "--device", "cpu", "--out", str(out))
         assert code == 0
     result = json.loads(stdout)
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.open(newline="")))
     assert [r["file"] for r in rows] == ["img0.png", "img1.png", "img2.png"]  # the unreadable file is not a row
     assert [int(r["label"]) for r in rows] == [0, 2, 3]
     assert all(0 <= int(r["prediction"]) < 1000 for r in rows)
@@ -85,6 +85,15 @@ def test_out_writes_one_row_per_scored_image(tmp_path, capsys):
 def test_out_that_is_a_folder_is_a_usage_error(tmp_path, capsys):
     code, _, err = _run(capsys, "--data", "builtin", "--device", "cpu", "--out", str(tmp_path))
     assert code == 2 and "is a folder" in err
+
+
+def test_out_never_replaces_the_labels_file(tmp_path, capsys):
+    Image.fromarray(np.zeros((60, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    labels = "file,label,wnid,name\na.png,1,n01443537,goldfish\n"
+    (tmp_path / "labels.csv").write_text(labels)
+    code, _, err = _run(capsys, "--data", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "labels.csv"))
+    assert code == 2 and "is the labels file of --data" in err
+    assert (tmp_path / "labels.csv").read_text() == labels
 
 
 def test_unknown_defense_and_model_are_one_line_errors(capsys):

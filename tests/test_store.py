@@ -217,3 +217,13 @@ def test_table_hint_only_when_the_defense_name_is_the_same(tmp_path):
         st.check_or_write_config({"identity": {"defense": "jpeg", "defense_state": "ccc", "seed": 0}})
     assert "defense: 'dct-distort' -> 'jpeg'" in str(err.value)
     assert "values behind" not in str(err.value) and "dct-distort[table=NAME]" not in str(err.value)
+
+
+def test_no_table_hint_when_the_users_table_file_changed(tmp_path):
+    st = ResultStore(tmp_path).open()
+    st.check_or_write_config({"identity": {"defense": "dct-distort[table=my.json]", "defense_state": "aaa",
+                                           "defense_files": {"my.json": "111"}}})
+    with pytest.raises(ConfigMismatchError) as err:
+        st.check_or_write_config({"identity": {"defense": "dct-distort[table=my.json]", "defense_state": "bbb",
+                                               "defense_files": {"my.json": "222"}}})
+    assert "defense_files.my.json: '111' -> '222'" in str(err.value) and "values behind" not in str(err.value)

@@ -121,3 +121,29 @@ def test_set_value_checks_returns_the_previous_setting_and_takes_bools_only():
             set_value_checks(0)
     finally:
         assert set_value_checks(True) is False
+
+
+def test_blocks_closing_out_of_order_leave_the_check_on():
+    """Two blocks (two threads, or generators) that close in another order than they opened."""
+    a, b = no_value_checks(), no_value_checks()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not value_checks_enabled()  # b is still open
+    b.__exit__(None, None, None)
+    assert value_checks_enabled()
+
+
+def test_a_users_module_output_is_checked_with_the_switch_off():
+    from torch import nn
+
+    from prepdefense.defenses.base import as_defense
+
+    class Times255(nn.Module):
+        def forward(self, x):
+            return x * 255
+
+    d = as_defense(Times255())
+    with no_value_checks():
+        with pytest.raises(ValueError, match="the output of the defense"):
+            d(torch.rand(1, 3, 8, 8))

@@ -22,13 +22,14 @@ The value check (finite, in [0, 1]) reads every value once per call, 5-7% of a `
 call on the CPU (``benchmarks/bench_value_check.py``). Where the inputs are known to be in
 [0, 1] and that time matters, :func:`no_value_checks` turns it off, as
 ``torch.distributions.Distribution.set_default_validate_args(False)`` does for torch's
-distributions; shapes, layouts and dtypes are always checked.
+distributions (what it covers: :func:`set_value_checks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -41,23 +42,30 @@ __all__ = ["RANGE_TOLERANCE", "range_tolerance", "MAX_CHANNELS", "value_checks_e
 RANGE_TOLERANCE = 1e-4
 
 
-_value_checks = True
+_value_checks = True  # the process-wide setting (set_value_checks)
+_off_blocks = 0  # open no_value_checks() blocks, in any thread
+_off_lock = threading.Lock()
 
 
 def value_checks_enabled() -> bool:
     """Whether image values are checked (finite, in [0, 1]) at the boundary: ``True`` unless
-    turned off by :func:`set_value_checks` or inside :func:`no_value_checks`."""
-    return _value_checks
+    turned off by :func:`set_value_checks` or while a :func:`no_value_checks` block is open."""
+    return _value_checks and _off_blocks == 0
 
 
 def set_value_checks(enabled: bool) -> bool:
     """Turn the check of image values (finite, in [0, 1]; clamping within the tolerance) on or
     off for the whole process, every thread included; returns the previous setting.
 
-    With the check off, an image out of [0, 1] is neither refused nor clamped: the defenses
-    compute on it as given, and their outputs are then not defined by the paper. Shapes,
-    layouts and dtypes are still checked. Prefer :func:`no_value_checks`, which restores the
-    setting.
+    What it covers: the image inputs of the defenses, :class:`~prepdefense.defenses.Defended`,
+    EOT and the attacks (:func:`check_images`), and the check inside ``dct-quant``'s and
+    ``dct-distort``'s kernels. What stays checked: shapes, layouts and dtypes everywhere; the
+    output of a user's plain module used as a defense; the metrics' inputs
+    (:mod:`prepdefense.metrics`); the images ``judge`` reads.
+
+    With the check off, an input image out of [0, 1] is neither refused nor clamped: the
+    defenses compute on it as given, and their outputs are then not defined by the paper.
+    Prefer :func:`no_value_checks`, which restores the setting.
 
     Raises:
         TypeError: ``enabled`` is not a bool.
@@ -65,14 +73,18 @@ def set_value_checks(enabled: bool) -> bool:
     global _value_checks
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    previous, _value_checks = _value_checks, enabled
+    previous = _value_checks
+    _value_checks = enabled
     return previous
 
 
 @contextlib.contextmanager
 def no_value_checks() -> Iterator[None]:
-    """Within the ``with`` block, image values are not checked (:func:`set_value_checks`);
-    the previous setting comes back on leaving it, on an error too.
+    """While the ``with`` block is open, image values are not checked (what
+    :func:`set_value_checks` covers). Blocks count, so they may nest, overlap and close in any
+    order, in any thread: the check is back on once every open block has closed (unless
+    :func:`set_value_checks` turned it off). Process-wide: calls in other threads are not
+    checked while a block is open either.
 
     For inputs known to be in [0, 1] whose check costs measurable time: a throughput
     benchmark, or a loop that clamps its own images. Example::
@@ -80,11 +92,14 @@ def no_value_checks() -> Iterator[None]:
         with prepdefense.validation.no_value_checks():
             out = defense(x, generator=g)
     """
-    previous = set_value_checks(False)
+    global _off_blocks
+    with _off_lock:
+        _off_blocks += 1
     try:
         yield
     finally:
-        set_value_checks(previous)
+        with _off_lock:
+            _off_blocks -= 1
 
 
 def range_tolerance(dtype: torch.dtype) -> float:
@@ -139,8 +154,9 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
         clamp: return ``x.clamp(0, 1)`` when needed (False: only check).
         channels: the channel counts allowed (default 1..:data:`MAX_CHANNELS`).
         values: check the values too (:func:`check_value_range`); False leaves that to a
-            kernel that checks its own copy of the input. Never checked while
-            :func:`value_checks_enabled` is False (:func:`no_value_checks`).
+            kernel that checks its own copy of the input. Not checked while
+            :func:`value_checks_enabled` is False (:func:`no_value_checks`); a caller that
+            must check whatever the switch says calls :func:`check_value_range` itself.
 
     Raises:
         TypeError: not a tensor, or not floating point.
@@ -169,7 +185,7 @@ def check_images(x, *, name: str = "x", clamp: bool = True, channels: Optional[t
         if x.shape[0] == 0 and x.shape[2] > 0 and x.shape[3] > 0:
             return x
         raise ValueError(f"{name} has shape {_shape(x)}: images must have at least one pixel")
-    if not values or not _value_checks:
+    if not values or not value_checks_enabled():
         return x
     if check_value_range(x, name=name) and clamp:
         return x.clamp(0.0, 1.0)

@@ -361,10 +361,10 @@ def _print_text(out: Dict[str, Any], diag_text: Optional[str]) -> None:
         return f"[{v[0]:.3f}, {v[1]:.3f}]"
 
     print(
-        f"{out['attack']} on {out['model']} + {out['defense']}"
-        + (f" (generated on the bare {out['model']}, judged on the defended one: --transfer)" if out.get("transfer") else "")
-        + f" ({'targeted' if out['targeted'] else 'untargeted'}, "
-        f"{out['n']} images, seed {out['seed']}, device {out['device']})"
+        f"{out['attack']} on {out['model']} + {out['defense']} ({'targeted' if out['targeted'] else 'untargeted'}, "
+        f"{out['n']} images, seed {out['seed']}, device {out['device']}"
+        + (f"; --transfer: generated on the bare {out['model']}, judged on the defended one" if out.get("transfer") else "")
+        + ")"
     )
     print(f"  clean accuracy {out['clean_accuracy']:.3f}")
     print(f"  accuracy {out['accuracy']:.3f} {ci(out['accuracy_ci95'])}, worst case over {out['draws']} draws {out['accuracy_worst']:.3f} {ci(out['accuracy_worst_ci95'])}")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..atomic_io import atomic_write_text
+from ..atomic_io import atomic_write_bytes
 from ..errors import DataError
 from .common import (
     DEFENSE_HELP,
@@ -33,6 +33,7 @@ from .common import (
     check_data,
     check_defense,
     check_out_file,
+    UsageError,
     one_line_skip_warnings,
     model_options,
     print_json,
@@ -82,7 +83,7 @@ def score(model: nn.Module, dataset: data.ImageDataset, *, batch_size: int, devi
 def predictions_csv(rows: List[Tuple[str, int, int]]) -> str:
     """The ``--out`` file: a header, then ``file,label,prediction,correct`` (correct is 0 or 1)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf)  # the csv module's own line ends (\r\n), so a \r in a file name is quoted
     writer.writerow(("file", "label", "prediction", "correct"))
     writer.writerows((f, label, pred, int(label == pred)) for f, label, pred in rows)
     return buf.getvalue()
@@ -98,6 +99,8 @@ def run(args) -> int:
     check_data(args.data)
     if args.out is not None:
         check_out_file(args.out)
+        if args.data != "builtin" and Path(args.out).expanduser().resolve() == (Path(args.data).expanduser() / "labels.csv").resolve():
+            raise UsageError(f"--out {args.out} is the labels file of --data; write the predictions to another file")
     rows: Optional[List[Tuple[str, int, int]]] = [] if args.out is not None else None
     with one_line_skip_warnings():
         model = build_model(args.model, args.weights, device, **model_options(args))
@@ -109,7 +112,8 @@ def run(args) -> int:
     if n == 0:
         raise DataError(f"no readable image in {args.data} ({dataset.skipped} file(s) skipped)")
     if args.out is not None:
-        atomic_write_text(Path(args.out).expanduser(), predictions_csv(rows))
+        # file names that are not valid UTF-8 (read from the folder) are written as their own bytes
+        atomic_write_bytes(Path(args.out).expanduser(), predictions_csv(rows).encode("utf-8", "surrogateescape"))
     result = {
         "accuracy": correct / n,
         "n": n,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..draws import DrawKey, KeyLike, Params, as_key
-from ..validation import check_images
+from ..validation import check_images, check_value_range
 
 __all__ = ["Defense", "ModuleDefense", "as_defense", "check_draw", "check_images", "shaped_like"]
 
@@ -262,7 +262,9 @@ class ModuleDefense(Defense):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the defense {name} must return an image batch (N, C, H, W) like its input {tuple(x.shape[:2])}..., got {shape}")
         if out.numel():
-            check_images(out.detach(), name=f"the output of the defense {name}", clamp=False)
+            # the user's code, not an input: checked whatever validation.no_value_checks says
+            check_images(out.detach(), name=f"the output of the defense {name}", clamp=False, values=False)
+            check_value_range(out.detach(), name=f"the output of the defense {name}")
         return out
 
 

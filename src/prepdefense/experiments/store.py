@@ -152,8 +152,9 @@ IDENTITY_HINTS = {
 
 
 #: A hint is not given when one of these fields differs too: the user's own change explains the
-#: difference (another ``--defense`` has other values behind its name).
-HINT_CAUSES = {"defense_state": ("defense",)}
+#: difference (another ``--defense`` has other values behind its name; an edited table file
+#: that the defense names).
+HINT_CAUSES = {"defense_state": ("defense", "defense_files")}
 
 
 def identity_hints(old: Dict[str, Any], new: Dict[str, Any]) -> str:
