@@ -262,6 +262,22 @@ def test_limit_and_batches(tmp_path):
     assert picked[0][2] == [list(files)[3], list(files)[0]]
 
 
+def test_limit_counts_only_the_missing_files_passed_over(tmp_path):
+    files = list(_good_files(tmp_path))[:3]
+    rows = [(files[0], 0, "", ""), ("gone1.png", 1, "", ""), (files[1], 2, "", ""), ("gone2.png", 3, "", ""), (files[2], 4, "", "")]
+    _write_labels(tmp_path, rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.load_dataset(tmp_path, size=SIZE, limit=2)
+    assert [e.id for e in ds.entries] == files[:2] and ds.skipped == 1  # gone2.png lies past the limit
+    assert [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)] == [
+        "skipped gone1.png: listed in labels.csv but not found"]
+    assert data.load_dataset(tmp_path, size=SIZE).skipped == 2
+    _write_labels(tmp_path, rows + [(files[0] + "x", -1, "", "")])  # a bad row past the limit is still an error
+    with pytest.raises(DataError, match="outside"):
+        data.load_dataset(tmp_path, size=SIZE, limit=1)
+
+
 def test_class_tables():
     wnids, names = data.imagenet_wnids(), data.imagenet_class_names()
     assert len(wnids) == len(names) == 1000 and list(wnids) == sorted(wnids)

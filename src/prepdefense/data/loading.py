@@ -283,7 +283,7 @@ def _header_ok(entry: ImageEntry) -> bool:
     return True
 
 
-def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES) -> Tuple[List[ImageEntry], int]:
+def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES, limit: Optional[int] = None) -> Tuple[List[ImageEntry], int]:
     path = root / "labels.csv"
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -318,6 +318,8 @@ def _read_labels_csv(root: Path, num_classes: Optional[int] = NUM_CLASSES) -> Tu
             top = f"{num_classes - 1}" if num_classes is not None else "K-1"
             raise DataError(f"{path}, row {row_no}: label {label} is outside 0..{top}"
                             + (f" (the model's {num_classes} classes)" if num_classes not in (None, NUM_CLASSES) else ""))
+        if limit is not None and len(entries) >= limit:
+            continue  # every row is checked, but files past the limit are neither looked for nor counted
         file_path = root / name
         if not file_path.is_file():
             _warn_skip(name, "listed in labels.csv but not found")
@@ -348,13 +350,16 @@ def _read_synset_folders(root: Path, subdirs: List[Path], num_classes: Optional[
     return entries
 
 
-def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] = NUM_CLASSES) -> Tuple[List[ImageEntry], int]:
+def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] = NUM_CLASSES,
+                   limit: Optional[int] = None) -> Tuple[List[ImageEntry], int]:
     """List the labelled files of ``folder`` (``labels.csv`` or synset sub-folders).
 
     Labels must lie in ``0..num_classes-1`` (the model's classes; None: any non-negative
     integer). Synset sub-folders give ImageNet's 1000 indices; a ``labels.csv`` gives any.
 
-    Returns the entries and the number of listed files that are absent.
+    Returns the entries (the first ``limit`` present files, in listing order, when ``limit`` is
+    given) and the number of listed files that are absent among those passed over to reach
+    them (each with a :class:`SkippedFileWarning`); every row of ``labels.csv`` is checked.
 
     Raises:
         DataError: the folder is missing, empty, unlabelled, or ``labels.csv`` has a bad row
@@ -366,7 +371,7 @@ def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] =
     if not root.is_dir():
         raise DataError(f"not a folder: {root} (pass a folder with labels.csv or synset sub-folders)")
     if (root / "labels.csv").is_file():
-        return _read_labels_csv(root, num_classes)
+        return _read_labels_csv(root, num_classes, limit)
     visible = [p for p in sorted(root.iterdir()) if not p.name.startswith(".")]
     if not visible:
         raise DataError(f"image folder is empty: {root}")
@@ -378,7 +383,7 @@ def folder_entries(folder: Union[str, os.PathLike], num_classes: Optional[int] =
     entries = _read_synset_folders(root, subdirs, num_classes)
     if not entries:
         raise DataError(f"no files in the synset sub-folders of {root}")
-    return entries, 0
+    return entries[:limit], 0
 
 
 def load_dataset(
@@ -415,7 +420,7 @@ def load_dataset(
             raise DataError(f"the built-in images carry ImageNet labels (1000 classes), but the model has "
                             f"{num_classes}; give --data a folder with a labels.csv of your classes")
     else:
-        entries, skipped = folder_entries(source, num_classes)
+        entries, skipped = folder_entries(source, num_classes, limit)
         name = str(source)
     if limit is not None:
         entries = entries[:limit]
