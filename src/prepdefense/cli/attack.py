@@ -142,6 +142,13 @@ def _check_combinations(args, name: str, mode: str) -> None:
         if check_defense(args.defense) == "none":
             raise UsageError("--transfer generates on the undefended model and judges on the defended one; "
                              "with --defense none they are the same model: name a defense or drop --transfer")
+    if args.eot_chunk is not None:
+        declared = attacks.REGISTRY.parameters(name).get("eot")  # cw, deepfool, lbfgs: the model-side EOT wrapper
+        eot = args.eot if args.eot is not None else (declared.default if declared is not None else 1)
+        if eot == 1:
+            source = "--eot 1" if args.eot is not None else f"{name}'s default EOT of 1 draw"
+            raise UsageError(f"--eot-chunk splits EOT's draws over classifier calls, but this run has {source}: "
+                             "drop --eot-chunk or give --eot N (N > 1)")
     if args.diag_n is not None and mode == "off":
         why = "--diagnostics off runs none" if args.diagnostics == "off" else f"{name} runs none unless asked"
         raise UsageError(f"--diag-n sets how many images the checks run on, but {why}; "
