@@ -309,3 +309,14 @@ def test_shared_sample_reads_cleanly(imagenet_sample_dir):
     assert len(ds) == 8 and ds.skipped == 0
     x, labels, ids = next(data.iter_batches(ds, 8))
     assert x.shape == (8, 3, 224, 224) and labels.tolist() == list(range(8))
+
+
+def test_load_images_takes_the_models_classes(tmp_path):
+    files = list(_good_files(tmp_path))[:2]
+    _write_labels(tmp_path, [(files[0], 1500, "", ""), (files[1], 3, "", "")])
+    with pytest.raises(DataError, match="outside 0..999"):
+        data.load_images(tmp_path, size=SIZE)
+    x, labels, _, _ = data.load_images(tmp_path, size=SIZE, num_classes=2000)
+    assert labels.tolist() == [1500, 3]
+    with pytest.raises(DataError, match="outside 0..1"):
+        data.load_images(tmp_path, size=SIZE, num_classes=2)

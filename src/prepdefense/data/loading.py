@@ -468,8 +468,12 @@ def load_images(
     *,
     size: Optional[int] = None,
     limit: Optional[int] = None,
+    num_classes: Optional[int] = NUM_CLASSES,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[str], int]:
     """Decode every readable image of ``source`` into one batch.
+
+    ``size``, ``limit`` and ``num_classes`` (the model's classes, which the labels must lie
+    in; None: any non-negative label) are :func:`load_dataset`'s, for a folder or ``"builtin"``.
 
     Returns:
         ``(x, labels, ids, skipped)``: x (N, 3, size, size) float [0,1], labels (N,) long,
@@ -483,7 +487,7 @@ def load_images(
     else:
         if size is None:
             raise DataError("load_images needs size= for a folder or 'builtin'")
-        ds = load_dataset(source, size=size, limit=limit)
+        ds = load_dataset(source, size=size, limit=limit, num_classes=num_classes)
     batches = list(iter_batches(ds, 64))
     if not batches:
         raise DataError(f"no readable image in {ds.source} ({ds.skipped} file(s) skipped)")
