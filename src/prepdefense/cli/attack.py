@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import __version__, attacks, data
+from .. import __version__, attacks, data, defenses
 from ..attacks.verdict import evaluate_on_draws
 from ..draws import DRAW_SCHEME, DrawKey, KeyLike, image_id
 from ..attacks.base import AttackResult
@@ -183,6 +183,10 @@ def run(args) -> int:
         mode = "off"
     build_attack(name, args)  # a value the attack refuses fails here, before any loading
     defense_name = check_defense(args.defense)
+    if args.draws < MIN_DRAWS and getattr(defenses.create(defense_name), "randomized", False):  # built cheaply, as check_defense did
+        print(f"prepdefense attack: warning: --draws {args.draws} is below the protocol's {MIN_DRAWS} fresh draws of a "
+              f"random defense: a quick look, not the protocol's verdict ('prepdefense judge' and 'evaluate' take at "
+              f"least {MIN_DRAWS})", file=sys.stderr)
     check_model(args.model, args.weights)
     check_model_options(args)
     check_defend_at(args)
@@ -199,10 +203,6 @@ def run(args) -> int:
     t0 = time.time()
     classifier = build_model(args.model, args.weights, device, **model_options(args))
     defended = build_defended(classifier, defense_name, args.seed, device, defend_at=args.defend_at)
-    if args.draws < MIN_DRAWS and getattr(defended, "randomized", False):
-        print(f"prepdefense attack: warning: --draws {args.draws} is below the protocol's {MIN_DRAWS} fresh draws of a "
-              f"random defense: a quick look, not the protocol's verdict ('prepdefense judge' and 'evaluate' take at "
-              f"least {MIN_DRAWS})", file=sys.stderr)
     # The undefended model in the attacked images' geometry (resized from --defend-at S when set).
     bare = undefended_at(classifier, args.defend_at)
     with one_line_skip_warnings():
