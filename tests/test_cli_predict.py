@@ -80,6 +80,7 @@ def test_out_writes_one_row_per_scored_image(tmp_path, capsys):
     assert all(0 <= int(r["prediction"]) < 1000 for r in rows)
     assert all(r["correct"] == str(int(r["label"] == r["prediction"])) for r in rows)
     assert sum(int(r["correct"]) for r in rows) == result["correct"]
+    assert result["predictions_file"] == str(out)
 
 
 def test_out_that_is_a_folder_is_a_usage_error(tmp_path, capsys):

@@ -4,7 +4,8 @@
 Prints the top-1 accuracy with the number of images scored and of files skipped; with
 ``--json`` one object ``{"accuracy", "n", "correct", "skipped", "model", "defense", "seed",
 "device", "data"}`` on stdout and no progress bar. ``--out FILE.csv`` also writes one row per
-scored image (``file,label,prediction,correct``), atomically.
+scored image (``file,label,prediction,correct``), atomically, and names the file in the output
+(``"predictions_file"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def run(args) -> int:
                              rows=rows)
     if n == 0:
         raise DataError(f"no readable image in {args.data} ({dataset.skipped} file(s) skipped)")
+    written = None
     if args.out is not None:
         # file names that are not valid UTF-8 (read from the folder) are written as their own bytes
-        atomic_write_bytes(Path(args.out).expanduser(), predictions_csv(rows).encode("utf-8", "surrogateescape"))
+        written = atomic_write_bytes(Path(args.out).expanduser(), predictions_csv(rows).encode("utf-8", "surrogateescape"))
     result = {
         "accuracy": correct / n,
         "n": n,
@@ -125,6 +127,7 @@ def run(args) -> int:
         "seed": args.seed,
         "device": str(device),
         "data": str(args.data),
+        **({"predictions_file": str(written)} if written is not None else {}),
     }
     if args.json:
         print_json(result)
@@ -133,4 +136,6 @@ def run(args) -> int:
             f"accuracy {result['accuracy']:.4f} ({correct}/{n} images; {dataset.skipped} skipped) "
             f"model {args.model}, defense {result['defense']}, device {device}"
         )
+        if written is not None:
+            print(f"  per-image predictions: {written}")
     return 0
