@@ -415,15 +415,13 @@ def load_dataset(
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
     if str(source) == "builtin":
-        entries, skipped, name = builtin_entries(), 0, "builtin"
+        entries, skipped, name = builtin_entries()[:limit], 0, "builtin"
         if num_classes is not None and num_classes != NUM_CLASSES:
             raise DataError(f"the built-in images carry ImageNet labels (1000 classes), but the model has "
                             f"{num_classes}; give --data a folder with a labels.csv of your classes")
     else:
-        entries, skipped = folder_entries(source, num_classes, limit)
+        entries, skipped = folder_entries(source, num_classes, limit)  # the first `limit` present files
         name = str(source)
-    if limit is not None:
-        entries = entries[:limit]
     good = []
     for e in entries:
         if _header_ok(e):
