@@ -175,11 +175,15 @@ def test_negative_seeds_are_refused():
 
 
 def test_a_draw_that_does_not_fit_gets_a_clear_error(x):
+    """A draw with no recorded size (built by hand, or saved before sizes were recorded)
+    that indexes outside x; a recorded size is refused before (test_draw_image_size.py)."""
     big = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     for name in ("crop", "pd"):
         d = defenses.create(name)
+        params = d.sample_params(big, 0)
+        params.image_size = None
         with pytest.raises(ValueError, match="does not fit"):
-            d(x[:2], params=d.sample_params(big, 0))
+            d(x[:2], params=params)
     with pytest.raises(ValueError, match="does not fit"):
         defenses.create("rand")(x, params=defenses.create("grid-distort").sample_params(x, 0))
 

@@ -202,13 +202,35 @@ class Params(dict):
     Values are tensors whose first dimension is the batch (one row per image, on the CPU
     unless moved), nested :class:`Params`, or ``None``. Slicing, joining, moving and saving
     treat every tensor the same way, so a draw can be replayed for any subset of images.
+
+    ``image_size`` is the ``(height, width)`` in pixels of the images the draw was made for,
+    set by ``sample_params`` (None for a draw built by hand or saved before it was recorded).
+    A defense's and ``Defended``'s replay refuse a draw made for another size: its pixel
+    positions (crop corners, deflected pixels, pad offsets) belong to that size. Slicing,
+    joining, moving, saving and loading keep it.
     """
+
+    #: (height, width) of the images the draw was made for, or None when not recorded.
+    image_size: Optional[Tuple[int, int]] = None
+
+    _SIZE_KEY = "__image_size__"  # where :meth:`save` writes ``image_size``
+
+    def for_images(self, x: torch.Tensor) -> "Params":
+        """This draw, recorded as made for images of ``x``'s height and width (in place)."""
+        self.image_size = (int(x.shape[-2]), int(x.shape[-1]))
+        return self
+
+    def _like_self(self, values: Dict[str, Any]) -> "Params":
+        out = Params(values)
+        out.image_size = self.image_size
+        return out
 
     def select(self, index: Union[slice, torch.Tensor, Sequence[int]]) -> "Params":
         """The draw of a sub-batch."""
         if isinstance(index, torch.Tensor):
             index = index.cpu()
-        return Params({k: (v.select(index) if isinstance(v, Params) else v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.items()})
+        return self._like_self({k: (v.select(index) if isinstance(v, Params) else v[index] if isinstance(v, torch.Tensor) else v)
+                                for k, v in self.items()})
 
     @staticmethod
     def cat(parts: Sequence[Optional["Params"]]) -> Optional["Params"]:
@@ -218,6 +240,8 @@ class Params(dict):
             return None
         first = parts[0]
         out = Params()
+        sizes = {p.image_size for p in parts}
+        out.image_size = first.image_size if len(sizes) == 1 else None
         for k, v in first.items():
             values = [p[k] for p in parts]
             if isinstance(v, Params):
@@ -230,7 +254,7 @@ class Params(dict):
 
     def to(self, device=None) -> "Params":
         """The same draw with every tensor on ``device``."""
-        return Params({k: (v.to(device) if isinstance(v, (Params, torch.Tensor)) else v) for k, v in self.items()})
+        return self._like_self({k: (v.to(device) if isinstance(v, (Params, torch.Tensor)) else v) for k, v in self.items()})
 
     def batch_size(self) -> Optional[int]:
         """The number of images the draw is for (None if it holds no tensor)."""
@@ -244,26 +268,35 @@ class Params(dict):
         return None
 
     def _plain(self) -> Dict[str, Any]:
-        return {k: (v._plain() if isinstance(v, Params) else v) for k, v in self.items()}
+        plain = {k: (v._plain() if isinstance(v, Params) else v) for k, v in self.items()}
+        if self.image_size is not None:
+            plain[Params._SIZE_KEY] = tuple(self.image_size)
+        return plain
 
     @staticmethod
     def _from_plain(value: Any) -> Any:
         if isinstance(value, dict):
-            return Params({k: Params._from_plain(v) for k, v in value.items()})
+            size = value.get(Params._SIZE_KEY)
+            out = Params({k: Params._from_plain(v) for k, v in value.items() if k != Params._SIZE_KEY})
+            out.image_size = None if size is None else (int(size[0]), int(size[1]))
+            return out
         return value
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the draw to ``path`` (``torch.save`` of plain dicts and tensors, atomically)."""
+        """Write the draw to ``path`` (``torch.save`` of plain dicts and tensors, atomically;
+        ``image_size`` goes in as the entry ``"__image_size__"``)."""
         plain = self.to("cpu")._plain()
         atomic_write_with(path, lambda fh: torch.save(plain, fh))
 
     @staticmethod
     def load(path: Union[str, Path]) -> "Params":
-        """Read a draw written by :meth:`save` (tensors only: ``weights_only=True``)."""
+        """Read a draw written by :meth:`save` (tensors only: ``weights_only=True``). A file
+        written before draws recorded their size loads with ``image_size`` None."""
         return Params._from_plain(torch.load(Path(path), map_location="cpu", weights_only=True))
 
     def __repr__(self) -> str:
-        return f"Params({', '.join(f'{k}={_describe(v)}' for k, v in self.items())})"
+        size = [] if self.image_size is None else [f"image_size={self.image_size[0]}x{self.image_size[1]}"]
+        return f"Params({', '.join([f'{k}={_describe(v)}' for k, v in self.items()] + size)})"
 
 
 def _describe(v: Any) -> str:

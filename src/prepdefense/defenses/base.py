@@ -110,7 +110,8 @@ class Defense(nn.Module):
         """Draw the random parameters for batch ``x`` (None for a deterministic defense).
 
         ``generator``: a :class:`~prepdefense.draws.DrawKey` (per-image draws), an int seed,
-        a ``torch.Generator`` or None (see :func:`prepdefense.draws.as_key`).
+        a ``torch.Generator`` or None (see :func:`prepdefense.draws.as_key`). The draw records
+        ``x``'s height and width (``Params.image_size``).
         """
         if not self.randomized:
             return None
@@ -123,10 +124,12 @@ class Defense(nn.Module):
                 if stage.randomized:
                     params[name] = stage.sample_params(shaped_like(x, shape), key.child(name))
                 shape = (*shape[:2], *stage.output_size(*shape[2:]))
-            return params
+            return params.for_images(x)
         if x.shape[0] == 0:  # the layout of an empty draw: one image's, with no rows
-            return self.draw_images(shaped_like(x, (1, *x.shape[1:])), [key_generator_for_empty()]).select(slice(0, 0))
-        return self.draw_images(x, key.generators())
+            params = self.draw_images(shaped_like(x, (1, *x.shape[1:])), [key_generator_for_empty()]).select(slice(0, 0))
+        else:
+            params = self.draw_images(x, key.generators())
+        return params.for_images(x)
 
     def draw_images(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> Params:
         """The draws of a batch, image ``i`` from ``generators[i]``: :meth:`draw` per image,
@@ -167,10 +170,10 @@ class Defense(nn.Module):
 def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
     """``params`` if it can be ``owner``'s draw for the batch ``x`` (a replay), else an error:
     a draw for a deterministic defense, something that is not a :class:`Params`, a draw for
-    another number of images, or a draw given together with a ``generator``. A draw does not
-    record the image size it was made for: replay it on images of that size (a draw read at
-    another size fails in :func:`replay` when an index falls outside, and otherwise is not
-    detected).
+    another number of images or for images of another size (``Params.image_size``), or a draw
+    given together with a ``generator``. A draw with no recorded size (built by hand, or saved
+    before draws recorded it) is not size-checked: read at another size, it fails in
+    :func:`replay` when an index falls outside, and otherwise is not detected.
 
     Raises:
         TypeError: ``params`` not a ``Params``.
@@ -189,14 +192,19 @@ def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, gene
     if n is not None and n != x.shape[0]:
         raise ValueError(f"{name}: the draw is for {n} images but x has {x.shape[0]}; "
                          f"replay the draws of the images kept with params.select(index)")
+    size = params.image_size
+    if size is not None and tuple(size) != tuple(x.shape[-2:]):
+        raise ValueError(f"{name}: the draw was made for {size[0]}x{size[1]} images but x is {x.shape[-2]}x{x.shape[-1]}; "
+                         f"its pixel positions belong to that size: replay it on images of that size, or draw "
+                         f"again for x with sample_params(x, generator)")
     return params
 
 
 def replay(owner: nn.Module, params: Params, x: torch.Tensor, generator: KeyLike, run) -> torch.Tensor:
     """``run(x, params)`` for a replay: ``params`` checked by :func:`check_draw`, and a clear
-    error when the draw does not fit all the same (another defense's draw, or one made on
-    images of another size: a draw does not record the size, and reading it at another raises
-    the index or key error caught here)."""
+    error when the draw does not fit all the same (another defense's draw, or a draw with no
+    recorded size made on images of another size: reading it raises the index or key error
+    caught here)."""
     params = check_draw(owner, params, x, generator)
     try:
         return run(x, params)
@@ -234,7 +242,7 @@ class ModuleDefense(Defense):
             return None
         key = as_key(generator, x.shape[0])
         seed = int(torch.randint(0, 2**62, (1,), generator=key.batch_generator()))
-        return Params(batch_seed=torch.full((x.shape[0],), seed, dtype=torch.int64))
+        return Params(batch_seed=torch.full((x.shape[0],), seed, dtype=torch.int64)).for_images(x)
 
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """The module's output, checked (unless ``images_out`` is False): a tensor of x's batch

@@ -112,14 +112,17 @@ class Defended(nn.Module):
         return resize_images(defended, size or tuple(x.shape[-2:]))
 
     def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
-        """The defense's draw for ``x`` (per ensemble member when ``ensemble > 1``)."""
+        """The defense's draw for ``x`` (per ensemble member when ``ensemble > 1``), recorded
+        as made for ``x``'s height and width (the defense's own draw, inside, for the size it
+        runs at: ``defend_at``)."""
         if not self.randomized:
             return None
         key = as_key(generator if generator is not None else self._generator, x.shape[0])
-        x = shaped_like(x, self._defended_shape(x))  # the draw is for the defended size
-        if self.ensemble <= 1:
-            return self.defense.sample_params(x, key)
-        return Params({str(k): self.defense.sample_params(x, key.child("member", k)) for k in range(self.ensemble)})
+        defended = shaped_like(x, self._defended_shape(x))  # the defense's draw is for the defended size
+        if self.ensemble <= 1:  # a copy: the defense's own draw keeps its size, this one x's
+            return Params(self.defense.sample_params(defended, key)).for_images(x)
+        return Params({str(k): self.defense.sample_params(defended, key.child("member", k))
+                       for k in range(self.ensemble)}).for_images(x)
 
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """Logits for a given draw. For an ensemble on a graph larger than
