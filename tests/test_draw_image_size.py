@@ -9,6 +9,9 @@ before it was recorded) is replayed as before.
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -65,42 +68,92 @@ def test_the_size_survives_select_cat_to_and_save_load(tmp_path):
     assert "image_size=32x32" in repr(loaded)
 
 
-def test_joining_draws_of_different_sizes_records_no_size():
+def test_joining_draws_of_different_sizes_is_refused():
     d = defenses.create("grid-distort")
-    joined = Params.cat([d.sample_params(_images(1, 32), 0), d.sample_params(_images(1, 24), 0)])
-    assert joined.image_size is None and joined.batch_size() == 2
+    at_32, at_24 = d.sample_params(_images(1, 32), 0), d.sample_params(_images(1, 24), 0)
+    with pytest.raises(ValueError, match="different sizes \\(24x24, 32x32\\)"):
+        Params.cat([at_32, at_24])
+    unrecorded = Params(dict(at_24))
+    assert unrecorded.image_size is None
+    assert Params.cat([unrecorded, at_32]).image_size == (32, 32)  # the part with no size takes it on
+    assert Params.cat([unrecorded, unrecorded]).image_size is None
+
+
+def test_copies_and_pickles_keep_the_size():
+    params = defenses.create("pd").sample_params(_images(2, 32), 0)
+    for copied in (Params(params), params.copy(), copy.deepcopy(params), pickle.loads(pickle.dumps(params))):
+        assert isinstance(copied, Params) and copied.image_size == (32, 32)
+        assert set(copied) == set(params)
+
+
+def test_an_entry_named_like_the_size_is_refused_on_save(tmp_path):
+    with pytest.raises(ValueError, match="__image_size__"):
+        Params({"__image_size__": torch.zeros(1)}).save(tmp_path / "x.pt")
+
+
+def test_empty_batches_and_stage_chains_record_their_sizes():
+    empty = defenses.create("crop").sample_params(torch.zeros(0, 3, 32, 32), 0)
+    assert empty.image_size == (32, 32) and empty.batch_size() == 0
+    chain = defenses.create("rand+crop")
+    x = _images(2, 32)
+    params = chain.sample_params(x, 0)
+    assert params.image_size == (32, 32)
+    parts = dict(chain.stages())
+    grown = parts["0:rand"].output_size(32, 32)
+    assert params["1:crop"].image_size == tuple(grown) != (32, 32)  # the crop draws on rand's output
+    padded = parts["0:rand"](x, params=params["0:rand"])
+    torch.testing.assert_close(chain(x, params=params), parts["1:crop"](padded, params=params["1:crop"]))
 
 
 def test_a_draw_saved_without_a_size_still_loads_and_replays(tmp_path):
     """Files written before draws recorded their size: loaded with image_size None, unchecked."""
-    d = defenses.create("rand")
     x = _images(2, 32)
-    params = d.sample_params(x, 0)
-    path = tmp_path / "old.pt"
-    torch.save({k: v for k, v in params.items()}, path)
-    old = Params.load(path)
-    assert old.image_size is None
-    assert torch.equal(d(x, params=old), d(x, params=params))
+    for name in ("rand", "dct-distort"):
+        d = defenses.create(name)
+        params = d.sample_params(x, 0)
+        path = tmp_path / f"old-{name}.pt"
+        plain = {k: (dict(v) if isinstance(v, Params) else v) for k, v in params.items()}  # nested, as saved before
+        torch.save(plain, path)
+        old = Params.load(path)
+        assert old.image_size is None and all(v.image_size is None for v in old.values() if isinstance(v, Params))
+        assert torch.equal(d(x, params=old), d(x, params=params))
 
 
-def test_defended_records_the_input_size_not_the_defended_one():
-    """With ``defend_at``, the defense draws for the defended size; the draw a user replays
-    through ``Defended`` is for the images the user passes."""
+def test_defended_without_defend_at_records_the_input_size():
     model = _tiny_model()
     x = _images(2, 32)
-    deployed = Defended(defenses.create("crop"), model, defend_at=24)
+    deployed = Defended(defenses.create("pd"), model)
     params = deployed.sample_params(x, 0)
     assert params.image_size == (32, 32)
     torch.testing.assert_close(deployed(x, params=params), deployed(x, params=params))
     with pytest.raises(ValueError, match="made for 32x32 images but x is 40x40"):
         deployed(_images(2, 40), params=params)
-    inner = deployed.defense.sample_params(torch.zeros(2, 3, 24, 24), 0)
-    assert inner.image_size == (24, 24)  # the defense's own draw keeps the defended size
     ensemble = Defended(defenses.create("crop", ensemble=3), model)
     members = ensemble.sample_params(x, 0)
     assert members.image_size == (32, 32) and members["0"].image_size == (32, 32)
     with pytest.raises(ValueError, match="made for 32x32"):
         ensemble(_images(2, 28), params=members)
+
+
+@pytest.mark.parametrize("ensemble", [1, 3])
+def test_defended_at_a_side_replays_a_draw_on_inputs_of_any_size(ensemble):
+    """With ``defend_at``, the defense always runs at that side, so its draw is for that size
+    and fits every input; the defense's own draw and ``Defended``'s are the same draw."""
+    model = _tiny_model()
+    deployed = Defended(defenses.create("crop", ensemble=ensemble), model, defend_at=24)
+    x32, x40 = _images(2, 32), _images(2, 40)
+    params = deployed.sample_params(x32, 0)
+    assert params.image_size == (24, 24)
+    assert deployed(x40, params=params).shape == (2, 10)  # another input size: still the same defended size
+    torch.testing.assert_close(deployed(x32, params=params), deployed.apply(x32, params))
+    if ensemble == 1:
+        torch.testing.assert_close(params, deployed.defense.sample_params(torch.zeros(2, 3, 24, 24), 0))
+        torch.testing.assert_close(deployed.defense(torch.zeros(2, 3, 24, 24), params=params), deployed.defense(torch.zeros(2, 3, 24, 24), params=params))
+    else:
+        assert all(params[str(k)].image_size == (24, 24) for k in range(ensemble))
+    stale = deployed.defense.sample_params(x32, 0)  # a draw of the bare defense at the input's size
+    with pytest.raises(ValueError, match="made for 32x32 images but it runs its defense at 24x24"):
+        Defended(defenses.create("crop"), model, defend_at=24)(x32, params=stale)
 
 
 def test_a_random_plain_module_records_the_size_too():

@@ -204,16 +204,26 @@ class Params(dict):
     treat every tensor the same way, so a draw can be replayed for any subset of images.
 
     ``image_size`` is the ``(height, width)`` in pixels of the images the draw was made for,
-    set by ``sample_params`` (None for a draw built by hand or saved before it was recorded).
-    A defense's and ``Defended``'s replay refuse a draw made for another size: its pixel
-    positions (crop corners, deflected pixels, pad offsets) belong to that size. Slicing,
-    joining, moving, saving and loading keep it.
+    set by ``sample_params`` (None for a draw built by hand from a plain dict, or saved before
+    it was recorded). A defense's replay refuses a draw made for another size, as does
+    ``Defended``'s for the size it runs the defense at: the draw's pixel positions (crop
+    corners, deflected pixels, pad offsets) belong to that size. Slicing, joining, moving,
+    copying (``Params(p)``, ``p.copy()``), pickling, saving and loading keep it.
     """
 
     #: (height, width) of the images the draw was made for, or None when not recorded.
     image_size: Optional[Tuple[int, int]] = None
 
     _SIZE_KEY = "__image_size__"  # where :meth:`save` writes ``image_size``
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if len(args) == 1 and isinstance(args[0], Params):
+            self.image_size = args[0].image_size
+
+    def copy(self) -> "Params":
+        """A shallow copy, with the same ``image_size``."""
+        return Params(self)
 
     def for_images(self, x: torch.Tensor) -> "Params":
         """This draw, recorded as made for images of ``x``'s height and width (in place)."""
@@ -234,14 +244,22 @@ class Params(dict):
 
     @staticmethod
     def cat(parts: Sequence[Optional["Params"]]) -> Optional["Params"]:
-        """Draws of consecutive sub-batches joined along the batch."""
+        """Draws of consecutive sub-batches joined along the batch. The joined draw is for the
+        size the parts were made for (parts with no recorded size take it on).
+
+        Raises:
+            ValueError: parts made for images of different sizes (no batch holds both).
+        """
         parts = list(parts)
         if not parts or parts[0] is None:
             return None
         first = parts[0]
         out = Params()
-        sizes = {p.image_size for p in parts}
-        out.image_size = first.image_size if len(sizes) == 1 else None
+        sizes = sorted({tuple(p.image_size) for p in parts if p.image_size is not None})
+        if len(sizes) > 1:
+            raise ValueError(f"cannot join draws made for images of different sizes "
+                             f"({', '.join(f'{h}x{w}' for h, w in sizes)}): one batch has one size")
+        out.image_size = sizes[0] if sizes else None
         for k, v in first.items():
             values = [p[k] for p in parts]
             if isinstance(v, Params):
@@ -268,6 +286,8 @@ class Params(dict):
         return None
 
     def _plain(self) -> Dict[str, Any]:
+        if Params._SIZE_KEY in self:
+            raise ValueError(f"a draw may not hold an entry named {Params._SIZE_KEY!r}: save writes image_size there")
         plain = {k: (v._plain() if isinstance(v, Params) else v) for k, v in self.items()}
         if self.image_size is not None:
             plain[Params._SIZE_KEY] = tuple(self.image_size)

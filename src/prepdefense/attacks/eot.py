@@ -90,7 +90,7 @@ class EOT(nn.Module):
         if not self.randomized:
             return None
         key = as_key(generator, x.shape[0])
-        return Params({str(i): self.model.sample_params(x, key.child("eot", i)) for i in range(self.n)})
+        return Params({str(i): self.model.sample_params(x, key.child("eot", i)) for i in range(self.n)}).for_images(x)
 
     def draws(self, x: torch.Tensor, *, generator: KeyLike = None) -> torch.Tensor:
         """Per-draw logits, shape (n, N, K) (one draw, repeated, for a deterministic model)."""

@@ -167,10 +167,12 @@ class Defense(nn.Module):
         return self.run(x, self.sample_params(x, generator) if self.randomized else None)
 
 
-def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
+def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, generator: KeyLike = None, *,
+               size: Optional[Sequence[int]] = None) -> Optional[Params]:
     """``params`` if it can be ``owner``'s draw for the batch ``x`` (a replay), else an error:
     a draw for a deterministic defense, something that is not a :class:`Params`, a draw for
-    another number of images or for images of another size (``Params.image_size``), or a draw
+    another number of images or for images of another size (``Params.image_size`` against
+    ``size``, the (height, width) the owner runs its defense at: default ``x``'s), or a draw
     given together with a ``generator``. A draw with no recorded size (built by hand, or saved
     before draws recorded it) is not size-checked: read at another size, it fails in
     :func:`replay` when an index falls outside, and otherwise is not detected.
@@ -192,20 +194,22 @@ def check_draw(owner: nn.Module, params: Optional[Params], x: torch.Tensor, gene
     if n is not None and n != x.shape[0]:
         raise ValueError(f"{name}: the draw is for {n} images but x has {x.shape[0]}; "
                          f"replay the draws of the images kept with params.select(index)")
-    size = params.image_size
-    if size is not None and tuple(size) != tuple(x.shape[-2:]):
-        raise ValueError(f"{name}: the draw was made for {size[0]}x{size[1]} images but x is {x.shape[-2]}x{x.shape[-1]}; "
+    made, wanted = params.image_size, tuple(int(s) for s in (x.shape[-2:] if size is None else size))
+    if made is not None and tuple(made) != wanted:
+        where = f"x is {wanted[0]}x{wanted[1]}" if size is None else f"it runs its defense at {wanted[0]}x{wanted[1]}"
+        raise ValueError(f"{name}: the draw was made for {made[0]}x{made[1]} images but {where}; "
                          f"its pixel positions belong to that size: replay it on images of that size, or draw "
                          f"again for x with sample_params(x, generator)")
     return params
 
 
-def replay(owner: nn.Module, params: Params, x: torch.Tensor, generator: KeyLike, run) -> torch.Tensor:
+def replay(owner: nn.Module, params: Params, x: torch.Tensor, generator: KeyLike, run, *,
+           size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``run(x, params)`` for a replay: ``params`` checked by :func:`check_draw`, and a clear
     error when the draw does not fit all the same (another defense's draw, or a draw with no
     recorded size made on images of another size: reading it raises the index or key error
     caught here)."""
-    params = check_draw(owner, params, x, generator)
+    params = check_draw(owner, params, x, generator, size=size)
     try:
         return run(x, params)
     except (KeyError, IndexError, RuntimeError) as e:

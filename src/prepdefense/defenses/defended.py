@@ -113,16 +113,16 @@ class Defended(nn.Module):
 
     def sample_params(self, x: torch.Tensor, generator: KeyLike = None) -> Optional[Params]:
         """The defense's draw for ``x`` (per ensemble member when ``ensemble > 1``), recorded
-        as made for ``x``'s height and width (the defense's own draw, inside, for the size it
-        runs at: ``defend_at``)."""
+        as made for the size the defense runs at: ``defend_at`` when set (then it replays on
+        inputs of any size), else ``x``'s height and width."""
         if not self.randomized:
             return None
         key = as_key(generator if generator is not None else self._generator, x.shape[0])
-        defended = shaped_like(x, self._defended_shape(x))  # the defense's draw is for the defended size
-        if self.ensemble <= 1:  # a copy: the defense's own draw keeps its size, this one x's
-            return Params(self.defense.sample_params(defended, key)).for_images(x)
+        defended = shaped_like(x, self._defended_shape(x))  # the draw is for the defended size
+        if self.ensemble <= 1:
+            return self.defense.sample_params(defended, key)
         return Params({str(k): self.defense.sample_params(defended, key.child("member", k))
-                       for k in range(self.ensemble)}).for_images(x)
+                       for k in range(self.ensemble)}).for_images(defended)
 
     def apply(self, x: torch.Tensor, params: Optional[Params]) -> torch.Tensor:
         """Logits for a given draw. For an ensemble on a graph larger than
@@ -158,7 +158,8 @@ class Defended(nn.Module):
         """
         x = check_images(x, values=not self.defense.checks_values_in_apply)
         if params is not None:
-            return replay(self, params, x, generator, self.apply)
+            size = None if self.defend_at is None else self._defended_shape(x)[-2:]  # where the draw is read
+            return replay(self, params, x, generator, self.apply, size=size)
         return self.apply(x, self.sample_params(x, generator))
 
 
