@@ -158,8 +158,7 @@ class Defended(nn.Module):
         """
         x = check_images(x, values=not self.defense.checks_values_in_apply)
         if params is not None:
-            size = None if self.defend_at is None else self._defended_shape(x)[-2:]  # where the draw is read
-            return replay(self, params, x, generator, self.apply, size=size)
+            return replay(self, params, x, generator, self.apply, size=self.defend_at)  # None: x's own size
         return self.apply(x, self.sample_params(x, generator))
 
 
