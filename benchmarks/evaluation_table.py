@@ -16,7 +16,12 @@ Usage::
     python benchmarks/evaluation_table.py --runs runs/eval-n100            # print the table
     python benchmarks/evaluation_table.py --runs runs/eval-n100 --write    # and put it in RESULTS.md
 
-``--write`` replaces the text between ``<!-- n100-table -->`` and ``<!-- /n100-table -->``.
+``--write`` puts the table between ``<!-- n100-table -->`` and ``<!-- /n100-table -->``. A row
+is one defense at one threat model (its first two columns): the rows made from cards under
+``--runs`` replace the rows of the same defense and threat model, and rows already in RESULTS.md
+whose card is not under ``--runs`` are kept (a run folder lives outside the repository and may be
+gone, as on a new machine; its measured row is not dropped for that). ``--drop-missing`` writes
+the cards' rows alone.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from prepdefense.atomic_io import atomic_write_text
 from prepdefense.attacks.verdict import bootstrap_interval
@@ -63,17 +68,44 @@ def row(card: Dict[str, Any], where: Path) -> str:
             f"{'; '.join(warnings) if warnings else 'none'} | {card['seconds'] / 60:.1f} min |")
 
 
-def table(runs: Path) -> str:
-    cards: List[tuple] = []
-    for path in sorted(runs.glob("*/card.json")):
-        card = json.loads(path.read_text())
-        base = card["defense"]["name"].split("[")[0]
-        key = (ORDER.index(base) if base in ORDER else len(ORDER), card["defense"]["name"], defense_label(card),
-               card["threat_model"]["norm"] != "linf")
-        cards.append((key, row(card, path)))
-    if not cards:
+def row_key(line: str) -> tuple:
+    """Where a table row sorts: the defense's place in ``ORDER``, its name, its label, Linf first.
+    Read from the row's text, so a row kept from RESULTS.md sorts as the one made from its card."""
+    label, threat = (c.strip() for c in line.strip().strip("|").split(" | ")[:2])
+    name = re.match(r"`([^`]+)`", label)
+    if name is None:
+        raise ValueError(f"not a row of the n = 100 table: {line!r}")
+    base = name.group(1).split("[")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), name.group(1), label, threat.split()[0] != "linf")
+
+
+def row_identity(line: str) -> tuple:
+    """One defense at one threat model: the row's first two cells."""
+    return tuple(c.strip() for c in line.strip().strip("|").split(" | ")[:2])
+
+
+def card_rows(runs: Path) -> List[str]:
+    """One row per ``runs/*/card.json``."""
+    rows = [row(json.loads(path.read_text()), path) for path in sorted(runs.glob("*/card.json"))]
+    if not rows:
         raise SystemExit(f"no */card.json under {runs}")
-    return HEADER + "\n" + "\n".join(r for _, r in sorted(cards))
+    return rows
+
+
+def table(runs: Path, kept: Sequence[str] = ()) -> str:
+    """The table from the cards under ``runs``, with the rows ``kept`` (earlier rows, e.g. read
+    from RESULTS.md) whose defense and threat model no card gives."""
+    rows = card_rows(runs)
+    made = {row_identity(r) for r in rows}
+    rows += [r for r in kept if row_identity(r) not in made]
+    return HEADER + "\n" + "\n".join(sorted(rows, key=row_key))
+
+
+def rows_between_markers(text: str) -> List[str]:
+    """The table rows (not the header) between the markers of ``text``."""
+    a, b = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    header = set(HEADER.splitlines())
+    return [ln for ln in text[a:b].splitlines() if ln.startswith("| `") and ln not in header]
 
 
 def main(argv=None) -> int:
@@ -81,16 +113,25 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "eval-n100", help="folder of evaluate --out folders")
     ap.add_argument("--write", action="store_true", help="replace the table between the markers of --results")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="the file --write edits")
+    ap.add_argument("--drop-missing", action="store_true",
+                    help="with --write: drop the rows of --results whose card is not under --runs (default: keep them)")
     args = ap.parse_args(argv)
-    text = table(args.runs)
+    s, kept = None, []
+    if args.write:
+        s = args.results.read_text()
+        if MARKERS[0] not in s or MARKERS[1] not in s:
+            raise SystemExit(f"{args.results} has no {MARKERS[0]} ... {MARKERS[1]} markers")
+        if not args.drop_missing:
+            kept = rows_between_markers(s)
+    text = table(args.runs, kept)
     print(text)
     if args.write:
-        results = args.results
-        s = results.read_text()
-        if MARKERS[0] not in s or MARKERS[1] not in s:
-            raise SystemExit(f"{results} has no {MARKERS[0]} ... {MARKERS[1]} markers")
+        made = {row_identity(r) for r in card_rows(args.runs)}
+        old = [r for r in kept if row_identity(r) not in made]
+        if old:
+            print(f"kept {len(old)} row(s) of {args.results.name} with no card under {args.runs}", file=sys.stderr)
         a, b = s.index(MARKERS[0]) + len(MARKERS[0]), s.index(MARKERS[1])
-        atomic_write_text(results, s[:a] + "\n" + text + "\n" + s[b:])
+        atomic_write_text(args.results, s[:a] + "\n" + text + "\n" + s[b:])
     return 0
 
 

@@ -61,3 +61,41 @@ def test_table_refuses_a_card_whose_fractions_disagree_and_writes_between_marker
     (runs / "jpeg-l2" / "card.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="do not average"):
         mod.table(runs)
+
+
+def test_write_keeps_rows_whose_card_is_gone_and_replaces_those_a_card_gives(tmp_path, capsys):
+    """A run folder lives outside the repository: on a new machine only some cards are there, and
+    --write must not drop the measured rows of the others."""
+    mod = _module()
+    first = tmp_path / "first"
+    _card(first / "jpeg-linf", "jpeg", "linf", [0.0] * 10)
+    _card(first / "crop-linf", "crop", "linf", [0.0] * 10)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("before\n<!-- n100-table -->\n<!-- /n100-table -->\nafter\n")
+    assert mod.main(["--runs", str(first), "--write", "--results", str(results)]) == 0
+    old = mod.rows_between_markers(results.read_text())
+    assert [mod.row_identity(r)[0] for r in old] == ["`jpeg`", "`crop`"]
+
+    second = tmp_path / "second"  # the jpeg card is gone; crop at RMS is new, crop at Linf re-measured
+    _card(second / "crop-l2", "crop", "l2", [0.5] * 10)
+    _card(second / "crop-linf", "crop", "linf", [1.0] * 10)
+    assert mod.main(["--runs", str(second), "--write", "--results", str(results)]) == 0
+    assert "kept 1 row(s)" in capsys.readouterr().err
+    rows = mod.rows_between_markers(results.read_text())
+    assert [mod.row_identity(r) for r in rows] == [("`jpeg`", "linf 0.03137"), ("`crop`", "linf 0.03137"), ("`crop`", "l2 0.05")]
+    assert rows[0] == old[0]  # kept as it was
+    assert "| 1.00 [" in rows[1] and "| 0.50 [" in rows[2]  # crop at Linf replaced, not doubled
+
+    assert mod.main(["--runs", str(second), "--write", "--drop-missing", "--results", str(results)]) == 0
+    assert [mod.row_identity(r)[0] for r in mod.rows_between_markers(results.read_text())] == ["`crop`", "`crop`"]
+
+
+def test_row_key_refuses_a_line_that_is_not_a_row():
+    with pytest.raises(ValueError, match="not a row"):
+        _module().row_key("| defense | threat model |")
+
+
+def test_the_table_in_results_is_in_the_order_the_script_writes():
+    mod = _module()
+    rows = mod.rows_between_markers((SCRIPT.parent / "RESULTS.md").read_text())
+    assert rows and rows == sorted(rows, key=mod.row_key)
