@@ -89,3 +89,39 @@ def test_shard_needs_out(images, capsys):
     args = [a for a in _args(images, "unused") if a not in ("--out", "unused")]
     code, _, err = cli(capsys, *args, "--shard", "1/2")
     assert code == 2 and "--shard 1/2 needs --out" in err
+
+
+def test_a_store_copied_without_its_cache_finishes_and_says_which_examples_are_missing(images, tmp_path, capsys):
+    """A run resumed elsewhere from its units alone (cache/ left behind: the kept examples'
+    tensors) gives the same figures, and its examples file and card say which rows hold the
+    clean image instead of the kept example, rather than passing them off as adversarial."""
+    import shutil
+
+    import torch
+
+    one = tmp_path / "one"
+    code, _, err = cli(capsys, *_args(images, one))
+    assert code == 0, err
+    first = json.loads((one / "card.json").read_text())
+    ex = torch.load(one / "adversarial.pt", weights_only=False)
+    assert ex["missing"] == []
+    attacked = [i for i, k in zip(ex["ids"], ex["kept_from"]) if k != "clean"]
+    assert attacked, "the toy run kept no adversarial example; the test needs one"
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(one / "units", moved / "units")
+    shutil.copy(one / "run.json", moved / "run.json")
+    code, _, err = cli(capsys, *_args(images, moved))
+    assert code == 0, err
+    assert "kept example(s) are not in adversarial.pt" in err
+    card = json.loads((moved / "card.json").read_text())
+    assert card["ensemble"] == first["ensemble"] and card["per_image"] == first["per_image"]
+    assert any("kept example(s) are not in adversarial.pt" in n for n in card["notes"])
+    again = torch.load(moved / "adversarial.pt", weights_only=False)
+    assert again["missing"] == attacked
+    clean = torch.load(moved / "cache" / "sample.pt", weights_only=False)
+    for name in attacked:
+        row = again["ids"].index(name)
+        assert torch.equal(again["adversarial"][row], clean["x"][clean["ids"].index(name)])
+        assert not torch.equal(again["adversarial"][row], ex["adversarial"][row])

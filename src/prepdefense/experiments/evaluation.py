@@ -261,8 +261,9 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
     clean_correct = torch.cat([clean[s] for s in range(len(shards))])
     per_attack, state = E.per_attack_figures(clean_correct, steps_all, seed=key_all.seed % (2**32))
     E.annotate(per_attack, budget, randomized)
+    missing: List[str] = []
     for s, sl in enumerate(shards):  # the kept examples, from the cached tensors of the attacks they came from
-        _fill_examples(store, kept, states[s], ids, sl, s)
+        missing += _fill_examples(store, kept, states[s], ids, sl, s)
     state.adversarial = kept
     spent = sum(int(row.get("classifier_images", 0) or 0) for row in per_attack)
     best = E.strongest_gradient_attack(budget, per_attack)
@@ -325,17 +326,23 @@ def run_units(store: ResultStore, model: nn.Module, x: torch.Tensor, labels: tor
                                       "classifier_images": measured,
                                       "classifier_images_attacks": spent},
                               seconds=round(run.seconds, 3))
-    return result, {"ran": run.ran, "reused": run.reused, "seconds": run.seconds}
+    return result, {"ran": run.ran, "reused": run.reused, "seconds": run.seconds, "missing_examples": missing}
 
 
 def _cache(label: str, shard: int) -> str:
     return f"{EXPERIMENT}/{label}/s{shard}"
 
 
-def _fill_examples(store: ResultStore, kept: torch.Tensor, state: E.EnsembleState, ids: List[str], sl: slice, shard: int) -> None:
+def _fill_examples(store: ResultStore, kept: torch.Tensor, state: E.EnsembleState, ids: List[str], sl: slice, shard: int) -> List[str]:
     """Put shard ``shard``'s kept examples into ``kept`` (rows of the whole sample) from the
-    tensors its attack units cached."""
+    tensors its attack units cached.
+
+    Returns:
+        The ids of the images whose kept example is not in the cache (a store copied without its
+        ``cache/``, e.g. to resume on another machine): their rows keep the clean image.
+    """
     names = ids[sl]
+    found = set()
     for label in sorted({state.kept_from[j] for j in range(len(state))} - {"clean"}):
         cached = store.load_tensors(_cache(label, shard))
         if cached is None:
@@ -344,6 +351,8 @@ def _fill_examples(store: ResultStore, kept: torch.Tensor, state: E.EnsembleStat
             j = names.index(name) if name in names else -1
             if j >= 0 and state.kept_from[j] == label:
                 kept[sl.start + j] = adv.to(kept)
+                found.add(j)
+    return [names[j] for j in range(len(state)) if state.kept_from[j] != "clean" and j not in found]
 
 
 def _merge_steps(parts: Sequence[E.StepOutcome], info: Dict[str, Any]) -> E.StepOutcome:
@@ -572,8 +581,14 @@ def report_markdown(card: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, card: Dict[str, Any], result: E.EnsembleResult, *, ids: Sequence[str], labels: torch.Tensor) -> Dict[str, Path]:
-    """``card.json``, ``report.md``, the curve's PNG and the kept examples, each atomically."""
+def write_outputs(out: Path, card: Dict[str, Any], result: E.EnsembleResult, *, ids: Sequence[str], labels: torch.Tensor,
+                  missing: Sequence[str] = ()) -> Dict[str, Path]:
+    """``card.json``, ``report.md``, the curve's PNG and the kept examples, each atomically.
+
+    The examples file holds ``ids``, ``labels``, ``adversarial`` (N, C, H, W), ``kept_from`` (the
+    attack of each row, ``"clean"`` for none), ``norm``, ``eps`` and ``missing``: the ids whose
+    kept example was not in the store's cache (their rows hold the clean image).
+    """
     import io
 
     out = Path(out)
@@ -585,7 +600,8 @@ def write_outputs(out: Path, card: Dict[str, Any], result: E.EnsembleResult, *, 
                               f"at {card['budget']['curve_steps']} steps; at eps: the ensemble")
     buf = io.BytesIO()
     torch.save({"ids": list(ids), "labels": labels.cpu(), "adversarial": result.adversarial.detach().cpu() if result.adversarial is not None else None,
-                "kept_from": [p["kept_from"] for p in result.per_image], "norm": result.norm, "eps": result.eps}, buf)
+                "kept_from": [p["kept_from"] for p in result.per_image], "norm": result.norm, "eps": result.eps,
+                "missing": list(missing)}, buf)
     atomic_write_bytes(paths["examples"], buf.getvalue())
     atomic_write_text(paths["report"], report_markdown(card))
     atomic_write_text(paths["card"], json.dumps(card, indent=2, sort_keys=True))
@@ -764,7 +780,15 @@ def evaluate_defense(config: EvaluateConfig, *, classifier: Optional[nn.Module] 
                 f"The defense runs at {config.defend_at} px and its output is resized to the model's input; the sample was "
                 "picked by the bare model at its own input side, so the clean row (through the resize) may be below 1 "
                 "without the defense being at fault.")
-        paths = write_outputs(out, card, result, ids=ids, labels=labels) if tmp is None else {}
+        missing = stats.get("missing_examples") or []
+        if missing:
+            card["notes"].append(
+                f"{len(missing)} kept example(s) are not in {FILES['examples']} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; "
+                "all are listed under its 'missing' key): the attack units that made them were stored without the tensors they "
+                "cached (cache/ was lost, e.g. the run was copied to another machine without it), so those rows hold the clean "
+                "image. The figures do not depend on them: they are read from the stored units.")
+            progress.log(f"warning: {card['notes'][-1]}")
+        paths = write_outputs(out, card, result, ids=ids, labels=labels, missing=missing) if tmp is None else {}
         store.append_session({"started": metadata["time"], "ended": now_iso(), "units_run": stats["ran"], "units_reused": stats["reused"]})
         progress.log(f"robust accuracy {card['ensemble']['robust_accuracy_expected']:.3f} expected, "
                      f"{card['ensemble']['robust_accuracy_worst']:.3f} worst case ({stats['ran']} unit(s) run, {stats['reused']} reused)")
