@@ -19,9 +19,10 @@ Usage::
 ``--write`` puts the table between ``<!-- n100-table -->`` and ``<!-- /n100-table -->``. A row
 is one defense at one threat model (its first two columns): the rows made from cards under
 ``--runs`` replace the rows of the same defense and threat model, and rows already in RESULTS.md
-whose card is not under ``--runs`` are kept (a run folder lives outside the repository and may be
-gone, as on a new machine; its measured row is not dropped for that). ``--drop-missing`` writes
-the cards' rows alone.
+whose card is not under ``--runs`` are kept as they are, their intervals not recomputed (a run
+folder lives outside the repository and may be gone, as on a new machine; its measured row is not
+dropped for that). A kept row whose defense and threat model a card gives under another label
+(another table) is kept with a warning. ``--drop-missing`` writes the cards' rows alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, NamedTuple, Sequence
 
 from prepdefense.atomic_io import atomic_write_text
 from prepdefense.attacks.verdict import bootstrap_interval
@@ -51,6 +52,11 @@ def defense_label(card: Dict[str, Any]) -> str:
     return f"`{name}` (table {table.group(1)}: {table.group(2)})" if table and "[" not in name else f"`{name}`"
 
 
+def _cell(text: str) -> str:
+    """A table cell's text with its pipes escaped, so a row splits into its cells on ``" | "``."""
+    return text.replace("|", "\\|")
+
+
 def row(card: Dict[str, Any], where: Path) -> str:
     ens, clean = card["ensemble"], card["clean"]
     frac = [r["correct_fraction"] for r in card["per_image"]]
@@ -61,27 +67,38 @@ def row(card: Dict[str, Any], where: Path) -> str:
     ci = lambda v: f"[{v[0]:.2f}, {v[1]:.2f}]"  # noqa: E731
     tm = card["threat_model"]
     warnings = card["flags"].get("warnings") or []
-    return (f"| {defense_label(card)} | {tm['norm']} {tm['eps']:.4g} | {clean['robust_accuracy_expected']:.2f} | "
+    return (f"| {_cell(defense_label(card))} | {tm['norm']} {tm['eps']:.4g} | {clean['robust_accuracy_expected']:.2f} | "
             f"{ens['robust_accuracy_expected']:.2f} {ci(expected_ci)} | "
             f"{ens['robust_accuracy_worst']:.2f} {ci(ens['robust_accuracy_worst_ci95'])} | "
             f"{strongest['attack']} ({strongest.get('broke', 0)} of {strongest.get('ran_on', 0)}) | "
-            f"{'; '.join(warnings) if warnings else 'none'} | {card['seconds'] / 60:.1f} min |")
+            f"{_cell('; '.join(warnings)) if warnings else 'none'} | {card['seconds'] / 60:.1f} min |")
 
 
-def row_key(line: str) -> tuple:
-    """Where a table row sorts: the defense's place in ``ORDER``, its name, its label, Linf first.
-    Read from the row's text, so a row kept from RESULTS.md sorts as the one made from its card."""
-    label, threat = (c.strip() for c in line.strip().strip("|").split(" | ")[:2])
+def _cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def _name(label: str, line: str) -> str:
     name = re.match(r"`([^`]+)`", label)
     if name is None:
         raise ValueError(f"not a row of the n = 100 table: {line!r}")
-    base = name.group(1).split("[")[0]
-    return (ORDER.index(base) if base in ORDER else len(ORDER), name.group(1), label, threat.split()[0] != "linf")
+    return name.group(1)
+
+
+def row_key(line: str) -> tuple:
+    """Where a table row sorts: the defense's place in ``ORDER``, its name, its label, Linf first,
+    then the rest of the row. Read from the row's text, so a row kept from RESULTS.md sorts as the
+    one made from its card would."""
+    label, threat = _cells(line)[:2]
+    name = _name(label, line)
+    base = name.split("[")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), name, label, threat.split()[0] != "linf", line)
 
 
 def row_identity(line: str) -> tuple:
-    """One defense at one threat model: the row's first two cells."""
-    return tuple(c.strip() for c in line.strip().strip("|").split(" | ")[:2])
+    """One defense at one threat model: the row's first two cells (the defense's label, which
+    for a table-holding defense names its table, and the norm with the radius)."""
+    return tuple(_cells(line)[:2])
 
 
 def card_rows(runs: Path) -> List[str]:
@@ -92,44 +109,82 @@ def card_rows(runs: Path) -> List[str]:
     return rows
 
 
+class Merged(NamedTuple):
+    """The table's rows: ``made`` from cards, ``kept`` from before (no card gives their first two
+    cells), and ``relabelled``: kept rows of a defense and threat model a card gives under
+    another label (a row made before the label changed, or another table; kept, and worth a look)."""
+
+    made: List[str]
+    kept: List[str]
+    relabelled: List[str]
+
+    def text(self) -> str:
+        return HEADER + "\n" + "\n".join(sorted(self.made + self.kept, key=row_key))
+
+
+def merge(made: Sequence[str], earlier: Sequence[str] = ()) -> Merged:
+    """``made`` (rows from cards) with the ``earlier`` rows (e.g. read from RESULTS.md) whose first
+    two cells no made row has; an earlier row listed twice is kept once."""
+    ids = {row_identity(r) for r in made}
+    by_name = {(_name(label, r), threat) for r in made for label, threat in [row_identity(r)]}
+    kept: List[str] = []
+    for r in earlier:
+        if row_identity(r) not in ids and r not in kept:
+            kept.append(r)
+    relabelled = [r for r in kept if (_name(row_identity(r)[0], r), row_identity(r)[1]) in by_name]
+    return Merged(list(made), kept, relabelled)
+
+
 def table(runs: Path, kept: Sequence[str] = ()) -> str:
     """The table from the cards under ``runs``, with the rows ``kept`` (earlier rows, e.g. read
     from RESULTS.md) whose defense and threat model no card gives."""
-    rows = card_rows(runs)
-    made = {row_identity(r) for r in rows}
-    rows += [r for r in kept if row_identity(r) not in made]
-    return HEADER + "\n" + "\n".join(sorted(rows, key=row_key))
+    return merge(card_rows(runs), kept).text()
 
 
 def rows_between_markers(text: str) -> List[str]:
-    """The table rows (not the header) between the markers of ``text``."""
+    """The table rows (not the header) between the markers of ``text``.
+
+    Raises:
+        ValueError: a line there that is neither a row, the header nor blank.
+    """
     a, b = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
     header = set(HEADER.splitlines())
-    return [ln for ln in text[a:b].splitlines() if ln.startswith("| `") and ln not in header]
+    rows = []
+    for ln in text[a:b].splitlines():
+        if ln.startswith("| `"):
+            rows.append(ln)
+        elif ln.strip() and ln not in header:
+            raise ValueError(f"between {MARKERS[0]} and {MARKERS[1]}, a line that is not a row of the table: {ln!r}")
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "eval-n100", help="folder of evaluate --out folders")
-    ap.add_argument("--write", action="store_true", help="replace the table between the markers of --results")
+    ap.add_argument("--write", action="store_true", help="put the table between the markers of --results (see above)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="the file --write edits")
     ap.add_argument("--drop-missing", action="store_true",
                     help="with --write: drop the rows of --results whose card is not under --runs (default: keep them)")
     args = ap.parse_args(argv)
-    s, kept = None, []
+    if args.drop_missing and not args.write:
+        ap.error("--drop-missing only changes what --write writes")
+    s, earlier = None, []
     if args.write:
         s = args.results.read_text()
         if MARKERS[0] not in s or MARKERS[1] not in s:
             raise SystemExit(f"{args.results} has no {MARKERS[0]} ... {MARKERS[1]} markers")
         if not args.drop_missing:
-            kept = rows_between_markers(s)
-    text = table(args.runs, kept)
+            earlier = rows_between_markers(s)
+    merged = merge(card_rows(args.runs), earlier)
+    text = merged.text()
     print(text)
     if args.write:
-        made = {row_identity(r) for r in card_rows(args.runs)}
-        old = [r for r in kept if row_identity(r) not in made]
-        if old:
-            print(f"kept {len(old)} row(s) of {args.results.name} with no card under {args.runs}", file=sys.stderr)
+        if merged.kept:
+            print(f"kept {len(merged.kept)} row(s) of {args.results.name} with no card under {args.runs} "
+                  "(as they were: their intervals are not recomputed)", file=sys.stderr)
+        for r in merged.relabelled:
+            print(f"warning: kept {row_identity(r)}, whose defense and threat model a card gives under another label; "
+                  "--drop-missing drops it", file=sys.stderr)
         a, b = s.index(MARKERS[0]) + len(MARKERS[0]), s.index(MARKERS[1])
         atomic_write_text(args.results, s[:a] + "\n" + text + "\n" + s[b:])
     return 0

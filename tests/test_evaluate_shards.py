@@ -73,6 +73,11 @@ def test_two_shards_merged_then_finished_equal_one_run(images, tmp_path, capsys)
     a, b = (json.loads((f / "card.json").read_text()) for f in (one, merged))
     assert a["per_image"] == b["per_image"] and a["ensemble"] == b["ensemble"] and a["curve"] == b["curve"]
     assert a["flags"]["warnings"] == b["flags"]["warnings"]
+    # merge copies the kept examples' tensors too: the merged run's examples are the whole run's
+    import torch
+
+    ea, eb = (torch.load(f / "adversarial.pt", weights_only=False) for f in (one, merged))
+    assert eb["missing"] == [] and ea["ids"] == eb["ids"] and torch.equal(ea["adversarial"], eb["adversarial"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -125,3 +130,23 @@ def test_a_store_copied_without_its_cache_finishes_and_says_which_examples_are_m
         row = again["ids"].index(name)
         assert torch.equal(again["adversarial"][row], clean["x"][clean["ids"].index(name)])
         assert not torch.equal(again["adversarial"][row], ex["adversarial"][row])
+
+
+    # A cache file that is there but lacks one image's tensor: that image alone is missing.
+    partial = tmp_path / "partial"
+    shutil.copytree(one, partial)
+    store = ResultStore(partial)
+    name = attacked[0]
+    cached_files = sorted((partial / "cache" / V.EXPERIMENT).rglob("*.pt"))
+    hit = [f for f in cached_files if name in torch.load(f, weights_only=False)["ids"]]
+    assert len(hit) == 1, hit
+    rel = hit[0].relative_to(partial / "cache").with_suffix("").as_posix()
+    t = store.load_tensors(rel)
+    keep = [i for i, n in enumerate(t["ids"]) if n != name]
+    store.save_tensors(rel, {"ids": [t["ids"][i] for i in keep], "adversarial": t["adversarial"][keep]})
+    code, _, err = cli(capsys, *_args(images, partial))
+    assert code == 0, err
+    third = torch.load(partial / "adversarial.pt", weights_only=False)
+    assert third["missing"] == [name]
+    for row, other in enumerate(third["ids"]):
+        assert torch.equal(third["adversarial"][row], again["adversarial"][row] if other == name else ex["adversarial"][row])

@@ -53,7 +53,9 @@ def test_table_refuses_a_card_whose_fractions_disagree_and_writes_between_marker
     _card(runs / "jpeg-l2", "jpeg", "l2", [0.0] * 10)
     results = tmp_path / "RESULTS.md"
     results.write_text("before\n<!-- n100-table -->\nold\n<!-- /n100-table -->\nafter\n")
-    assert mod.main(["--runs", str(runs), "--write", "--results", str(results)]) == 0
+    with pytest.raises(ValueError, match="not a row of the table: 'old'"):  # what --write would drop unseen
+        mod.main(["--runs", str(runs), "--write", "--results", str(results)])
+    assert mod.main(["--runs", str(runs), "--write", "--drop-missing", "--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("before\n<!-- n100-table -->\n| defense |") and "old" not in text and text.endswith("after\n")
     card = json.loads((runs / "jpeg-l2" / "card.json").read_text())
@@ -99,3 +101,32 @@ def test_the_table_in_results_is_in_the_order_the_script_writes():
     mod = _module()
     rows = mod.rows_between_markers((SCRIPT.parent / "RESULTS.md").read_text())
     assert rows and rows == sorted(rows, key=mod.row_key)
+
+
+def test_labels_with_pipes_ties_duplicates_and_relabelled_rows(tmp_path, capsys):
+    mod = _module()
+    runs = tmp_path / "runs"
+    _card(runs / "d-linf", "dct-distort", "linf", [0.0] * 10, "DCTDistort( table=mine (a | b, 10 images) )")
+    made = mod.card_rows(runs)
+    assert "(table mine: a \\| b, 10 images)" in made[0]  # escaped: the row still has 8 cells
+    assert mod.row_identity(made[0]) == ("`dct-distort` (table mine: a \\| b, 10 images)", "linf 0.03137")
+    # Same label and norm at two radii: the order is the text's, whichever comes first.
+    small = made[0].replace("linf 0.03137", "linf 0.01569")
+    assert sorted([made[0], small], key=mod.row_key) == sorted([small, made[0]], key=mod.row_key)
+    # An earlier row listed twice is kept once; one of the same defense under another label is
+    # kept and reported.
+    other = made[0].replace("(table mine: a \\| b, 10 images)", "(table old: 5 images)")
+    merged = mod.merge(made, [other, other])
+    assert merged.kept == [other] and merged.relabelled == [other]
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"<!-- n100-table -->\n{mod.HEADER}\n{other}\n{other}\n<!-- /n100-table -->\n")
+    assert mod.main(["--runs", str(runs), "--write", "--results", str(results)]) == 0
+    err = capsys.readouterr().err
+    assert "kept 1 row(s)" in err and "under another label" in err
+    assert mod.rows_between_markers(results.read_text()) == [made[0], other]
+
+
+def test_drop_missing_without_write_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _module().main(["--runs", str(tmp_path), "--drop-missing"])
+    assert e.value.code == 2
