@@ -227,3 +227,22 @@ def test_no_table_hint_when_the_users_table_file_changed(tmp_path):
         st.check_or_write_config({"identity": {"defense": "dct-distort[table=my.json]", "defense_state": "bbb",
                                                "defense_files": {"my.json": "222"}}})
     assert "defense_files.my.json: '111' -> '222'" in str(err.value) and "values behind" not in str(err.value)
+
+
+def test_units_name_the_revision_version_and_device_of_the_invocation_that_wrote_them(tmp_path):
+    """A run resumed by another tree (or on another device) mixes units: each says which wrote it."""
+    meta = lambda rev, dev: {"git_revision": rev, "device": dev, "versions": {"prepdefense": "0.1.0", "torch": "x"}}  # noqa: E731
+    st = ResultStore(tmp_path).open()
+    st.write_unit("t", "t/before", key={}, records=_records(1))  # no configuration yet: nothing to name
+    assert st.check_or_write_config({"identity": {"seed": 0}, "metadata": meta("aaa", "cpu")}) is False
+    st.write_unit("t", "t/first", key={}, records=_records(1))
+    again = ResultStore(tmp_path).open()
+    assert again.check_or_write_config({"identity": {"seed": 0}, "metadata": meta("bbb", "cuda:0")}) is True
+    again.write_unit("t", "t/second", key={}, records=_records(1))
+    assert "written_by" not in again.load_unit("t", "t/before")
+    assert again.load_unit("t", "t/first")["written_by"] == {"git_revision": "aaa", "prepdefense": "0.1.0", "device": "cpu"}
+    assert again.load_unit("t", "t/second")["written_by"] == {"git_revision": "bbb", "prepdefense": "0.1.0", "device": "cuda:0"}
+    no_git = ResultStore(tmp_path / "other").open()
+    no_git.check_or_write_config({"identity": {}, "metadata": {"git_revision": None, "device": "cpu"}})
+    no_git.write_unit("t", "t/u", key={}, records=[])
+    assert no_git.load_unit("t", "t/u")["written_by"] == {"device": "cpu"}

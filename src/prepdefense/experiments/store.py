@@ -201,7 +201,8 @@ class ResultStore:
     Layout::
 
         root/run.json                    configuration (identity + everything recorded)
-        root/units/<experiment>/*.json   one file per unit of work (atomic; the truth)
+        root/units/<experiment>/*.json   one file per unit of work (atomic; the truth; ``written_by``
+                                         names the revision, version and device that ran it)
         root/results/<experiment>.jsonl merged view, one record per unit and image
         root/cache/**/*.pt               tensors shared between units (atomic)
         root/tables/*.csv, root/figures/*.png, root/report.md   written by the report
@@ -215,6 +216,9 @@ class ResultStore:
         self.results_dir = self.root / "results"
         self.cache_dir = self.root / "cache"
         self._lock_fd: Optional[int] = None
+        # What wrote this invocation's units (git revision, prepdefense version, device), from the
+        # configuration's metadata: a run resumed by another tree then says which units each ran.
+        self.written_by: Dict[str, Any] = {}
         # Parsed unit files keyed by path, with the (mtime, size) they were read at: rebuilding
         # a view after every unit then reads only the files that changed.
         self._parsed: Dict[Path, tuple] = {}
@@ -287,6 +291,9 @@ class ResultStore:
 
         ``config["identity"]`` is what must match for a run to resume; the rest (device,
         ``--only``, versions, git revision) is recorded and may change between sessions.
+        The git revision, prepdefense version and device of ``config["metadata"]`` are stamped
+        on every unit this store writes afterwards (``written_by``), so a run resumed by another
+        tree or on another device says which units each one ran.
 
         Returns:
             True when an earlier run of the same configuration is resumed.
@@ -295,6 +302,10 @@ class ResultStore:
             ConfigMismatchError: ``run.json`` exists with another identity.
         """
         config = to_jsonable(config)
+        meta = config.get("metadata") or {}
+        self.written_by = {k: v for k, v in {"git_revision": meta.get("git_revision"),
+                                             "prepdefense": (meta.get("versions") or {}).get("prepdefense"),
+                                             "device": meta.get("device")}.items() if v is not None}
         old = self.read_config()
         if old is not None:
             old_id, new_id = old.get("identity", {}), config.get("identity", {})
@@ -378,6 +389,8 @@ class ResultStore:
             "summary": summary or {},
             "records": stamped,
         }
+        if self.written_by:
+            payload["written_by"] = dict(self.written_by)
         path = self.unit_path(experiment, unit_id)
         atomic_write_text(path, json.dumps(to_jsonable(payload), sort_keys=True))
         self.rebuild_view(experiment)
