@@ -121,3 +121,21 @@ def test_spsa_with_its_diagnostics_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main([*common, "--queries", "8", "--steps", "2"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_attack_warns_that_eot_does_nothing_on_a_deterministic_defense(tmp_path, capsys):
+    """EOT over a deterministic defense calls it once: --eot N and --eot-chunk cost nothing and
+    change nothing, which a user who asked for them should be told; on a random defense, no word."""
+    from byo_helpers import tiny_convnet_folder
+    from prepdefense.cli.main import main
+
+    data = tiny_convnet_folder(tmp_path / "data", 3, seed=1)
+    common = ["attack", "--model", "toy_models:tiny_convnet", "--device", "cpu", "--data", str(data), "--n", "2",
+              "--attack", "pgd", "--steps", "1", "--norm", "linf", "--eps", "0.03", "--untargeted", "--json"]
+    assert main([*common, "--defense", "jpeg", "--eot", "3", "--eot-chunk", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--eot and --eot-chunk change nothing here" in err and "--defense jpeg is deterministic" in err
+    assert main([*common, "--defense", "jpeg"]) == 0
+    assert "change nothing" not in capsys.readouterr().err
+    assert main([*common, "--defense", "rand", "--eot", "3", "--draws", "10"]) == 0
+    assert "change nothing" not in capsys.readouterr().err

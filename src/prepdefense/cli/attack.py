@@ -183,10 +183,18 @@ def run(args) -> int:
         mode = "off"
     build_attack(name, args)  # a value the attack refuses fails here, before any loading
     defense_name = check_defense(args.defense)
-    if args.draws < MIN_DRAWS and getattr(defenses.create(defense_name), "randomized", False):  # built cheaply, as check_defense did
+    random_defense = bool(getattr(defenses.create(defense_name), "randomized", False))  # built cheaply, as check_defense did
+    if args.draws < MIN_DRAWS and random_defense:
         print(f"prepdefense attack: warning: --draws {args.draws} is below the protocol's {MIN_DRAWS} fresh draws of a "
               f"random defense: a quick look, not the protocol's verdict ('prepdefense judge' and 'evaluate' take at "
               f"least {MIN_DRAWS})", file=sys.stderr)
+    if not random_defense and not args.transfer:
+        idle = [f for f, v in (("--eot", args.eot if args.eot is not None and args.eot > 1 else None),
+                               ("--eot-chunk", args.eot_chunk)) if v is not None]
+        if idle:
+            print(f"prepdefense attack: warning: {' and '.join(idle)} change nothing here: EOT averages over a random "
+                  f"defense's draws, and --defense {defense_name} is deterministic (every draw is the same), so the "
+                  "attack calls it once per step", file=sys.stderr)
     check_model(args.model, args.weights)
     check_model_options(args)
     check_defend_at(args)
