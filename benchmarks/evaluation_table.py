@@ -101,6 +101,12 @@ def row_identity(line: str) -> tuple:
     return tuple(_cells(line)[:2])
 
 
+def _defense_threat(line: str) -> tuple:
+    """The defense's name (without the label's table note) and the threat model of a row."""
+    label, threat = row_identity(line)
+    return _name(label, line), threat
+
+
 def card_rows(runs: Path) -> List[str]:
     """One row per ``runs/*/card.json``."""
     rows = [row(json.loads(path.read_text()), path) for path in sorted(runs.glob("*/card.json"))]
@@ -126,12 +132,12 @@ def merge(made: Sequence[str], earlier: Sequence[str] = ()) -> Merged:
     """``made`` (rows from cards) with the ``earlier`` rows (e.g. read from RESULTS.md) whose first
     two cells no made row has; an earlier row listed twice is kept once."""
     ids = {row_identity(r) for r in made}
-    by_name = {(_name(label, r), threat) for r in made for label, threat in [row_identity(r)]}
+    by_name = {_defense_threat(r) for r in made}
     kept: List[str] = []
     for r in earlier:
         if row_identity(r) not in ids and r not in kept:
             kept.append(r)
-    relabelled = [r for r in kept if (_name(row_identity(r)[0], r), row_identity(r)[1]) in by_name]
+    relabelled = [r for r in kept if _defense_threat(r) in by_name]
     return Merged(list(made), kept, relabelled)
 
 

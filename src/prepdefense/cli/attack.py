@@ -189,8 +189,8 @@ def run(args) -> int:
               f"random defense: a quick look, not the protocol's verdict ('prepdefense judge' and 'evaluate' take at "
               f"least {MIN_DRAWS})", file=sys.stderr)
     if not random_defense and not args.transfer:
-        idle = [f for f, v in (("--eot", args.eot if args.eot is not None and args.eot > 1 else None),
-                               ("--eot-chunk", args.eot_chunk)) if v is not None]
+        idle = [flag for flag, given in (("--eot", args.eot is not None and args.eot > 1),
+                                         ("--eot-chunk", args.eot_chunk is not None)) if given]
         if idle:
             print(f"prepdefense attack: warning: {' and '.join(idle)} change nothing here: EOT averages over a random "
                   f"defense's draws, and --defense {defense_name} is deterministic (every draw is the same), so the "
